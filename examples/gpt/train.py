@@ -1,0 +1,238 @@
+"""Train a small character-level GPT with DistributedDataParallel: Salamander's demo job.
+
+Runs the same way standalone and under torchrun / torch elastic::
+
+    python examples/gpt/train.py --steps 100
+    torchrun --standalone --nproc-per-node 2 examples/gpt/train.py
+
+Invariants:
+
+* The corpus (:mod:`corpus`) is generated at start from a fixed seed, so every rank has the
+  same text and vocabulary; nothing is downloaded.
+* Every rank starts from the same weights (DDP also broadcasts rank 0's) and draws its own
+  batches as a pure function of ``(seed, rank, step)``, so ranks see different data and a run
+  is reproducible for a given world size.
+* Every rank calls ``report`` and ``should_stop`` at every step; when the job asks to stop,
+  all ranks leave the loop at the same step and exit 0. A restarted worker starts afresh
+  (there is no checkpoint in this demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # lets the script be imported by path (tests) as well as run
+    sys.path.insert(0, _HERE)
+
+import salamander_worker  # noqa: E402
+from corpus import Vocab, make_corpus  # noqa: E402
+from model import GPT, GPTConfig, lm_loss  # noqa: E402
+from salamander_worker import WorkerContext  # noqa: E402
+from salamander_worker import progress as sw_progress  # noqa: E402
+
+CORPUS_CHARS = 200_000
+CORPUS_SEED = 1234
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; all positive (``seed >= 0``), ``d_model % n_head == 0``."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    log_every: int = 25
+    n_layer: int = 3
+    d_model: int = 96
+    n_head: int = 4
+
+
+@dataclass
+class TrainResult:
+    """What a run did: ``losses[i]`` is the (rank-averaged) loss of step ``i``."""
+
+    steps_done: int
+    losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
+
+
+def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, both ``(batch_size, seq_len)``, chosen by ``(seed, rank, step)``.
+
+    ``data`` is the 1-D encoded corpus, longer than ``seq_len``.
+    """
+    windows = data.unfold(0, seq_len + 1, 1)  # (N - seq_len, seq_len + 1), a view
+    rng = np.random.default_rng([seed, rank, step])
+    chunk = windows[torch.from_numpy(rng.integers(0, windows.size(0), size=batch_size))]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over the first 10% of steps (at most 20), then cosine decay to ``lr / 10``."""
+    warmup = max(1, min(20, cfg.steps // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _mean_across_ranks(value: torch.Tensor, world_size: int) -> float:
+    value = value.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world_size
+    return float(value)
+
+
+def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = print) -> TrainResult:
+    """Train for ``cfg.steps`` steps (fewer if the job asks to stop); ``log`` is used on rank 0 only.
+
+    With ``ctx.world_size > 1`` the process group must already be initialised.
+    """
+    say = log if ctx.is_leader else (lambda _msg: None)
+    text = make_corpus(CORPUS_CHARS, CORPUS_SEED)
+    vocab = Vocab.of(text)
+    data = vocab.encode(text)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model: torch.nn.Module = GPT(GPTConfig(vocab_size=vocab.size, block_size=cfg.seq_len,
+                                           n_layer=cfg.n_layer, d_model=cfg.d_model,
+                                           n_head=cfg.n_head)).to(ctx.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if ctx.world_size > 1:
+        if not dist.is_initialized():
+            raise RuntimeError("world_size > 1 but no process group; run under torchrun")
+        model = DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    say(f"gpt: {n_params:,} parameters, vocab {vocab.size}, corpus {len(text):,} chars, "
+        f"world {ctx.world_size} ({ctx.backend}), restart {ctx.restart_count}")
+
+    result = TrainResult(steps_done=0)
+    model.train()
+    for step in range(cfg.steps):
+        x, y = sample_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, ctx.rank, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss = lm_loss(model(x.to(ctx.device)), y.to(ctx.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        mean_loss = _mean_across_ranks(loss, ctx.world_size)
+        result.losses.append(mean_loss)
+        result.steps_done = step + 1
+        salamander_worker.report(step + 1, loss=mean_loss, total_steps=cfg.steps,
+                                 samples=(step + 1) * cfg.batch_size * ctx.world_size)
+        if (step + 1) % cfg.log_every == 0 or step == 0:
+            say(f"step {step + 1}/{cfg.steps} loss {mean_loss:.4f}")
+        if salamander_worker.should_stop(step):
+            result.stopped_early = step + 1 < cfg.steps
+            if result.stopped_early:
+                say(f"stop requested; leaving after step {step + 1}")
+            break
+    return result
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {raw}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse and validate the command line; invalid input exits with status 2 and a message."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="sequences per step on each rank")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help="characters per sequence (also the model's context)")
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--seed", type=_non_negative_int, default=d.seed, help="weights and data seed")
+    p.add_argument("--log-every", type=_positive_int, default=d.log_every,
+                   help="print the loss every N steps (rank 0)")
+    p.add_argument("--n-layer", type=_positive_int, default=d.n_layer, help="transformer blocks")
+    p.add_argument("--d-model", type=_positive_int, default=d.d_model, help="embedding width")
+    p.add_argument("--n-head", type=_positive_int, default=d.n_head, help="attention heads")
+    a = p.parse_args(argv)
+    if a.d_model % a.n_head != 0:
+        p.error(f"--d-model ({a.d_model}) must be divisible by --n-head ({a.n_head})")
+    if a.seq_len >= CORPUS_CHARS:
+        p.error(f"--seq-len ({a.seq_len}) must be smaller than the corpus ({CORPUS_CHARS} chars)")
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+                       seed=a.seed, log_every=a.log_every, n_layer=a.n_layer,
+                       d_model=a.d_model, n_head=a.n_head)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: join the job, train, report, leave the process group; returns 0 on success."""
+    cfg = parse_args(argv)
+    torch.set_num_threads(1)  # several worker processes usually share a few cores
+    ctx = salamander_worker.init_distributed()
+    started = time.monotonic()
+    try:
+        result = train(cfg, ctx, log=lambda msg: print(msg, flush=True))
+        if ctx.is_leader:
+            print(f"done: {result.steps_done} steps in {time.monotonic() - started:.1f} s",
+                  flush=True)
+            print(f"final loss {result.final_loss:.4f} (first loss {result.first_loss:.4f})",
+                  flush=True)
+        sw_progress.flush()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Spec to desired objects: the worker pods and the headless service of a job, as manifests.
+
+Pure functions of the job's identity, its spec and the operator's settings; the same input
+always yields the same dict, so applying them is idempotent. Every object carries the job's
+labels and an owner reference, so Kubernetes' garbage collector removes it with the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from salamander import wire
+from salamander.api import API_VERSION, KIND, TrainingJobSpec
+from salamander_operator.observed import WORKER_CONTAINER
+
+AGENT_COMMAND = "salamander-worker"
+MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of one TrainingJob. ``uid`` is also its rendezvous run id."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def worker_name(job: JobRef, index: int) -> str:
+    return f"{job.name}-worker-{index}"
+
+
+def service_name(job: JobRef) -> str:
+    return f"{job.name}-workers"
+
+
+def job_labels(job: JobRef) -> dict[str, str]:
+    """The labels that select every object of a job (the service's selector among them)."""
+    return {wire.LABEL_JOB: job.name, wire.LABEL_MANAGED_BY: wire.MANAGED_BY}
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def agent_command(spec: TrainingJobSpec) -> list[str]:
+    """The worker container's command: the elastic agent, then the user's command after ``--``."""
+    return [
+        AGENT_COMMAND,
+        "--nnodes", f"{spec.replicas.min}:{spec.replicas.max}",
+        "--nproc-per-node", str(spec.procs_per_node),
+        "--max-restarts", str(spec.restart_budget),
+        "--",
+        *spec.worker.command, *spec.worker.args,
+    ]
+
+
+def agent_env(job: JobRef, index: int, rdzv_endpoint: str) -> dict[str, str]:
+    """The environment that tells an agent which job it serves and where membership lives."""
+    return {
+        wire.ENV_JOB: job.key,
+        wire.ENV_RUN_ID: job.uid,
+        wire.ENV_RDZV_ENDPOINT: rdzv_endpoint,
+        wire.ENV_NODE_INDEX: str(index),
+    }
+
+
+def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str) -> dict[str, Any]:
+    """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
+    decides how a failed worker is replaced and counts it against the restart budget."""
+    worker = spec.worker
+    env = [{"name": k, "value": v} for k, v in agent_env(job, index, rdzv_endpoint).items()]
+    env += [{"name": e.name, "value": e.value} for e in worker.env]
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": worker.image,
+        "command": agent_command(spec),
+        "env": env,
+        "ports": [{"name": "dist", "containerPort": MASTER_PORT}],
+    }
+    if worker.image_pull_policy:
+        container["imagePullPolicy"] = worker.image_pull_policy
+    if worker.resources.requests or worker.resources.limits:
+        container["resources"] = {k: {r: str(q) for r, q in v.items()}
+                                  for k, v in (("requests", worker.resources.requests),
+                                               ("limits", worker.resources.limits)) if v}
+    if worker.working_dir:
+        container["workingDir"] = worker.working_dir
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": worker_name(job, index),
+        "subdomain": service_name(job),
+        "containers": [container],
+    }
+    if worker.node_selector:
+        pod_spec["nodeSelector"] = dict(worker.node_selector)
+    if worker.service_account_name:
+        pod_spec["serviceAccountName"] = worker.service_account_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": worker_name(job, index),
+            "namespace": job.namespace,
+            "labels": {**job_labels(job), wire.LABEL_ROLE: "worker", wire.LABEL_INDEX: str(index)},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_worker_service(job: JobRef) -> dict[str, Any]:
+    """A headless service giving each worker pod a stable DNS name
+    (``<job>-worker-<i>.<job>-workers``), which the process group's master address uses."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(job),
+            "namespace": job.namespace,
+            "labels": job_labels(job),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {**job_labels(job), wire.LABEL_ROLE: "worker"},
+            "ports": [{"name": "dist", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }

@@ -1,0 +1,138 @@
+"""Worker "pods" as local process groups: create, delete and observe them like pods.
+
+Worker ``i`` is a ``salamander-worker`` agent started with the pod's command and
+environment, in its own session (so deleting it stops its training processes too), with
+its output in ``<log_dir>/worker-<i>.log`` and the address ``127.0.0.<10+i>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from salamander.api import TrainingJobSpec
+from salamander_operator.desired import JobRef, agent_command, agent_env
+from salamander_operator.observed import ObservedWorker, WorkerPhase
+
+log = logging.getLogger(__name__)
+
+TERMINATE_GRACE_S = 10.0
+
+
+@dataclass
+class _Process:
+    popen: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    deleting_since: float | None = None
+
+
+def loopback_address(index: int) -> str:
+    """Worker ``i``'s own address on the loopback network (127.0.0.10, 127.0.0.11, ...)."""
+    return f"127.0.0.{10 + index % 240}"
+
+
+class LocalWorkers:
+    """The process table of one job. Not thread safe: one reconcile loop drives it."""
+
+    def __init__(self, job: JobRef, spec: TrainingJobSpec, rdzv_endpoint: str, log_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self._job = job
+        self._spec = spec
+        self._endpoint = rdzv_endpoint
+        self._log_dir = log_dir
+        self._extra_env = extra_env or {}
+        self._procs: dict[int, _Process] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def log_path(self, index: int) -> Path:
+        return self._log_dir / f"worker-{index}.log"
+
+    def create(self, index: int) -> None:
+        if index in self._procs:
+            return  # idempotent, like a 409 on create
+        command = agent_command(self._spec)
+        command[0:1] = [sys.executable, "-m", "salamander_worker.agent",
+                        "--local-addr", loopback_address(index)]
+        env = {**os.environ, **agent_env(self._job, index, self._endpoint),
+               **{e.name: e.value for e in self._spec.worker.env},
+               "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1", **self._extra_env}
+        log_file = self.log_path(index).open("ab")
+        cwd = self._spec.worker.working_dir or None
+        popen = subprocess.Popen(command, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        self._procs[index] = _Process(popen, log_file)
+        log.debug("started worker %d as pid %d", index, popen.pid)
+
+    def delete(self, index: int) -> None:
+        """Ask worker ``index`` to stop (SIGTERM to its group); it is gone once it has exited.
+        Idempotent: deleting a missing worker is a no-op, like a 404 on delete."""
+        proc = self._procs.get(index)
+        if proc is None:
+            return
+        if proc.popen.poll() is not None:
+            self._drop(index)
+            return
+        if proc.deleting_since is None:
+            proc.deleting_since = time.monotonic()
+            self._signal(proc, signal.SIGTERM)
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: signal worker ``index``'s whole process group, as a node loss would."""
+        proc = self._procs.get(index)
+        if proc is not None:
+            self._signal(proc, sig)
+
+    def observe(self) -> list[ObservedWorker]:
+        """The workers as pods would show them; reaps deleted ones, escalates slow deletions."""
+        observed = []
+        for index, proc in sorted(self._procs.items()):
+            code = proc.popen.poll()
+            if proc.deleting_since is not None:
+                if code is not None:
+                    self._drop(index)
+                    continue
+                if time.monotonic() - proc.deleting_since > TERMINATE_GRACE_S:
+                    self._signal(proc, signal.SIGKILL)
+                observed.append(ObservedWorker(index=index, phase=WorkerPhase.RUNNING, deleting=True))
+            elif code is None:
+                observed.append(ObservedWorker(index=index, phase=WorkerPhase.RUNNING, ready=True))
+            elif code == 0:
+                observed.append(ObservedWorker(index=index, phase=WorkerPhase.SUCCEEDED, exit_code=0))
+            else:
+                reason = f"killed by {signal.Signals(-code).name}" if code < 0 else "Error"
+                observed.append(ObservedWorker(index=index, phase=WorkerPhase.FAILED,
+                                               exit_code=code if code > 0 else 128 - code, reason=reason))
+        return observed
+
+    def shutdown(self, grace_s: float = TERMINATE_GRACE_S) -> None:
+        """Stop every worker: SIGTERM, then SIGKILL after ``grace_s``."""
+        for proc in self._procs.values():
+            if proc.popen.poll() is None:
+                self._signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self._procs.values():
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.popen.wait()
+        for index in list(self._procs):
+            self._drop(index)
+
+    def _drop(self, index: int) -> None:
+        proc = self._procs.pop(index)
+        proc.log_file.close()
+
+    @staticmethod
+    def _signal(proc: _Process, sig: int) -> None:
+        try:
+            os.killpg(proc.popen.pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,71 @@
+"""What the operator sees of a worker, reduced from a pod (or a local process) to the facts
+that decisions need. Backends convert their native objects with functions here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from salamander import wire
+
+
+class WorkerPhase(StrEnum):
+    PENDING = "Pending"      # not started: unscheduled, pulling, or starting
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"  # every process exited 0
+    FAILED = "Failed"        # exited non-zero, was killed, evicted or lost
+
+
+@dataclass(frozen=True)
+class ObservedWorker:
+    """One worker node (pod) as observed. ``ready`` implies ``phase is RUNNING``; a worker being
+    deleted still holds its index (its name) until it is gone."""
+
+    index: int
+    phase: WorkerPhase
+    ready: bool = False
+    deleting: bool = False
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+
+    def describe_failure(self) -> str:
+        parts = []
+        if self.exit_code is not None:
+            parts.append(f"exit code {self.exit_code}")
+        if self.reason:
+            parts.append(self.reason)
+        if self.message:
+            parts.append(self.message[:200])
+        return ", ".join(parts) or "failed"
+
+
+WORKER_CONTAINER = "worker"
+
+
+def observe_pod(pod: dict[str, Any]) -> ObservedWorker | None:
+    """Reduce a pod to an :class:`ObservedWorker`; None if it is not a Salamander worker pod."""
+    meta = pod.get("metadata") or {}
+    try:
+        index = int((meta.get("labels") or {}).get(wire.LABEL_INDEX, ""))
+    except ValueError:
+        return None
+    status = pod.get("status") or {}
+    phase_name = status.get("phase") or "Pending"
+    phase = {"Running": WorkerPhase.RUNNING, "Succeeded": WorkerPhase.SUCCEEDED,
+             "Failed": WorkerPhase.FAILED}.get(phase_name, WorkerPhase.PENDING)
+    ready = phase is WorkerPhase.RUNNING and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    exit_code, reason, message = None, status.get("reason") or "", status.get("message") or ""
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") != WORKER_CONTAINER:
+            continue
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = terminated.get("exitCode")
+            reason = reason or terminated.get("reason") or ""
+            message = message or terminated.get("message") or ""
+    return ObservedWorker(index=index, phase=phase, ready=ready,
+                          deleting=bool(meta.get("deletionTimestamp")),
+                          exit_code=exit_code, reason=reason, message=message)

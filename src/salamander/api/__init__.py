@@ -1,0 +1,16 @@
+"""The TrainingJob API (``salamander.dev/v1alpha1``), defined once as pydantic models.
+
+The CRD in ``crds/`` is generated from these models (:mod:`salamander.api.crd`); the
+operator and ``salamander run`` parse manifests with them (:mod:`salamander.api.manifest`).
+"""
+
+from salamander.api.manifest import InvalidSpec, parse_manifest, parse_spec
+from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, Condition,
+                                   ConditionType, Phase, Reason, Replicas, TrainingJob, TrainingJobSpec,
+                                   TrainingJobStatus, WorkerTemplate)
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
+    "Condition", "ConditionType", "InvalidSpec", "Phase", "Reason", "Replicas", "TrainingJob",
+    "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate", "parse_manifest", "parse_spec",
+]

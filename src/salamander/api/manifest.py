@@ -1,0 +1,79 @@
+"""Parse TrainingJob manifests and specs, turning every defect into one line naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from salamander.api.models import TrainingJob, TrainingJobSpec
+
+
+class InvalidSpec(ValueError):
+    """A manifest or spec that cannot run. ``field`` is a dotted path such as ``spec.replicas.min``
+    (empty when the whole document is wrong); ``str(error)`` is one line for a person."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _from_validation(exc: ValidationError, prefix: str) -> InvalidSpec:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    field = _dotted(((prefix,) if prefix else ()) + tuple(first["loc"]))
+    problem = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        problem = "unknown field"
+    elif first["type"] == "missing":
+        problem = "required field is missing"
+    if len(errors) > 1:
+        problem += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return InvalidSpec(field, problem)
+
+
+def parse_spec(spec: Any) -> TrainingJobSpec:
+    """Validate a ``spec`` mapping as the operator receives it. Raises :class:`InvalidSpec`."""
+    if not isinstance(spec, dict):
+        raise InvalidSpec("spec", f"must be a mapping, got {type(spec).__name__}")
+    try:
+        return TrainingJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise _from_validation(exc, "spec") from None
+
+
+def parse_manifest(source: str | dict[str, Any]) -> TrainingJob:
+    """Validate a whole manifest given as YAML text or an already loaded mapping.
+
+    Raises :class:`InvalidSpec` for malformed YAML, several documents, a wrong kind or
+    apiVersion, unknown fields and out-of-range values; never anything else.
+    """
+    if isinstance(source, str):
+        try:
+            documents = [d for d in yaml.safe_load_all(source) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise InvalidSpec("", f"malformed YAML{where}: {problem}") from None
+        if len(documents) != 1:
+            raise InvalidSpec("", f"expected exactly one YAML document, found {len(documents)}")
+        source = documents[0]
+    if not isinstance(source, dict):
+        raise InvalidSpec("", f"a manifest must be a mapping, got {type(source).__name__}")
+    try:
+        return TrainingJob.model_validate(source)
+    except ValidationError as exc:
+        raise _from_validation(exc, "") from None

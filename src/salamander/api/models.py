@@ -1,0 +1,197 @@
+"""Pydantic models of the TrainingJob resource: spec (what the user asks) and status (what is).
+
+Field names on the wire are camelCase (``procsPerNode``); Python attributes are snake_case.
+Unknown fields are rejected, so a typo in a manifest is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints,
+                      WithJsonSchema, model_validator)
+from pydantic.alias_generators import to_camel
+
+from salamander.wire import GROUP
+
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SHORT_NAME = "tj"
+
+MAX_WORKERS = 4096
+#: ``<name>-worker-<index>`` must stay a DNS label (63 characters) for the largest index.
+MAX_NAME_LENGTH = 63 - len("-worker-") - len(str(MAX_WORKERS - 1))
+
+DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                                            max_length=MAX_NAME_LENGTH)]
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]i?|Ki)?$")
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"quantity must not be negative, got {value}")
+    if isinstance(value, str) and not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a resource quantity such as 2, 500m or 16Gi")
+    return value
+
+
+#: A Kubernetes resource quantity: ``2``, ``500m``, ``16Gi``.
+Quantity = Annotated[StrictInt | StrictStr, AfterValidator(_check_quantity),
+                     WithJsonSchema({"x-kubernetes-int-or-string": True})]
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              frozen=True, use_enum_values=False)
+
+
+class EnvVar(ApiModel):
+    """One environment variable of the worker container."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+    value: str = ""
+
+
+class Resources(ApiModel):
+    """Container requests and limits, e.g. ``limits: {nvidia.com/gpu: 8}``."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class WorkerTemplate(ApiModel):
+    """The container every worker pod runs; Salamander wraps ``command`` in its elastic agent."""
+
+    image: NonEmpty = Field(description="Container image with torch and the training script.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: Annotated[list[NonEmpty], Field(min_length=1)] = Field(
+        description="The training command, e.g. [python, train.py]; run once per process by the agent.")
+    args: list[str] = Field(default_factory=list, description="Arguments appended to command.")
+    env: list[EnvVar] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    working_dir: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    service_account_name: DnsLabel | None = None
+
+
+class Replicas(ApiModel):
+    """The number of worker nodes (pods). The job runs with any count in ``[min, max]``."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max"}]})
+
+    min: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
+    max: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class TrainingJobSpec(ApiModel):
+    """What the user asks for. Every field has a default except the worker's image and command."""
+
+    replicas: Replicas = Field(default_factory=Replicas,
+                               description="Worker nodes (pods): the job runs with any count in [min, max].")
+    procs_per_node: Annotated[int, Field(ge=1, le=256)] = Field(
+        1, description="Training processes per worker node, typically one per GPU.")
+    restart_budget: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        3, description="How many failed workers may be replaced before the job fails.")
+    worker: WorkerTemplate = Field(description="The container every worker node runs.")
+
+
+class Phase(StrEnum):
+    """The job's lifecycle. ``Succeeded`` and ``Failed`` are terminal, except ``Failed`` for an
+    invalid spec, which is re-evaluated when the spec changes."""
+
+    PENDING = "Pending"        # fewer than min workers have ever been ready
+    RUNNING = "Running"        # at least min workers are ready
+    RESTARTING = "Restarting"  # was running, lost workers below min, replacements on the way
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """CamelCase reasons of conditions and events."""
+
+    INVALID_SPEC = "InvalidSpec"
+    WAITING_FOR_WORKERS = "WaitingForWorkers"
+    ENOUGH_WORKERS = "EnoughWorkers"
+    WORKER_FAILED = "WorkerFailed"
+    RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
+    WORKERS_FAILED_AT_END = "WorkersFailedAtEnd"
+    ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
+    COMPLETED = "Completed"
+
+
+class Condition(ApiModel):
+    """One condition; a status holds at most one per ``type``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: datetime.datetime
+    observed_generation: int = 0
+
+
+class TrainingJobStatus(ApiModel):
+    """What is. Written only by the operator; unknown fields are ignored when read back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase = Phase.PENDING
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int = 0
+    desired_workers: int = 0
+    ready_workers: int = 0
+    world_size: int = 0
+    step: int = 0
+    loss: float | None = None
+    restarts: int = 0
+    start_time: datetime.datetime | None = None
+    completion_time: datetime.datetime | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata Salamander reads. Others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: DnsLabel
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+
+
+class TrainingJob(ApiModel):
+    """A whole manifest: ``apiVersion``, ``kind``, ``metadata``, ``spec`` and optional ``status``."""
+
+    api_version: Literal["salamander.dev/v1alpha1"]
+    kind: Literal["TrainingJob"]
+    metadata: ObjectMeta
+    spec: TrainingJobSpec
+    status: TrainingJobStatus = Field(default_factory=TrainingJobStatus)

@@ -1,0 +1,112 @@
+"""The ``salamander`` command line.
+
+    salamander run JOB.yaml        run a TrainingJob on this machine, with live progress
+    salamander validate JOB.yaml   check a manifest without running it
+    salamander crd [--write DIR]   print (or write) the CRD generated from the API models
+    salamander operator            run the operator against the current Kubernetes context
+
+Every usage or manifest error exits 2 with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from salamander import __version__
+from salamander.api import InvalidSpec, TrainingJob, parse_manifest
+
+
+def _load(path: str) -> TrainingJob:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidSpec("", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec("", f"{path} is not UTF-8 text") from None
+    return parse_manifest(text)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from salamander_operator.local import run_manifest
+
+    job = _load(args.manifest)
+    outcome = run_manifest(job, Path(args.runs_dir), timeout_s=args.timeout)
+    return outcome.exit_code
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job = _load(args.manifest)
+    spec = job.spec
+    print(f"{args.manifest}: TrainingJob {job.metadata.name} is valid "
+          f"({spec.replicas.min}..{spec.replicas.max} workers x {spec.procs_per_node} processes)")
+    return 0
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from salamander.api.crd import render_crd, write_crd
+
+    if args.write:
+        print(write_crd(Path(args.write)))
+    else:
+        sys.stdout.write(render_crd())
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from salamander_operator.kube.main import run_operator
+
+    return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces,
+                        rendezvous_port=args.rendezvous_port, advertise=args.advertise,
+                        liveness=args.liveness, verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salamander", description="Elastic, self-healing PyTorch training.")
+    parser.add_argument("--version", action="version", version=f"salamander {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a TrainingJob manifest on this machine")
+    run.add_argument("manifest", help="path to a TrainingJob YAML file")
+    run.add_argument("--runs-dir", default="runs", help="where worker logs go (default ./runs)")
+    run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a TrainingJob manifest")
+    validate.add_argument("manifest")
+    validate.set_defaults(func=_cmd_validate)
+
+    crd = sub.add_parser("crd", help="print the TrainingJob CRD generated from the API models")
+    crd.add_argument("--write", metavar="DIR", help="write crds/<name>.yaml into DIR instead")
+    crd.set_defaults(func=_cmd_crd)
+
+    op = sub.add_parser("operator", help="run the operator (uses KUBECONFIG or the in-cluster account)")
+    op.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
+    op.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    op.add_argument("--rendezvous-port", type=int, default=29400, help="port of the rendezvous store")
+    op.add_argument("--advertise", default=None,
+                    help="host:port workers reach the rendezvous store at (default: $SALAMANDER_ADVERTISE "
+                         "or this pod's IP)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    op.add_argument("--verbose", action="store_true")
+    op.set_defaults(func=_cmd_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InvalidSpec as exc:
+        print(f"salamander: invalid manifest {getattr(args, 'manifest', '')}: {exc}".replace("  ", " "),
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``salamander-worker``: run a training command under a torch.distributed.elastic agent.
+
+One agent runs per worker node (pod). It joins the job's c10d rendezvous in the store the
+operator hosts, starts ``--nproc-per-node`` copies of the command with the usual
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` environment, watches them, restarts the group when a
+process fails (up to ``--max-restarts``) or when a new node joins, and exits 0 only when the
+training exited 0. Usage::
+
+    salamander-worker --nnodes 2:4 --nproc-per-node 8 -- python train.py --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+
+from salamander import wire
+
+log = logging.getLogger("salamander_worker.agent")
+
+
+class AgentUsageError(ValueError):
+    """A command-line argument of the agent is wrong; the message names it."""
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"2:4"`` -> (2, 4). Raises :class:`AgentUsageError` otherwise."""
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        raise AgentUsageError(f"--nnodes must be N or MIN:MAX with integers, got {text!r}") from None
+    if low < 1 or high < low:
+        raise AgentUsageError(f"--nnodes must satisfy 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="salamander-worker", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nnodes", default="1", help="worker nodes, N or MIN:MAX (default 1)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes on this node")
+    p.add_argument("--max-restarts", type=int, default=3, help="process-group restarts on failure")
+    p.add_argument("--rdzv-endpoint", default=os.environ.get(wire.ENV_RDZV_ENDPOINT, ""),
+                   help=f"host:port of the rendezvous store (default ${wire.ENV_RDZV_ENDPOINT})")
+    p.add_argument("--run-id", default=os.environ.get(wire.ENV_RUN_ID, ""),
+                   help=f"rendezvous run id, the same on every node (default ${wire.ENV_RUN_ID})")
+    p.add_argument("--local-addr", default=None, help="address other nodes reach this one at")
+    p.add_argument("--join-timeout", type=float, default=600.0,
+                   help="seconds to wait for the first MIN nodes to join")
+    p.add_argument("--last-call-timeout", type=float, default=3.0,
+                   help="seconds to wait for more nodes once MIN have joined")
+    p.add_argument("--monitor-interval", type=float, default=0.5,
+                   help="seconds between checks of the training processes")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command and its arguments")
+    return p
+
+
+def _resolve(command: Sequence[str]) -> list[str]:
+    """Run ``python`` commands with this interpreter, so the agent and its workers agree."""
+    cmd = list(command)
+    if cmd[0] in ("python", "python3"):
+        cmd[0] = sys.executable
+    elif os.sep not in cmd[0] and shutil.which(cmd[0]) is None:
+        raise AgentUsageError(f"command {cmd[0]!r} is not found on PATH")
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        if not command:
+            raise AgentUsageError("no training command given (put it after --)")
+        min_nodes, max_nodes = parse_nnodes(args.nnodes)
+        if args.nproc_per_node < 1:
+            raise AgentUsageError("--nproc-per-node must be >= 1")
+        if args.max_restarts < 0:
+            raise AgentUsageError("--max-restarts must be >= 0")
+        if max_nodes > 1 and not args.rdzv_endpoint:
+            raise AgentUsageError(f"--rdzv-endpoint (or ${wire.ENV_RDZV_ENDPOINT}) is required for "
+                                  "more than one node")
+        command = _resolve(command)
+    except AgentUsageError as exc:
+        parser.exit(2, f"salamander-worker: error: {exc}\n")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported late: torch takes a second to import and usage errors should not wait for it.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # Standalone (one node, no endpoint): host a private store on a free port, as torchrun
+    # --standalone does. Otherwise never host it: the operator does.
+    endpoint = args.rdzv_endpoint or "localhost:0"
+    run_id = args.run_id or uuid.uuid4().hex
+    os.environ.setdefault(wire.ENV_RUN_ID, run_id)
+    config = LaunchConfig(
+        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=args.nproc_per_node,
+        run_id=run_id, role="trainer", rdzv_backend="c10d", rdzv_endpoint=endpoint,
+        rdzv_configs={"is_host": not args.rdzv_endpoint, "join_timeout": args.join_timeout,
+                      "last_call_timeout": args.last_call_timeout},
+        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+        start_method="spawn", local_addr=args.local_addr,
+        log_line_prefix_template="[rank${rank}]:",
+    )
+    log.info("agent for run %s: nodes %d:%d, %d procs per node, rendezvous %s",
+             run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
+    try:
+        elastic_launch(config, command[0])(*command[1:])
+    except ChildFailedError as exc:
+        log.error("training failed:\n%s", exc.format_msg())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
