@@ -1,0 +1,159 @@
+"""kopf handlers: one supervising daemon per TrainingJob, woken by its pods' events.
+
+Each job's daemon loops ``observe -> reconcile -> apply`` (see :mod:`..reconcile`). It is the
+only writer of the job's status, so it trusts the status it last wrote over the possibly
+older one in its view of the object; after an operator restart it starts from the stored
+status, which is all the state there is. Deleting a job runs :func:`cleanup` behind a
+finalizer, which removes its pods and service even where no garbage collector runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from salamander import wire
+from salamander.api import GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, parse_spec
+from salamander_operator.desired import (JobRef, build_worker_pod, build_worker_service, service_name,
+                                         worker_name)
+from salamander_operator.kube.cluster import KubeCluster
+from salamander_operator.observed import observe_pod
+from salamander_operator.reconcile import Plan, reconcile
+from salamander_operator.rendezvous import RendezvousHost
+
+RESYNC_S = 10.0        # a pass at least this often, even without events
+ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
+
+
+@dataclass
+class OperatorContext:
+    """What every handler shares; kopf passes it around as ``memo``."""
+
+    cluster: KubeCluster
+    rendezvous: RendezvousHost | None
+    triggers: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    @property
+    def rdzv_endpoint(self) -> str:
+        return self.rendezvous.endpoint if self.rendezvous is not None else ""
+
+    def wake(self, uid: str) -> None:
+        event = self.triggers.get(uid)
+        if event is not None:
+            event.set()
+
+
+def _status_of(raw: Any, logger: logging.Logger | logging.LoggerAdapter) -> TrainingJobStatus:
+    try:
+        return TrainingJobStatus.model_validate(dict(raw or {}))
+    except ValueError as exc:  # a status someone else mangled: start from scratch, do not crash
+        logger.warning("ignoring an unreadable status: %s", exc)
+        return TrainingJobStatus()
+
+
+@dataclass
+class JobSupervisor:
+    """The per-job loop state. ``status`` is the last status written (or read at start)."""
+
+    ctx: OperatorContext
+    status: TrainingJobStatus
+    service_ready: bool = False
+
+    async def reconcile_once(self, ref: JobRef, raw_spec: Any, body: kopf.Body,
+                             logger: logging.Logger | logging.LoggerAdapter) -> Plan:
+        spec: TrainingJobSpec | InvalidSpec
+        try:
+            spec = parse_spec(dict(raw_spec) if raw_spec is not None else None)
+        except InvalidSpec as exc:
+            spec = exc
+        pods = await self.ctx.cluster.list_worker_pods(ref.namespace, ref.name, ref.uid)
+        observed = [w for w in (observe_pod(p) for p in pods) if w is not None]
+        progress = None
+        if self.ctx.rendezvous is not None:
+            progress = await asyncio.to_thread(self.ctx.rendezvous.read_progress, ref.uid)
+        plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC))
+        await self.apply(ref, spec, plan, body, logger)
+        return plan
+
+    async def apply(self, ref: JobRef, spec: TrainingJobSpec | InvalidSpec, plan: Plan, body: kopf.Body,
+                    logger: logging.Logger | logging.LoggerAdapter) -> None:
+        cluster = self.ctx.cluster
+        for index in plan.delete:
+            if await cluster.delete("Pod", ref.namespace, worker_name(ref, index)):
+                logger.info("deleted worker %d", index)
+        if plan.create and isinstance(spec, TrainingJobSpec):
+            if not self.service_ready:
+                await cluster.create(build_worker_service(ref))
+                self.service_ready = True
+            for index in plan.create:
+                if await cluster.create(build_worker_pod(ref, spec, index, self.ctx.rdzv_endpoint)):
+                    logger.info("created worker %d", index)
+        for event in plan.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        if plan.status != self.status:
+            await cluster.patch_status(ref.namespace, ref.name, plan.status.model_dump(mode="json", by_alias=True))
+            self.status = plan.status
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Attach Salamander's handlers to ``registry`` (the operator's or a test's own)."""
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Keep kopf's bookkeeping in annotations: the status schema is structural and owned by us.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration")
+        settings.persistence.finalizer = f"{GROUP}/cleanup"
+        settings.posting.level = logging.WARNING  # our own Events, not every log line
+        settings.watching.server_timeout = 300
+
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)
+    async def supervise(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
+                        status: kopf.Status, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                        logger: logging.Logger, **_: Any) -> None:
+        ctx: OperatorContext = memo.context
+        trigger = ctx.triggers.setdefault(uid, asyncio.Event())
+        supervisor = JobSupervisor(ctx, _status_of(status, logger))
+        try:
+            while not stopped:
+                trigger.clear()
+                ref = JobRef(name=name, namespace=namespace, uid=uid, generation=int(meta.get("generation") or 0))
+                try:
+                    await supervisor.reconcile_once(ref, spec, body, logger)
+                    delay = RESYNC_S
+                except Exception as exc:  # noqa: BLE001 - a bad pass must never kill the job's loop
+                    logger.exception("reconcile pass failed: %s", exc)
+                    delay = ERROR_BACKOFF_S
+                try:
+                    await asyncio.wait_for(trigger.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            ctx.triggers.pop(uid, None)
+
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    async def spec_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
+        memo.context.wake(uid)
+
+    @kopf.on.event("", "v1", "pods", labels={wire.LABEL_MANAGED_BY: wire.MANAGED_BY}, registry=registry)
+    async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        for ref in body.get("metadata", {}).get("ownerReferences") or []:
+            memo.context.wake(ref.get("uid", ""))
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    async def cleanup(name: str, namespace: str, uid: str, memo: kopf.Memo, logger: logging.Logger,
+                      **_: Any) -> None:
+        ctx: OperatorContext = memo.context
+        ref = JobRef(name=name, namespace=namespace, uid=uid)
+        for pod in await ctx.cluster.list_worker_pods(namespace, name, uid):
+            await ctx.cluster.delete("Pod", namespace, pod["metadata"]["name"])
+        await ctx.cluster.delete("Service", namespace, service_name(ref))
+        if ctx.rendezvous is not None:
+            await asyncio.to_thread(ctx.rendezvous.forget, uid)
+        logger.info("removed the pods and service of %s/%s", namespace, name)

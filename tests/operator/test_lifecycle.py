@@ -1,0 +1,157 @@
+"""The operator end to end against the emulator: create, fail, grow, fail for good, succeed, delete."""
+
+from __future__ import annotations
+
+from salamander import wire
+from tests.operator.conftest import Cluster, job_manifest
+
+
+async def test_create_makes_pods_service_and_status(cluster: Cluster) -> None:
+    job = await cluster.apply_job(job_manifest("llm"))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "llm", 2), "two worker pods")
+    assert set(pods) == {"llm-worker-0", "llm-worker-1"}
+    pod = pods["llm-worker-1"]
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["labels"][wire.LABEL_JOB] == "llm" and meta["labels"][wire.LABEL_INDEX] == "1"
+    assert meta["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert meta["ownerReferences"][0]["controller"] is True
+    assert spec["restartPolicy"] == "Never"
+    assert spec["hostname"] == "llm-worker-1" and spec["subdomain"] == "llm-workers"
+    container = spec["containers"][0]
+    assert container["image"] == "registry.local/train:1"
+    assert container["command"][:7] == ["salamander-worker", "--nnodes", "1:2", "--nproc-per-node", "2",
+                                        "--max-restarts", "2"]
+    assert container["command"][7:] == ["--", "python", "train.py", "--steps", "10"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "8Gi"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FOO"] == "bar" and env[wire.ENV_RUN_ID] == job["metadata"]["uid"]
+    assert env[wire.ENV_RDZV_ENDPOINT].startswith("127.0.0.1:") and env[wire.ENV_NODE_INDEX] == "1"
+
+    service = (await cluster.eventually(cluster.services, "the service"))["llm-workers"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"][wire.LABEL_JOB] == "llm"
+    assert service["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+
+    status = await cluster.wait_status("llm", "a pending status", lambda s: s.get("desiredWorkers") == 2)
+    assert status["phase"] == "Pending" and status["readyWorkers"] == 0
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "WaitingForWorkers"
+
+    for name in pods:
+        await cluster.set_pod(name, "Running", ready=True)
+    status = await cluster.wait_status("llm", "running", lambda s: s.get("readyWorkers") == 2)
+    assert status["phase"] == "Running" and status["worldSize"] == 4 and status["startTime"]
+
+
+async def test_failed_pod_is_replaced_and_counted(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("llm"))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "llm", 2), "two worker pods")
+    for name in pods:
+        await cluster.set_pod(name, "Running", ready=True)
+    await cluster.wait_status("llm", "running", lambda s: s.get("phase") == "Running")
+    old_uid = pods["llm-worker-0"]["metadata"]["uid"]
+    healthy_uid = pods["llm-worker-1"]["metadata"]["uid"]
+
+    await cluster.set_pod("llm-worker-0", "Failed", exit_code=137, reason="OOMKilled")
+
+    async def replaced() -> bool:
+        now = await cluster.pods("llm")
+        pod = now.get("llm-worker-0")
+        return pod is not None and pod["metadata"]["uid"] != old_uid
+    await cluster.eventually(replaced, "a replacement for worker 0")
+    status = await cluster.wait_status("llm", "one restart", lambda s: s.get("restarts") == 1)
+    assert status["phase"] in ("Running", "Pending", "Restarting")
+    assert (await cluster.pods("llm"))["llm-worker-1"]["metadata"]["uid"] == healthy_uid  # untouched
+    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "WorkerFailed"]
+    assert any("exit code 137" in m and "OOMKilled" in m for m in messages), messages
+
+
+async def test_pending_worker_never_blocks_and_job_grows(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("elastic", replicas={"min": 2, "max": 3}, procsPerNode=1))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "elastic", 3), "three worker pods")
+    uids = {name: pod["metadata"]["uid"] for name, pod in pods.items()}
+    await cluster.set_pod("elastic-worker-0", "Running", ready=True)
+    await cluster.set_pod("elastic-worker-1", "Running", ready=True)
+    # elastic-worker-2 stays Pending (unschedulable): the job runs with two.
+    status = await cluster.wait_status("elastic", "running with 2", lambda s: s.get("readyWorkers") == 2)
+    assert status["phase"] == "Running" and status["desiredWorkers"] == 3
+    now = await cluster.pods("elastic")
+    assert {n: p["metadata"]["uid"] for n, p in now.items()} == uids  # nothing restarted or replaced
+    assert status.get("restarts", 0) == 0
+
+    await cluster.set_pod("elastic-worker-2", "Running", ready=True)
+    status = await cluster.wait_status("elastic", "grown to 3", lambda s: s.get("readyWorkers") == 3)
+    assert status["phase"] == "Running"
+
+
+async def test_restart_budget_spent_fails_the_job(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("flaky", restartBudget=1, replicas={"min": 1, "max": 1}))
+    for attempt in range(2):
+        pods = await cluster.eventually(lambda: _pods_named(cluster, "flaky", 1), f"worker, attempt {attempt}")
+        uid = pods["flaky-worker-0"]["metadata"]["uid"]
+        await cluster.set_pod("flaky-worker-0", "Failed", exit_code=1)
+        if attempt == 0:
+            async def replaced() -> bool:
+                pod = (await cluster.pods("flaky")).get("flaky-worker-0")
+                return pod is not None and pod["metadata"]["uid"] != uid
+            await cluster.eventually(replaced, "the replacement")
+    status = await cluster.wait_status("flaky", "failed", lambda s: s.get("phase") == "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "RestartBudgetExhausted"
+    assert "restart budget of 1 is spent" in failed["message"]
+    assert status["restarts"] == 1 and status["completionTime"]
+
+
+async def test_all_workers_exit_zero_succeeds(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("done"))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "done", 2), "two worker pods")
+    for name in pods:
+        await cluster.set_pod(name, "Running", ready=True)
+    await cluster.wait_status("done", "running", lambda s: s.get("phase") == "Running")
+    for name in pods:
+        await cluster.set_pod(name, "Succeeded", exit_code=0)
+    status = await cluster.wait_status("done", "succeeded", lambda s: s.get("phase") == "Succeeded")
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["reason"] == "AllWorkersSucceeded"
+    assert status["completionTime"]
+
+
+async def test_invalid_spec_is_marked_and_creates_nothing(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("bad", replicas={"min": 3, "max": 2}))
+    status = await cluster.wait_status("bad", "InvalidSpec", lambda s: s.get("phase") == "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.replicas:") and "min (3) must not exceed max (2)" in failed["message"]
+    assert await cluster.pods("bad") == {}
+    assert "bad-workers" not in await cluster.services()
+    # Fixing the spec (a new generation) brings the job to life.
+    await cluster.patch_job("bad", {"spec": {"replicas": {"min": 1, "max": 2}}})
+    await cluster.eventually(lambda: _pods_named(cluster, "bad", 2), "pods after the fix")
+
+
+async def test_garbage_spec_never_crashes_the_operator(cluster: Cluster) -> None:
+    manifest = job_manifest("junk")
+    manifest["spec"] = {"replicas": "lots", "worker": ["not", "a", "mapping"], "surprise": {"x": 1}}
+    await cluster.apply_job(manifest)
+    status = await cluster.wait_status("junk", "InvalidSpec", lambda s: s.get("phase") == "Failed")
+    assert any(c["reason"] == "InvalidSpec" for c in status["conditions"])
+    # The operator still serves other jobs.
+    await cluster.apply_job(job_manifest("fine"))
+    await cluster.eventually(lambda: _pods_named(cluster, "fine", 2), "pods of a good job")
+
+
+async def test_delete_removes_everything(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("gone"))
+    await cluster.eventually(lambda: _pods_named(cluster, "gone", 2), "two worker pods")
+    await cluster.eventually(cluster.services, "the service")
+    await cluster.delete_job("gone")
+
+    async def all_gone() -> bool:
+        return (await cluster.job("gone") is None and await cluster.pods("gone") == {}
+                and "gone-workers" not in await cluster.services())
+    await cluster.eventually(all_gone, "the job, its pods and its service to be gone")
+
+
+async def _pods_named(cluster: Cluster, job: str, count: int) -> dict | None:
+    pods = await cluster.pods(job)
+    return pods if len(pods) == count else None
