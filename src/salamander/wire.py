@@ -67,8 +67,10 @@ class Progress:
         """Parse a record; raises :class:`WireError` naming the bad field, never anything else."""
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireError(f"progress record is not JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, huge integers
+            raise WireError(f"progress record is not JSON: {str(exc)[:200]}") from None
+        except RecursionError:
+            raise WireError("progress record is nested too deeply") from None
         if not isinstance(data, dict):
             raise WireError("progress record is not a JSON object")
         fields = {
@@ -86,8 +88,14 @@ class Progress:
             value = data[name]
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise WireError(f"progress field {name!r} has the wrong type: {value!r}")
-        if data["step"] < 0 or data["samples"] < 0 or data["world_size"] < 1:
-            raise WireError("progress fields step and samples must be >= 0, world_size >= 1")
+        if data["step"] < 0 or data["samples"] < 0 or data["world_size"] < 1 or data.get("restart_count", 0) < 0:
+            raise WireError("progress fields step, samples and restart_count must be >= 0, world_size >= 1")
+        try:
+            when = float(data["time"])
+        except OverflowError:
+            raise WireError("progress field 'time' is out of range") from None
+        if not math.isfinite(when):
+            raise WireError("progress field 'time' must be finite")
         total = data.get("total_steps")
         if total is not None and total < 0:
             raise WireError("progress field total_steps must be >= 0")
@@ -95,5 +103,5 @@ class Progress:
         if loss is not None and not math.isfinite(loss):
             loss = None  # a diverged loss is reported as unknown rather than breaking JSON/status
         return cls(step=data["step"], samples=data["samples"], world_size=data["world_size"],
-                   time=float(data["time"]), loss=loss, restart_count=data.get("restart_count", 0),
+                   time=when, loss=loss, restart_count=data.get("restart_count", 0),
                    total_steps=total)

@@ -4,9 +4,10 @@ to create, what to delete, and what the status is now.
 Level based: the answer depends only on the current observation, never on which event woke
 the operator, so running it twice on the same input is harmless. Rules, in order:
 
-1. An invalid spec fails the job with reason ``InvalidSpec``; nothing is created and any
+1. A finished job (Succeeded, Failed) stays finished whatever its spec becomes; it only
+   removes workers that still run or wait.
+2. An invalid spec fails the job with reason ``InvalidSpec``; nothing is created and any
    worker it had is deleted. A later spec change (new generation) re-evaluates it.
-2. A finished job (Succeeded, Failed) only removes workers that still run or wait.
 3. Once any worker has succeeded the job is completing: no worker is created or replaced,
    waiting ones are removed, and when none runs the job ends, Succeeded if no worker failed.
 4. A failed worker is deleted, to be recreated under the same name on a later pass, and
@@ -82,18 +83,19 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
               previous: TrainingJobStatus, progress: Progress | None,
               now: datetime.datetime) -> Plan:
     """Decide one pass for one job. Pure: the caller observes and applies."""
+    if previous.phase.terminal:
+        invalid_before = _reason(previous) == Reason.INVALID_SPEC
+        if invalid_before and previous.observed_generation != job.generation:
+            previous = TrainingJobStatus()  # the spec was edited after InvalidSpec: start over
+        else:
+            return Plan(delete=_unfinished(observed), status=previous)  # finished stays finished
+
     if isinstance(spec, InvalidSpec):
         alive = tuple(sorted(w.index for w in observed if not w.deleting))
         status = _ended(previous, job, Phase.FAILED, Reason.INVALID_SPEC, str(spec), now)
         changed = previous.observed_generation != job.generation or previous.phase is not Phase.FAILED
         events = (Event("Warning", Reason.INVALID_SPEC, str(spec)),) if changed else ()
         return Plan(delete=alive, status=status, events=events)
-
-    invalid_before = previous.phase is Phase.FAILED and _reason(previous) == Reason.INVALID_SPEC
-    if invalid_before and previous.observed_generation != job.generation:
-        previous = TrainingJobStatus()  # the spec was fixed: start over
-    if previous.phase.terminal:
-        return Plan(delete=_unfinished(observed), status=previous)
 
     live = [w for w in observed if not w.deleting]
     failed = [w for w in live if w.phase is WorkerPhase.FAILED]
@@ -104,7 +106,8 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
     if succeeded:
         waiting = tuple(sorted(w.index for w in live if w.phase is WorkerPhase.PENDING))
         if running:
-            return Plan(delete=waiting, status=_running_status(status, job, spec, running, progress, now))
+            return Plan(delete=waiting, status=_running_status(status, job, spec, running, progress, now,
+                                                               completing=True))
         if failed:
             names = ", ".join(f"worker {w.index} ({w.describe_failure()})" for w in failed)
             message = f"training finished but {names} failed"
@@ -152,25 +155,26 @@ def _with_progress(status: TrainingJobStatus, progress: Progress | None) -> Trai
 
 def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpec,
                     running: Sequence[ObservedWorker], progress: Progress | None,
-                    now: datetime.datetime) -> TrainingJobStatus:
+                    now: datetime.datetime, completing: bool = False) -> TrainingJobStatus:
+    """The status of a live job. While ``completing`` (some workers already exited 0), the
+    workers still finishing are not a shortfall: phase and conditions stay as they were."""
     ready = sum(1 for w in running if w.ready)
     enough = ready >= spec.replicas.min
-    if enough:
-        phase = Phase.RUNNING
-    elif status.phase in (Phase.RUNNING, Phase.RESTARTING):
-        phase = Phase.RESTARTING
-    else:
-        phase = Phase.PENDING
-    if enough:
-        reason, message = Reason.ENOUGH_WORKERS, f"{ready} of {spec.replicas.min}..{spec.replicas.max} workers ready"
-    else:
-        reason, message = Reason.WAITING_FOR_WORKERS, (f"{ready} workers ready, "
-                                                       f"waiting for at least {spec.replicas.min}")
-    conditions = set_condition(status.conditions, ConditionType.READY, enough, reason, message,
-                               job.generation, now)
+    phase, conditions = status.phase, list(status.conditions)
+    if not completing:
+        if enough:
+            phase = Phase.RUNNING
+            reason, message = Reason.ENOUGH_WORKERS, (f"{ready} of {spec.replicas.min}..{spec.replicas.max} "
+                                                      "workers ready")
+        else:
+            phase = Phase.RESTARTING if status.phase in (Phase.RUNNING, Phase.RESTARTING) else Phase.PENDING
+            reason, message = Reason.WAITING_FOR_WORKERS, (f"{ready} workers ready, "
+                                                           f"waiting for at least {spec.replicas.min}")
+        conditions = set_condition(conditions, ConditionType.READY, enough, reason, message, job.generation, now)
     return status.model_copy(update={
         "phase": phase, "conditions": conditions, "observed_generation": job.generation,
         "desired_workers": spec.replicas.max, "ready_workers": ready,
-        "world_size": progress.world_size if progress is not None and enough else ready * spec.procs_per_node,
+        "world_size": (status.world_size if completing else
+                       progress.world_size if progress is not None and enough else ready * spec.procs_per_node),
         "start_time": status.start_time or (now if enough else None),
     })

@@ -20,13 +20,25 @@ class InvalidSpec(ValueError):
         super().__init__(f"{field}: {problem}" if field else problem)
 
 
+class _KubeLoader(yaml.SafeLoader):
+    """YAML as ``kubectl`` reads it: a date-like scalar (``2024-01-01``) stays a string, as it
+    does after Kubernetes' YAML-to-JSON conversion, instead of becoming a datetime."""
+
+
+_KubeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _dotted(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            parts.append(("." if parts else "") + str(item))
+            key = str(item) if str(item).isprintable() else repr(str(item))  # keep it on one line
+            parts.append(("." if parts else "") + key)
     return "".join(parts)
 
 
@@ -62,12 +74,18 @@ def parse_manifest(source: str | dict[str, Any]) -> TrainingJob:
     """
     if isinstance(source, str):
         try:
-            documents = [d for d in yaml.safe_load_all(source) if d is not None]
+            documents = [d for d in yaml.load_all(source, Loader=_KubeLoader) if d is not None]
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise InvalidSpec("", f"malformed YAML{where}: {problem}") from None
+        except RecursionError:
+            raise InvalidSpec("", "malformed YAML: nested too deeply") from None
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors raise these for values like `!!int eight` or huge integers.
+            detail = " ".join(str(exc).split())[:200]
+            raise InvalidSpec("", f"malformed YAML: a value cannot be read ({type(exc).__name__}: {detail})") from None
         if len(documents) != 1:
             raise InvalidSpec("", f"expected exactly one YAML document, found {len(documents)}")
         source = documents[0]

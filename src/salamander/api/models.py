@@ -11,8 +11,8 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints,
-                      WithJsonSchema, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StringConstraints, WithJsonSchema,
+                      model_validator)
 from pydantic.alias_generators import to_camel
 
 from salamander.wire import GROUP
@@ -32,7 +32,9 @@ DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])
 _QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]i?|Ki)?$")
 
 
-def _check_quantity(value: int | str) -> int | str:
+def _check_quantity(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be an integer or a quantity string such as 500m or 16Gi, got {value!r}")
     if isinstance(value, int) and value < 0:
         raise ValueError(f"quantity must not be negative, got {value}")
     if isinstance(value, str) and not _QUANTITY.match(value):
@@ -41,8 +43,10 @@ def _check_quantity(value: int | str) -> int | str:
 
 
 #: A Kubernetes resource quantity: ``2``, ``500m``, ``16Gi``.
-Quantity = Annotated[StrictInt | StrictStr, AfterValidator(_check_quantity),
+Quantity = Annotated[int | str, PlainValidator(_check_quantity),
                      WithJsonSchema({"x-kubernetes-int-or-string": True})]
+#: An integer as the CRD's ``type: integer`` means it: no "2" or true.
+Count = StrictInt
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
@@ -86,8 +90,8 @@ class Replicas(ApiModel):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max"}]})
 
-    min: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
-    max: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
+    min: Annotated[Count, Field(ge=1, le=MAX_WORKERS)] = 1
+    max: Annotated[Count, Field(ge=1, le=MAX_WORKERS)] = 1
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> Replicas:
@@ -101,9 +105,9 @@ class TrainingJobSpec(ApiModel):
 
     replicas: Replicas = Field(default_factory=Replicas,
                                description="Worker nodes (pods): the job runs with any count in [min, max].")
-    procs_per_node: Annotated[int, Field(ge=1, le=256)] = Field(
+    procs_per_node: Annotated[Count, Field(ge=1, le=256)] = Field(
         1, description="Training processes per worker node, typically one per GPU.")
-    restart_budget: Annotated[int, Field(ge=0, le=10_000)] = Field(
+    restart_budget: Annotated[Count, Field(ge=0, le=10_000)] = Field(
         3, description="How many failed workers may be replaced before the job fails.")
     worker: WorkerTemplate = Field(description="The container every worker node runs.")
 

@@ -8,11 +8,32 @@ A training script needs only::
     for step in range(start, steps):
         ...
         sw.report(step, loss=loss.item(), samples=batch_size * ctx.world_size)
-        if sw.should_stop():
+        if sw.should_stop(step):
             break
+
+The names are loaded on first use, so ``salamander-worker --help`` and its usage errors
+answer without waiting for torch to import.
 """
 
-from salamander_worker.context import WorkerContext, context, init_distributed
-from salamander_worker.progress import report, should_stop
+from __future__ import annotations
 
-__all__ = ["WorkerContext", "context", "init_distributed", "report", "should_stop"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from salamander_worker.topology import WorkerContext, context, init_distributed
+    from salamander_worker.progress import report, should_stop
+
+_EXPORTS = {
+    "WorkerContext": "salamander_worker.topology", "context": "salamander_worker.topology",
+    "init_distributed": "salamander_worker.topology",
+    "report": "salamander_worker.progress", "should_stop": "salamander_worker.progress",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'salamander_worker' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
-from salamander_worker.context import context
+from salamander_worker.topology import context
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,200 @@
+"""Desired objects: the worker pods and the headless service of a job."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from salamander import wire
+from salamander.api import parse_spec
+from salamander.api.models import MAX_NAME_LENGTH, MAX_WORKERS
+from salamander_operator.desired import (AGENT_COMMAND, MASTER_PORT, JobRef, build_worker_pod, build_worker_service,
+                                         service_name, worker_name)
+from salamander_operator.observed import WORKER_CONTAINER, WorkerPhase, observe_pod
+
+JOB = JobRef(name="llm", namespace="team-a", uid="0b6c-uid", generation=4)
+ENDPOINT = "salamander-operator.ops:29400"
+
+MINIMAL = {"worker": {"image": "img:1", "command": ["python", "train.py"]}}
+FULL = {
+    "replicas": {"min": 2, "max": 4},
+    "procsPerNode": 8,
+    "restartBudget": 5,
+    "worker": {
+        "image": "ghcr.io/x/trainer:2",
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "train"],
+        "args": ["--steps", "1000", "--lr=3e-4"],
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "EMPTY"}],
+        "resources": {"limits": {"nvidia.com/gpu": 8, "memory": "64Gi"}, "requests": {"cpu": "500m"}},
+        "workingDir": "/workspace",
+        "nodeSelector": {"gpu": "h100"},
+        "serviceAccountName": "trainer",
+    },
+}
+
+
+def container(pod: dict) -> dict:
+    (c,) = pod["spec"]["containers"]
+    return c
+
+
+def env_of(pod: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(pod)["env"]}
+
+
+def test_names_are_stable() -> None:
+    assert worker_name(JOB, 0) == "llm-worker-0"
+    assert worker_name(JOB, 12) == "llm-worker-12"
+    assert service_name(JOB) == "llm-workers"
+
+
+def test_pod_metadata_labels_and_owner() -> None:
+    pod = build_worker_pod(JOB, parse_spec(FULL), 3, ENDPOINT)
+    assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
+    meta = pod["metadata"]
+    assert meta["name"] == "llm-worker-3"
+    assert meta["namespace"] == "team-a"
+    assert meta["labels"] == {wire.LABEL_JOB: "llm", wire.LABEL_MANAGED_BY: wire.MANAGED_BY,
+                              wire.LABEL_ROLE: "worker", wire.LABEL_INDEX: "3"}
+    (owner,) = meta["ownerReferences"]
+    assert owner == {"apiVersion": "salamander.dev/v1alpha1", "kind": "TrainingJob", "name": "llm",
+                     "uid": "0b6c-uid", "controller": True, "blockOwnerDeletion": True}
+
+
+def test_pod_spec_never_restarts_and_has_a_stable_dns_name() -> None:
+    pod = build_worker_pod(JOB, parse_spec(MINIMAL), 1, ENDPOINT)
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["hostname"] == "llm-worker-1"
+    assert spec["subdomain"] == "llm-workers" == build_worker_service(JOB)["metadata"]["name"]
+    c = container(pod)
+    assert c["name"] == WORKER_CONTAINER
+    assert c["ports"] == [{"name": "dist", "containerPort": MASTER_PORT}]
+
+
+def test_command_wraps_the_user_command_after_a_double_dash() -> None:
+    pod = build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT)
+    command = container(pod)["command"]
+    assert command[0] == AGENT_COMMAND
+    sep = command.index("--")
+    assert command[sep + 1:] == ["python", "-m", "train", "--steps", "1000", "--lr=3e-4"]
+    agent_args = command[1:sep]
+    assert agent_args[agent_args.index("--nnodes") + 1] == "2:4"
+    assert agent_args[agent_args.index("--nproc-per-node") + 1] == "8"
+    assert agent_args[agent_args.index("--max-restarts") + 1] == "5"
+    assert all(isinstance(part, str) for part in command)
+
+
+def test_user_command_looking_like_agent_flags_stays_after_the_separator() -> None:
+    spec = parse_spec({"worker": {"image": "i", "command": ["--nnodes", "9"], "args": ["--", "x"]}})
+    command = container(build_worker_pod(JOB, spec, 0, ENDPOINT))["command"]
+    sep = command.index("--")
+    assert command[sep + 1:] == ["--nnodes", "9", "--", "x"]
+    assert command[1:sep].count("--nnodes") == 1
+
+
+def test_env_has_the_salamander_contract_then_the_user_env() -> None:
+    pod = build_worker_pod(JOB, parse_spec(FULL), 2, ENDPOINT)
+    env = env_of(pod)
+    assert env[wire.ENV_JOB] == "team-a/llm"
+    assert env[wire.ENV_RUN_ID] == "0b6c-uid"
+    assert env[wire.ENV_RDZV_ENDPOINT] == ENDPOINT
+    assert env[wire.ENV_NODE_INDEX] == "2"
+    assert env["NCCL_DEBUG"] == "INFO"
+    assert env["EMPTY"] == ""
+    names = [e["name"] for e in container(pod)["env"]]
+    assert names.index(wire.ENV_NODE_INDEX) < names.index("NCCL_DEBUG")
+    assert all(isinstance(e["value"], str) for e in container(pod)["env"])
+
+
+def test_resources_become_string_quantities() -> None:
+    c = container(build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT))
+    assert c["resources"] == {"requests": {"cpu": "500m"}, "limits": {"nvidia.com/gpu": "8", "memory": "64Gi"}}
+
+
+def test_only_limits_gives_no_requests_key() -> None:
+    spec = parse_spec({"worker": {"image": "i", "command": ["c"], "resources": {"limits": {"cpu": 2}}}})
+    assert container(build_worker_pod(JOB, spec, 0, ENDPOINT))["resources"] == {"limits": {"cpu": "2"}}
+
+
+def test_optional_fields_are_set_when_given() -> None:
+    pod = build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT)
+    c = container(pod)
+    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert c["workingDir"] == "/workspace"
+    assert c["image"] == "ghcr.io/x/trainer:2"
+    assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}
+    assert pod["spec"]["serviceAccountName"] == "trainer"
+
+
+def test_optional_fields_are_omitted_when_unset() -> None:
+    pod = build_worker_pod(JOB, parse_spec(MINIMAL), 0, ENDPOINT)
+    c = container(pod)
+    for key in ("imagePullPolicy", "resources", "workingDir"):
+        assert key not in c
+    for key in ("nodeSelector", "serviceAccountName"):
+        assert key not in pod["spec"]
+    assert container(pod)["command"][-2:] == ["python", "train.py"]
+
+
+def test_output_is_deterministic_and_not_aliased() -> None:
+    spec = parse_spec(FULL)
+    a = build_worker_pod(JOB, spec, 1, ENDPOINT)
+    b = build_worker_pod(JOB, spec, 1, ENDPOINT)
+    assert a == b
+    pristine = copy.deepcopy(a)
+    # Mutating one result (as a client library may) must not leak into the spec or later results.
+    a["spec"]["nodeSelector"]["gpu"] = "changed"
+    container(a)["resources"]["limits"]["memory"] = "1Gi"
+    container(a)["command"].append("--oops")
+    container(a)["env"].clear()
+    a["metadata"]["labels"]["x"] = "y"
+    a["metadata"]["ownerReferences"][0]["uid"] = "other"
+    assert build_worker_pod(JOB, spec, 1, ENDPOINT) == pristine
+    assert build_worker_service(JOB) == build_worker_service(JOB)
+
+
+def test_pods_differ_only_in_their_index() -> None:
+    spec = parse_spec(FULL)
+    a, b = build_worker_pod(JOB, spec, 0, ENDPOINT), build_worker_pod(JOB, spec, 1, ENDPOINT)
+    assert a["metadata"]["name"] != b["metadata"]["name"]
+    assert container(a)["command"] == container(b)["command"]
+    assert {k: v for k, v in env_of(a).items() if k != wire.ENV_NODE_INDEX} == \
+           {k: v for k, v in env_of(b).items() if k != wire.ENV_NODE_INDEX}
+
+
+def test_service_is_headless_and_selects_the_workers() -> None:
+    svc = build_worker_service(JOB)
+    assert svc["apiVersion"] == "v1" and svc["kind"] == "Service"
+    assert svc["metadata"]["name"] == "llm-workers"
+    assert svc["metadata"]["namespace"] == "team-a"
+    assert svc["metadata"]["ownerReferences"][0]["controller"] is True
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == JOB.uid
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"] == [{"name": "dist", "port": MASTER_PORT, "targetPort": MASTER_PORT}]
+    selector = svc["spec"]["selector"]
+    pod_labels = build_worker_pod(JOB, parse_spec(MINIMAL), 0, ENDPOINT)["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items(), "the service must select the worker pods"
+    other = JobRef(name="other", namespace="team-a", uid="u2")
+    assert not selector.items() <= build_worker_pod(other, parse_spec(MINIMAL), 0, ENDPOINT)["metadata"][
+        "labels"].items(), "the service must not select another job's pods"
+
+
+@pytest.mark.parametrize("index", [0, 7, MAX_WORKERS - 1])
+def test_a_built_pod_is_observed_back_as_that_pending_worker(index: int) -> None:
+    observed = observe_pod(build_worker_pod(JOB, parse_spec(MINIMAL), index, ENDPOINT))
+    assert observed is not None
+    assert observed.index == index
+    assert observed.phase is WorkerPhase.PENDING
+    assert not observed.ready and not observed.deleting
+
+
+def test_the_longest_name_and_index_stay_dns_labels() -> None:
+    job = JobRef(name="a" * MAX_NAME_LENGTH, namespace="ns", uid="u")
+    pod = build_worker_pod(job, parse_spec(MINIMAL), MAX_WORKERS - 1, ENDPOINT)
+    assert len(pod["metadata"]["name"]) <= 63
+    assert len(pod["spec"]["hostname"]) <= 63
+    assert len(pod["spec"]["subdomain"]) <= 63
