@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the first MIN nodes to join")
     p.add_argument("--last-call-timeout", type=float, default=3.0,
                    help="seconds to wait for more nodes once MIN have joined")
+    p.add_argument("--keep-alive-interval", type=int, default=2,
+                   help="seconds between rendezvous heartbeats; a node silent for 3 of them is dropped")
     p.add_argument("--monitor-interval", type=float, default=0.5,
                    help="seconds between checks of the training processes")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command and its arguments")
@@ -97,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Standalone (one node, no endpoint): host a private store on a free port, as torchrun
     # --standalone does. Otherwise never host it: the operator does.
+    # torch (2.4+) shares one TCPStore between rendezvous and workers, and a non-zero rank caches
+    # the master address of the first round forever: when the node holding rank 0 is lost, the
+    # survivors keep dialling the dead master and hang. Opting out makes every round publish a
+    # fresh master address, so losing any node, worker 0 included, is survivable.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     endpoint = args.rdzv_endpoint or "localhost:0"
     run_id = args.run_id or uuid.uuid4().hex
     os.environ.setdefault(wire.ENV_RUN_ID, run_id)
@@ -104,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=args.nproc_per_node,
         run_id=run_id, role="trainer", rdzv_backend="c10d", rdzv_endpoint=endpoint,
         rdzv_configs={"is_host": not args.rdzv_endpoint, "join_timeout": args.join_timeout,
-                      "last_call_timeout": args.last_call_timeout},
+                      "last_call_timeout": args.last_call_timeout,
+                      "keep_alive_interval": args.keep_alive_interval, "keep_alive_max_attempt": 3},
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         start_method="spawn", local_addr=args.local_addr,
         log_line_prefix_template="[rank${rank}]:",

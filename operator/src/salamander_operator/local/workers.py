@@ -1,12 +1,15 @@
 """Worker "pods" as local process groups: create, delete and observe them like pods.
 
 Worker ``i`` is a ``salamander-worker`` agent started with the pod's command and
-environment, in its own session (so deleting it stops its training processes too), with
-its output in ``<log_dir>/worker-<i>.log`` and the address ``127.0.0.<10+i>``.
+environment, in a session of its own, with
+its output in ``<log_dir>/worker-<i>.log`` and the address ``127.0.0.<10+i>``. Deleting
+a worker sends its agent SIGTERM (the agent stops its training processes), then kills the
+whole process tree after a grace period, as the kubelet does with a pod's containers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+import psutil
 
 from salamander.api import TrainingJobSpec
 from salamander_operator.desired import JobRef, agent_command, agent_env
@@ -83,11 +88,12 @@ class LocalWorkers:
             proc.deleting_since = time.monotonic()
             self._signal(proc, signal.SIGTERM)
 
-    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Fault injection: signal worker ``index``'s whole process group, as a node loss would."""
+    def kill(self, index: int) -> None:
+        """Fault injection: kill worker ``index`` and every process under it at once, as the
+        loss of its node would."""
         proc = self._procs.get(index)
         if proc is not None:
-            self._signal(proc, sig)
+            self._kill_tree(proc)
 
     def observe(self) -> list[ObservedWorker]:
         """The workers as pods would show them; reaps deleted ones, escalates slow deletions."""
@@ -99,7 +105,7 @@ class LocalWorkers:
                     self._drop(index)
                     continue
                 if time.monotonic() - proc.deleting_since > TERMINATE_GRACE_S:
-                    self._signal(proc, signal.SIGKILL)
+                    self._kill_tree(proc)
                 observed.append(ObservedWorker(index=index, phase=WorkerPhase.RUNNING, deleting=True))
             elif code is None:
                 observed.append(ObservedWorker(index=index, phase=WorkerPhase.RUNNING, ready=True))
@@ -121,7 +127,7 @@ class LocalWorkers:
             try:
                 proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
+                self._kill_tree(proc)
                 proc.popen.wait()
         for index in list(self._procs):
             self._drop(index)
@@ -132,7 +138,21 @@ class LocalWorkers:
 
     @staticmethod
     def _signal(proc: _Process, sig: int) -> None:
+        """Signal the agent; it forwards SIGTERM to its training processes itself."""
         try:
-            os.killpg(proc.popen.pid, sig)
+            os.kill(proc.popen.pid, sig)
         except ProcessLookupError:
             pass
+
+    @staticmethod
+    def _kill_tree(proc: _Process) -> None:
+        """SIGKILL the agent and all its descendants. The agent starts each training process in
+        a session of its own, so a process-group kill would leave them running."""
+        try:
+            root = psutil.Process(proc.popen.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
