@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--advertise", default=None,
                     help="host:port workers reach the rendezvous store at (default: $SALAMANDER_ADVERTISE "
                          "or this pod's IP)")
-    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                    help="kopf's liveness endpoint ('' to turn it off)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)
     return parser

@@ -169,39 +169,46 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
             yield hands
 
 
-@contextlib.asynccontextmanager
-async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+def declare_resources(emulator: ApiServer) -> None:
+    """What discovery must list before kopf starts watching."""
     for resource in ("v1/namespaces", "apiextensions.k8s.io/v1/customresourcedefinitions"):
-        kmock.resources[resource] = {}
+        emulator.resources[resource] = {}
     verbs = {"list", "watch", "get", "patch", "create", "delete"}
-    kmock.resources["v1/pods"] = kmock.ResourceInfo(namespaced=True, kind="Pod", subresources={"status"},
-                                                    verbs=verbs)
-    kmock.resources["v1/services"] = kmock.ResourceInfo(namespaced=True, kind="Service", verbs=verbs)
-    kmock.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event", verbs=verbs)
-    kmock.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
+    emulator.resources["v1/pods"] = kmock.ResourceInfo(namespaced=True, kind="Pod", subresources={"status"},
+                                                       verbs=verbs)
+    emulator.resources["v1/services"] = kmock.ResourceInfo(namespaced=True, kind="Service", verbs=verbs)
+    emulator.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event", verbs=verbs)
+    emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         namespaced=True, kind=KIND, singular="trainingjob", shortnames={"tj"}, subresources={"status"},
         verbs=verbs)
 
+
+def write_kubeconfig(tmp_path: Path, server: str) -> Path:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
         "users": [{"name": "kmock", "user": {"token": "test"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}],
     }))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return kubeconfig
 
+
+@contextlib.asynccontextmanager
+async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    declare_resources(kmock)
+    kubeconfig = write_kubeconfig(tmp_path, str(kmock.url).rstrip("/"))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     import kubernetes
+    # The client reads $KUBECONFIG once, at import; this process imported it long ago.
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+
     api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     rendezvous = RendezvousHost(advertise_host="127.0.0.1", port=0, bind_host="127.0.0.1")
     registry = kopf.OperatorRegistry()
     register(registry)
     stop = asyncio.Event()
     memo = build_memo(KubeCluster(api_client), rendezvous)
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), token="test", default_namespace=NS)
 
     logging.getLogger("kopf").setLevel(logging.INFO)
     task = asyncio.create_task(kopf.operator(registry=registry, memo=memo, clusterwide=True, standalone=True,

@@ -28,13 +28,16 @@ class RendezvousError(RuntimeError):
 class RendezvousHost:
     """Owns the store server. ``endpoint`` is the ``host:port`` agents connect to."""
 
-    def __init__(self, advertise_host: str, port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0") -> None:
+    def __init__(self, advertise_host: str, port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0",
+                 advertise_port: int | None = None) -> None:
+        """Listen on ``bind_host:port`` (0 picks a free port); agents are told to connect to
+        ``advertise_host:advertise_port`` (the listening port unless a Service maps another)."""
         try:
             self._store = dist.TCPStore(bind_host, port, is_master=True, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=30))
         except (RuntimeError, ValueError) as exc:
             raise RendezvousError(f"cannot host the rendezvous store on port {port}: {exc}") from None
-        self.endpoint = f"{advertise_host}:{self._store.port}"
+        self.endpoint = f"{advertise_host}:{advertise_port or self._store.port}"
 
     def read_progress(self, run_id: str) -> wire.Progress | None:
         """The newest progress a job's leader published, or None if none (or a malformed one)."""

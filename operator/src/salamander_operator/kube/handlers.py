@@ -113,6 +113,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.posting.level = logging.WARNING  # our own Events, not every log line
         settings.watching.server_timeout = 300
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A fresh registry has none of kopf's default login handlers: use the same source as
+        # our own API client (in-cluster service account, else $KUBECONFIG).
+        return kopf.login_via_client(**kwargs)
+
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)
     async def supervise(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec,
                         status: kopf.Status, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,

@@ -17,10 +17,17 @@ log = logging.getLogger(__name__)
 ENV_ADVERTISE = "SALAMANDER_ADVERTISE"
 
 
-def advertised_host(explicit: str | None) -> str:
-    """Where workers reach the operator: ``--advertise``, ``$SALAMANDER_ADVERTISE``, ``$POD_IP``,
-    or this machine's name. The Helm chart sets it to the operator's Service."""
-    return explicit or os.environ.get(ENV_ADVERTISE) or os.environ.get("POD_IP") or socket.getfqdn()
+def parse_advertise(explicit: str | None) -> tuple[str, int | None]:
+    """Where workers reach the rendezvous store, as (host, port or None for the listening port):
+    ``--advertise HOST[:PORT]``, else ``$SALAMANDER_ADVERTISE``, else ``$POD_IP``, else this
+    machine's name. The Helm chart points it at the operator's Service."""
+    text = explicit or os.environ.get(ENV_ADVERTISE) or os.environ.get("POD_IP") or socket.getfqdn()
+    host, sep, port = text.rpartition(":") if ":" in text and not text.endswith("]") else (text, "", "")
+    if not sep:
+        return text, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--advertise must be HOST or HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None) -> kopf.Memo:
@@ -29,18 +36,18 @@ def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None) -> kopf.
 
 def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: int, advertise: str | None,
                  liveness: str | None, verbose: bool) -> int:
-    advertise_host = advertised_host(advertise).rsplit(":", 1)[0] if advertise else advertised_host(None)
+    """Run until SIGTERM or SIGINT. Returns the process exit code."""
     try:
-        rendezvous = RendezvousHost(advertise_host=advertise_host, port=rendezvous_port)
-    except RendezvousError as exc:
+        host, port = parse_advertise(advertise)
+        rendezvous = RendezvousHost(advertise_host=host, port=rendezvous_port, advertise_port=port)
+    except (ValueError, RendezvousError) as exc:
         log.error("%s", exc)
-        return 1
-    if advertise and ":" in advertise:
-        rendezvous.endpoint = advertise
+        return 2
     registry = kopf.OperatorRegistry()
     register(registry)
     kopf.configure(verbose=verbose)
     memo = build_memo(KubeCluster(api_client_from_environment()), rendezvous)
+    log.warning("salamander operator: rendezvous store at %s", rendezvous.endpoint)
     kopf.run(registry=registry, memo=memo, clusterwide=all_namespaces or not namespaces,
-             namespaces=namespaces, liveness_endpoint=liveness, standalone=True)
+             namespaces=namespaces, liveness_endpoint=liveness or None, standalone=True)
     return 0
