@@ -1,0 +1,201 @@
+"""The control-plane gRPC server the operator runs: one stream per agent.
+
+Protocol (see ``controlplane.proto``): the first message of a stream is a Hello naming the
+job, pod, node and ranks; the call's bearer token must be that job's. Then heartbeats update
+the agent's :class:`AgentSession` and failure reports are handed to ``on_failure`` and acked.
+Anything else is refused with a status naming the problem, counted in
+:class:`ControlPlaneStats`, and never affects other streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from salamander.controlplane import AUTH_METADATA, BEARER, AgentIdentity
+from salamander.controlplane.v1 import controlplane_pb2 as pb
+from salamander.controlplane.v1 import controlplane_pb2_grpc as pb_grpc
+from salamander_operator.controlplane.credentials import JobCredentials
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 1.0
+MAX_MESSAGE_BYTES = 1 << 20  # log tails are bounded; nothing legitimate is larger
+MAX_NAME = 253
+
+
+class ProtocolError(ValueError):
+    """A message broke the protocol; ``reason`` is the counter it is filed under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class AgentSession:
+    """One connected agent. ``last_heartbeat`` is ``time.monotonic()`` of the newest message."""
+
+    session_id: str
+    identity: AgentIdentity
+    connected_at: float
+    last_heartbeat: float
+    step: int = 0
+    step_time_s: float = 0.0
+    connected: bool = True
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.identity.namespace, self.identity.job, self.identity.pod
+
+
+@dataclass
+class ControlPlaneStats:
+    """Counters for metrics and tests. ``latencies_s`` holds the newest heartbeat delivery
+    latencies (agent send -> operator handled), bounded."""
+
+    connections: int = 0
+    heartbeats: int = 0
+    failures: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+FailureHandler = Callable[[AgentSession, pb.FailureReport], None]
+
+
+def _check_name(value: str, name: str) -> None:
+    if not value:
+        raise ProtocolError("invalid_hello", f"hello.{name} is empty")
+    if len(value) > MAX_NAME or not value.isprintable():
+        raise ProtocolError("invalid_hello", f"hello.{name} is not a valid name")
+
+
+def validate_hello(hello: pb.Hello) -> None:
+    for name in ("namespace", "job", "pod", "node"):
+        _check_name(getattr(hello, name), name)
+    if hello.first_rank < 0 or hello.rank_count < 1:
+        raise ProtocolError("invalid_hello", "hello.first_rank must be >= 0 and hello.rank_count >= 1")
+
+
+def validate_heartbeat(hb: pb.Heartbeat) -> None:
+    if hb.step < 0:
+        raise ProtocolError("invalid_heartbeat", "heartbeat.step must be >= 0")
+    if not math.isfinite(hb.step_time_s) or hb.step_time_s < 0:
+        raise ProtocolError("invalid_heartbeat", "heartbeat.step_time_s must be finite and >= 0")
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTH_METADATA and isinstance(value, str) and value.startswith(BEARER):
+            return value[len(BEARER):]
+    return None
+
+
+class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
+    def __init__(self, credentials: JobCredentials, on_failure: FailureHandler | None = None) -> None:
+        self.credentials = credentials
+        self.on_failure = on_failure
+        self.sessions: dict[tuple[str, str, str], AgentSession] = {}
+        self.stats = ControlPlaneStats()
+
+    async def Session(self, request_iterator: AsyncIterator[pb.AgentMessage],  # noqa: N802 - gRPC name
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.OperatorMessage]:
+        session: AgentSession | None = None
+        try:
+            try:
+                first = await asyncio.wait_for(anext(request_iterator), timeout=HELLO_TIMEOUT_S)
+            except (StopAsyncIteration, TimeoutError):
+                raise ProtocolError("no_hello", "the stream must start with a hello") from None
+            if first.WhichOneof("body") != "hello":
+                raise ProtocolError("no_hello", "the first message must be a hello")
+            hello = first.hello
+            validate_hello(hello)
+            if not self.credentials.verify(hello.namespace, hello.job, _bearer(context)):
+                self.stats.rejected["unauthenticated"] += 1
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"no valid credential for job {hello.namespace}/{hello.job}")
+            now = time.monotonic()
+            identity = AgentIdentity(namespace=hello.namespace, job=hello.job, pod=hello.pod, node=hello.node,
+                                     first_rank=hello.first_rank, rank_count=hello.rank_count)
+            session = AgentSession(session_id=uuid.uuid4().hex, identity=identity, connected_at=now,
+                                   last_heartbeat=now)
+            self.sessions[session.key] = session
+            self.stats.connections += 1
+            yield pb.OperatorMessage(welcome=pb.Welcome(session_id=session.session_id,
+                                                        heartbeat_interval_s=HEARTBEAT_INTERVAL_S))
+            async for message in request_iterator:
+                ack = self._handle(session, message)
+                if ack is not None:
+                    yield ack
+        except ProtocolError as exc:
+            self.stats.rejected[exc.reason] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            if session is not None and self.sessions.get(session.key) is session:
+                session.connected = False
+                self.stats.connections -= 1
+
+    def _handle(self, session: AgentSession, message: pb.AgentMessage) -> pb.OperatorMessage | None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            hb = message.heartbeat
+            validate_heartbeat(hb)
+            session.last_heartbeat = time.monotonic()
+            session.step, session.step_time_s = hb.step, hb.step_time_s
+            self.stats.heartbeats += 1
+            if hb.sent_unix_ns > 0:
+                self.stats.latencies_s.append(max(0.0, (time.time_ns() - hb.sent_unix_ns) / 1e9))
+            return None
+        if kind == "failure":
+            report = message.failure
+            if report.WhichOneof("cause") is None:
+                raise ProtocolError("invalid_failure", "failure must carry an exit or an exception")
+            session.last_heartbeat = time.monotonic()
+            self.stats.failures += 1
+            if self.on_failure is not None:
+                self.on_failure(session, report)
+            return pb.OperatorMessage(ack=pb.Ack(seq=report.seq))
+        raise ProtocolError("unexpected_message", f"unexpected message {kind or '(empty)'} after hello")
+
+
+class ControlPlaneServer:
+    """The servicer on a port. ``start()`` binds (port 0 picks one) and returns the port."""
+
+    def __init__(self, credentials: JobCredentials, on_failure: FailureHandler | None = None,
+                 host: str = "0.0.0.0", port: int = 0) -> None:
+        self.servicer = ControlPlaneServicer(credentials, on_failure)
+        self._address = f"{host}:{port}"
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_concurrent_streams", 10_000),
+        ])
+        pb_grpc.add_ControlPlaneServicer_to_server(self.servicer, self._server)
+        self.port = self._server.add_insecure_port(self._address)
+        await self._server.start()
+        return self.port
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+
+    @property
+    def stats(self) -> ControlPlaneStats:
+        return self.servicer.stats
+
+    @property
+    def sessions(self) -> dict[tuple[str, str, str], AgentSession]:
+        return self.servicer.sessions

@@ -1,0 +1,103 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "failure")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    failure: FailureReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., failure: _Optional[_Union[FailureReport, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("namespace", "job", "pod", "node", "first_rank", "rank_count", "agent_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_RANK_FIELD_NUMBER: _ClassVar[int]
+    RANK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    job: str
+    pod: str
+    node: str
+    first_rank: int
+    rank_count: int
+    agent_version: str
+    def __init__(self, namespace: _Optional[str] = ..., job: _Optional[str] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ..., first_rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("seq", "step", "step_time_s", "sent_unix_ns")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    step: int
+    step_time_s: float
+    sent_unix_ns: int
+    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
+
+class ProcessExit(_message.Message):
+    __slots__ = ("exit_code", "signal")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    signal: int
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class TrainingException(_message.Message):
+    __slots__ = ("type", "message", "traceback")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    message: str
+    traceback: str
+    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("seq", "rank", "exit", "exception", "log_tail", "observed_unix_ns")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    EXCEPTION_FIELD_NUMBER: _ClassVar[int]
+    LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    rank: int
+    exit: ProcessExit
+    exception: TrainingException
+    log_tail: _containers.RepeatedScalarFieldContainer[str]
+    observed_unix_ns: int
+    def __init__(self, seq: _Optional[int] = ..., rank: _Optional[int] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., exception: _Optional[_Union[TrainingException, _Mapping]] = ..., log_tail: _Optional[_Iterable[str]] = ..., observed_unix_ns: _Optional[int] = ...) -> None: ...
+
+class OperatorMessage(_message.Message):
+    __slots__ = ("welcome", "ack")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    ack: Ack
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("session_id", "heartbeat_interval_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    heartbeat_interval_s: float
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
