@@ -34,6 +34,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from salamander_operator.local import run_manifest
 
     job = _load(args.manifest)
+    working_dir = job.spec.worker.working_dir
+    if working_dir and not Path(working_dir).is_dir():
+        raise InvalidSpec("spec.worker.workingDir", f"{working_dir} is not a directory on this machine")
     outcome = run_manifest(job, Path(args.runs_dir), timeout_s=args.timeout)
     return outcome.exit_code
 
@@ -84,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(func=_cmd_crd)
 
     op = sub.add_parser("operator", help="run the operator (uses KUBECONFIG or the in-cluster account)")
-    op.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
-    op.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
     op.add_argument("--rendezvous-port", type=int, default=29400, help="port of the rendezvous store")
     op.add_argument("--advertise", default=None,
                     help="host:port workers reach the rendezvous store at (default: $SALAMANDER_ADVERTISE "
@@ -106,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidSpec as exc:
         print(f"salamander: invalid manifest {getattr(args, 'manifest', '')}: {exc}".replace("  ", " "),
               file=sys.stderr)
+        return 2
+    except OSError as exc:  # a runs dir that is a file, a missing --write directory...
+        print(f"salamander: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
 
 

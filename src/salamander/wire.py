@@ -100,6 +100,10 @@ class Progress:
         if total is not None and total < 0:
             raise WireError("progress field total_steps must be >= 0")
         loss = data.get("loss")
+        try:
+            loss = None if loss is None else float(loss)
+        except OverflowError:
+            loss = None
         if loss is not None and not math.isfinite(loss):
             loss = None  # a diverged loss is reported as unknown rather than breaking JSON/status
         return cls(step=data["step"], samples=data["samples"], world_size=data["world_size"],

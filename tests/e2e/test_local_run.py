@@ -99,3 +99,32 @@ def test_salamander_run_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Succeeded" in proc.stderr and "loss" in proc.stderr
     assert list((tmp_path / "runs").glob("cli-*/worker-0.log"))
+
+
+def test_ctrl_c_stops_training_at_a_step_and_leaves_no_process(tmp_path: Path) -> None:
+    import signal
+
+    import psutil
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(gpt_manifest("stop", steps=100_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "salamander.cli", "run", str(manifest), "--runs-dir",
+                             str(tmp_path / "runs")], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    me = psutil.Process(proc.pid)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until training is under way
+            if "Running | step" in line and "step 0 " not in line:
+                break
+        descendants = me.children(recursive=True)
+        assert descendants
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "stopping at the next step" in rest
+    assert not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    logs = "".join(p.read_text() for p in (tmp_path / "runs").glob("stop-*/worker-0.log"))
+    assert "final loss" in logs  # the script saw should_stop() and ended its loop cleanly

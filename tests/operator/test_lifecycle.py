@@ -129,6 +129,14 @@ async def test_invalid_spec_is_marked_and_creates_nothing(cluster: Cluster) -> N
     await cluster.eventually(lambda: _pods_named(cluster, "bad", 2), "pods after the fix")
 
 
+async def test_a_name_kubernetes_accepts_but_pods_cannot_use_is_invalid(cluster: Cluster) -> None:
+    await cluster.apply_job(job_manifest("llama-3.1"))
+    status = await cluster.wait_status("llama-3.1", "InvalidSpec", lambda s: s.get("phase") == "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and failed["message"].startswith("metadata.name:")
+    assert await cluster.pods("llama-3.1") == {}
+
+
 async def test_garbage_spec_never_crashes_the_operator(cluster: Cluster) -> None:
     manifest = job_manifest("junk")
     manifest["spec"] = {"replicas": "lots", "worker": ["not", "a", "mapping"], "surprise": {"x": 1}}

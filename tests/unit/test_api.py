@@ -216,12 +216,12 @@ def test_missing_spec() -> None:
     (with_("worker.resources", {"limits": {"cpu": "-1"}}), "spec.worker.resources.limits.cpu",
      "not a resource quantity"),
     (with_("worker.resources", {"cpus": {}}), "spec.worker.resources.cpus", "unknown field"),
-    (with_("worker.env", [{"name": "OK"}, {"name": "1BAD"}]), "spec.worker.env[1].name", "pattern"),
-    (with_("worker.env", [{"name": "HAS SPACE"}]), "spec.worker.env[0].name", "pattern"),
+    (with_("worker.env", [{"name": "OK"}, {"name": "1BAD"}]), "spec.worker.env[1].name", "environment variable name"),
+    (with_("worker.env", [{"name": "HAS SPACE"}]), "spec.worker.env[0].name", "environment variable name"),
     (with_("worker.env", [{"value": "v"}]), "spec.worker.env[0].name", "required field is missing"),
     (with_("worker.env", [{"name": "A", "valueFrom": {}}]), "spec.worker.env[0].valueFrom", "unknown field"),
     (with_("worker.nodeSelector", {"pool": 1}), "spec.worker.nodeSelector.pool", "string"),
-    (with_("worker.serviceAccountName", "Trainer"), "spec.worker.serviceAccountName", "pattern"),
+    (with_("worker.serviceAccountName", "Trainer"), "spec.worker.serviceAccountName", "DNS name"),
 ])
 def test_bad_spec_names_the_field(spec: dict[str, Any], field: str, problem: str) -> None:
     err = invalid(parse_spec, spec)
@@ -431,3 +431,27 @@ def test_nan_and_inf_counts_are_rejected() -> None:
 def test_a_quantity_of_the_wrong_type_names_the_quantity(value: Any) -> None:
     err = invalid(parse_spec, with_("worker.resources", {"limits": {"cpu": value}}))
     assert err.field == "spec.worker.resources.limits.cpu"
+
+
+@pytest.mark.parametrize("quantity", ["500mi", "1ki", "3ui", "1ni", "2x", "-1", "1.5.2"])
+def test_quantities_kubernetes_rejects_are_rejected(quantity: str) -> None:
+    spec = {**VALID_SPEC, "worker": {**VALID_SPEC["worker"], "resources": {"limits": {"memory": quantity}}}}
+    assert invalid(parse_spec, spec).field == "spec.worker.resources.limits.memory"
+
+
+@pytest.mark.parametrize("quantity", ["500m", "1Ki", "16Gi", "2", "1e3", "0.5", "1E"])
+def test_quantities_kubernetes_accepts_are_accepted(quantity: str) -> None:
+    spec = {**VALID_SPEC, "worker": {**VALID_SPEC["worker"], "resources": {"limits": {"memory": quantity}}}}
+    parse_spec(spec)
+
+
+def test_service_account_names_are_dns_subdomains() -> None:
+    parse_spec({**VALID_SPEC, "worker": {**VALID_SPEC["worker"], "serviceAccountName": "team.trainer-" + "a" * 60}})
+
+
+@pytest.mark.parametrize("name", ["llama-3.1", "3d-model", "Upper", "x" * 52])
+def test_job_names_that_would_break_pod_or_service_names_are_rejected(name: str) -> None:
+    from salamander.api import check_name
+    with pytest.raises(InvalidSpec) as err:
+        check_name(name)
+    assert err.value.field == "metadata.name" and "\n" not in str(err.value)

@@ -55,6 +55,7 @@ class RendezvousHost:
         self._store.set(wire.stop_key(run_id), b"1")
 
     def forget(self, run_id: str) -> None:
-        """Drop what Salamander stored for a finished job."""
-        for key in (wire.progress_key(run_id), wire.stop_key(run_id)):
+        """Drop a finished job's progress, stop request and rendezvous state. (torch also leaves
+        a few small per-round keys, whose names it does not expose; they stay.)"""
+        for key in (wire.progress_key(run_id), wire.stop_key(run_id), f"torch.rendezvous.{run_id}"):
             self._store.delete_key(key)

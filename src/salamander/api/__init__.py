@@ -4,7 +4,7 @@ The CRD in ``crds/`` is generated from these models (:mod:`salamander.api.crd`);
 operator and ``salamander run`` parse manifests with them (:mod:`salamander.api.manifest`).
 """
 
-from salamander.api.manifest import InvalidSpec, parse_manifest, parse_spec
+from salamander.api.manifest import InvalidSpec, check_name, parse_manifest, parse_spec
 from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, Condition,
                                    ConditionType, Phase, Reason, Replicas, TrainingJob, TrainingJobSpec,
                                    TrainingJobStatus, WorkerTemplate)
@@ -12,5 +12,5 @@ from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME,
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
     "Condition", "ConditionType", "InvalidSpec", "Phase", "Reason", "Replicas", "TrainingJob",
-    "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate", "parse_manifest", "parse_spec",
+    "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate", "check_name", "parse_manifest", "parse_spec",
 ]

@@ -7,7 +7,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from salamander.api.models import TrainingJob, TrainingJobSpec
+from salamander.api.models import DNS_LABEL, DNS_SUBDOMAIN, ENV_NAME, ObjectMeta, TrainingJob, TrainingJobSpec
+
+PATTERN_HINTS = {
+    DNS_LABEL: "must be a lowercase DNS label: a-z, 0-9 and '-', starting with a letter",
+    DNS_SUBDOMAIN: "must be a lowercase DNS name: a-z, 0-9, '-' and '.'",
+    ENV_NAME: "is not a valid environment variable name",
+}
 
 
 class InvalidSpec(ValueError):
@@ -49,6 +55,9 @@ def _from_validation(exc: ValidationError, prefix: str) -> InvalidSpec:
     problem = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         problem = "unknown field"
+    elif first["type"] == "string_pattern_mismatch":
+        hint = PATTERN_HINTS.get(str((first.get("ctx") or {}).get("pattern")), "has the wrong form")
+        problem = f"{str(first.get('input'))[:80]!r} {hint}"
     elif first["type"] == "missing":
         problem = "required field is missing"
     if len(errors) > 1:
@@ -64,6 +73,15 @@ def parse_spec(spec: Any) -> TrainingJobSpec:
         return TrainingJobSpec.model_validate(spec)
     except ValidationError as exc:
         raise _from_validation(exc, "spec") from None
+
+
+def check_name(name: str) -> None:
+    """A job's name must make valid pod host names (``<name>-worker-<i>``) and a service name.
+    The API server accepts names (``llama-3.1``) that would make every pod fail to create."""
+    try:
+        ObjectMeta.model_validate({"name": name})
+    except ValidationError as exc:
+        raise _from_validation(exc, "metadata") from None
 
 
 def parse_manifest(source: str | dict[str, Any]) -> TrainingJob:

@@ -27,9 +27,11 @@ MAX_WORKERS = 4096
 #: ``<name>-worker-<index>`` must stay a DNS label (63 characters) for the largest index.
 MAX_NAME_LENGTH = 63 - len("-worker-") - len(str(MAX_WORKERS - 1))
 
-DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
-                                            max_length=MAX_NAME_LENGTH)]
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]i?|Ki)?$")
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL, max_length=MAX_NAME_LENGTH)]
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 
 
 def _check_quantity(value: object) -> int | str:
@@ -42,6 +44,7 @@ def _check_quantity(value: object) -> int | str:
     return value
 
 
+DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN, max_length=253)]
 #: A Kubernetes resource quantity: ``2``, ``500m``, ``16Gi``.
 Quantity = Annotated[int | str, PlainValidator(_check_quantity),
                      WithJsonSchema({"x-kubernetes-int-or-string": True})]
@@ -58,7 +61,7 @@ class ApiModel(BaseModel):
 class EnvVar(ApiModel):
     """One environment variable of the worker container."""
 
-    name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+    name: Annotated[str, StringConstraints(pattern=ENV_NAME)]
     value: str = ""
 
 
@@ -81,7 +84,7 @@ class WorkerTemplate(ApiModel):
     resources: Resources = Field(default_factory=Resources)
     working_dir: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
-    service_account_name: DnsLabel | None = None
+    service_account_name: DnsSubdomain | None = None
 
 
 class Replicas(ApiModel):

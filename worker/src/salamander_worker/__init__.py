@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from salamander_worker.topology import WorkerContext, context, init_distributed
-    from salamander_worker.progress import report, should_stop
+    from salamander_worker.progress import flush, report, should_stop
 
 _EXPORTS = {
     "WorkerContext": "salamander_worker.topology", "context": "salamander_worker.topology",
     "init_distributed": "salamander_worker.topology",
     "report": "salamander_worker.progress", "should_stop": "salamander_worker.progress",
+    "flush": "salamander_worker.progress",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from salamander_worker.rendezvous import register as register_rendezvous
+
     # Standalone (one node, no endpoint): host a private store on a free port, as torchrun
     # --standalone does. Otherwise never host it: the operator does.
     # torch (2.4+) shares one TCPStore between rendezvous and workers, and a non-zero rank caches
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault(wire.ENV_RUN_ID, run_id)
     config = LaunchConfig(
         min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=args.nproc_per_node,
-        run_id=run_id, role="trainer", rdzv_backend="c10d", rdzv_endpoint=endpoint,
+        run_id=run_id, role="trainer", rdzv_backend=register_rendezvous(), rdzv_endpoint=endpoint,
         rdzv_configs={"is_host": not args.rdzv_endpoint, "join_timeout": args.join_timeout,
                       "last_call_timeout": args.last_call_timeout,
                       "keep_alive_interval": args.keep_alive_interval, "keep_alive_max_attempt": 3},

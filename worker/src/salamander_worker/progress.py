@@ -1,9 +1,10 @@
 """Report progress and learn when to stop, through the job's rendezvous store.
 
 Only global rank 0 talks to the store: it publishes a :class:`salamander.wire.Progress` record
-(throttled) and looks for the job's stop key. ``should_stop`` turns the leader's answer and
-every rank's own SIGTERM into one decision shared by all ranks, so no rank leaves a
-collective the others are still in. Failing to reach the store never fails training.
+(throttled) and looks for the job's stop key. ``should_stop`` shares the leader's answer with
+all ranks, so no rank leaves a collective the others are still in. A SIGTERM to one pod
+(eviction, scale-down) is deliberately *not* a job-wide stop: that pod leaves, and the elastic
+agents re-form the group without it. Failing to reach the store never fails training.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import datetime
 import logging
 import math
 import os
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,8 +35,6 @@ class _Channel:
     broken: bool = False
     last_publish: float = 0.0
     pending: wire.Progress | None = None
-    terminated: threading.Event = field(default_factory=threading.Event)
-    sigterm_installed: bool = False
 
     def connect(self) -> dist.TCPStore | None:
         if self.store is not None or self.broken:
@@ -48,7 +45,7 @@ class _Channel:
             return None
         host, _, port = endpoint.rpartition(":")
         try:
-            self.store = dist.TCPStore(host, int(port), is_master=False,
+            self.store = dist.TCPStore(host.strip("[]"), int(port), is_master=False,
                                        timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
         except (RuntimeError, ValueError) as exc:
             log.warning("cannot reach the rendezvous store at %s (%s); progress is not reported",
@@ -75,7 +72,8 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
         loss = None
     _channel.pending = wire.Progress(step=int(step), samples=int(samples), world_size=ctx.world_size,
                                      time=time.time(), loss=None if loss is None else float(loss),
-                                     restart_count=ctx.restart_count, total_steps=total_steps)
+                                     restart_count=ctx.restart_count,
+                                     total_steps=None if total_steps is None else int(total_steps))
     now = time.monotonic()
     if force or now - _channel.last_publish >= PUBLISH_INTERVAL_S:
         _publish(now)
@@ -88,7 +86,7 @@ def _publish(now: float) -> None:
     try:
         store.set(wire.progress_key(context().run_id), _channel.pending.encode())
         _channel.last_publish = now
-    except RuntimeError as exc:  # the store went away; keep training, try again later
+    except Exception as exc:  # noqa: BLE001 - reporting must never fail training; try again later
         log.warning("publishing progress failed: %s", exc)
         _channel.last_publish = now
 
@@ -99,23 +97,7 @@ def flush() -> None:
         _publish(time.monotonic())
 
 
-def _install_sigterm() -> None:
-    if _channel.sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
-        _channel.terminated.set()
-        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    _channel.sigterm_installed = True
-
-
-def _stop_requested_locally() -> bool:
-    if _channel.terminated.is_set():
-        return True
+def _stop_requested() -> bool:
     if not context().is_leader:
         return False
     store = _channel.connect()
@@ -128,17 +110,15 @@ def _stop_requested_locally() -> bool:
 
 
 def should_stop(step: int | None = None, every: int = 10) -> bool:
-    """True when the job asked to stop or this process got SIGTERM, agreed across all ranks.
-
-    Every rank must call it at the same steps. With ``step`` given it decides only when
-    ``step % every == 0`` (one tiny all-reduce then) and returns False in between.
+    """True when the job was asked to stop (``salamander run``'s Ctrl-C, for one), agreed by
+    all ranks. Every rank must call it at the same steps. With ``step`` given it decides only
+    when ``step % every == 0`` (one tiny broadcast then) and returns False in between.
     """
-    _install_sigterm()
     if step is not None and step % every != 0:
         return False
-    local = _stop_requested_locally()
+    local = _stop_requested()
     if not (dist.is_available() and dist.is_initialized()):
         return local
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=context().device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.broadcast(flag, src=0)  # the leader's answer is the job's answer
     return bool(flag.item())

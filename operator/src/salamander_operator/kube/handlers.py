@@ -18,7 +18,8 @@ from typing import Any
 import kopf
 
 from salamander import wire
-from salamander.api import GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, parse_spec
+from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, check_name,
+                            parse_spec)
 from salamander_operator.desired import (JobRef, build_worker_pod, build_worker_service, service_name,
                                          worker_name)
 from salamander_operator.kube.cluster import KubeCluster
@@ -68,6 +69,7 @@ class JobSupervisor:
                              logger: logging.Logger | logging.LoggerAdapter) -> Plan:
         spec: TrainingJobSpec | InvalidSpec
         try:
+            check_name(ref.name)
             spec = parse_spec(dict(raw_spec) if raw_spec is not None else None)
         except InvalidSpec as exc:
             spec = exc
@@ -97,6 +99,8 @@ class JobSupervisor:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         if plan.status != self.status:
             await cluster.patch_status(ref.namespace, ref.name, plan.status.model_dump(mode="json", by_alias=True))
+            if plan.status.phase.terminal and not self.status.phase.terminal and self.ctx.rendezvous is not None:
+                await asyncio.to_thread(self.ctx.rendezvous.forget, ref.uid)
             self.status = plan.status
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 
 import kopf
+import kubernetes
 
 from salamander_operator.kube.cluster import KubeCluster, api_client_from_environment
 from salamander_operator.kube.handlers import OperatorContext, register
@@ -22,9 +23,15 @@ def parse_advertise(explicit: str | None) -> tuple[str, int | None]:
     ``--advertise HOST[:PORT]``, else ``$SALAMANDER_ADVERTISE``, else ``$POD_IP``, else this
     machine's name. The Helm chart points it at the operator's Service."""
     text = explicit or os.environ.get(ENV_ADVERTISE) or os.environ.get("POD_IP") or socket.getfqdn()
-    host, sep, port = text.rpartition(":") if ":" in text and not text.endswith("]") else (text, "", "")
+    if text.startswith("["):  # [fd00::5] or [fd00::5]:29400
+        host, _, rest = text[1:].partition("]")
+        host, sep, port = f"[{host}]", ":" if rest.startswith(":") else "", rest[1:]
+    elif text.count(":") == 1:  # host:port
+        host, sep, port = text.partition(":")
+    else:  # a name, an IPv4 address, or a bare IPv6 address
+        return (f"[{text}]" if ":" in text else text), None
     if not sep:
-        return text, None
+        return host, None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--advertise must be HOST or HOST:PORT, got {text!r}")
     return host, int(port)
@@ -43,10 +50,15 @@ def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: i
     except (ValueError, RendezvousError) as exc:
         log.error("%s", exc)
         return 2
+    try:
+        api_client = api_client_from_environment()
+    except kubernetes.config.ConfigException as exc:
+        log.error("no Kubernetes credentials: not in a pod, and no usable kubeconfig (%s)", exc)
+        return 2
     registry = kopf.OperatorRegistry()
     register(registry)
     kopf.configure(verbose=verbose)
-    memo = build_memo(KubeCluster(api_client_from_environment()), rendezvous)
+    memo = build_memo(KubeCluster(api_client), rendezvous)
     log.warning("salamander operator: rendezvous store at %s", rendezvous.endpoint)
     kopf.run(registry=registry, memo=memo, clusterwide=all_namespaces or not namespaces,
              namespaces=namespaces, liveness_endpoint=liveness or None, standalone=True)
