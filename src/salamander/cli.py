@@ -64,7 +64,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces,
                         rendezvous_port=args.rendezvous_port, advertise=args.advertise,
-                        liveness=args.liveness, verbose=args.verbose)
+                        liveness=args.liveness, verbose=args.verbose, control_port=args.control_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
     op.add_argument("--rendezvous-port", type=int, default=29400, help="port of the rendezvous store")
+    op.add_argument("--control-port", type=int, default=29401, help="port of the agents' control plane (gRPC)")
     op.add_argument("--advertise", default=None,
                     help="host:port workers reach the rendezvous store at (default: $SALAMANDER_ADVERTISE "
                          "or this pod's IP)")

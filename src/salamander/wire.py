@@ -20,6 +20,9 @@ ENV_JOB = "SALAMANDER_JOB"                    # <namespace>/<name>
 ENV_RUN_ID = "SALAMANDER_RUN_ID"              # unique per job; the rendezvous run id
 ENV_RDZV_ENDPOINT = "SALAMANDER_RDZV_ENDPOINT"  # host:port of the rendezvous store
 ENV_NODE_INDEX = "SALAMANDER_NODE_INDEX"      # the worker slot i of <job>-worker-<i>
+ENV_CONTROL_ENDPOINT = "SALAMANDER_CONTROL_ENDPOINT"  # host:port of the operator's control plane
+ENV_CONTROL_TOKEN = "SALAMANDER_CONTROL_TOKEN"  # the job's credential, from its Secret
+CREDENTIAL_KEY = "token"                      # the key of the token in the job's Secret
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"

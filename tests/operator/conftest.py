@@ -86,8 +86,9 @@ class ApiServer(kmock.KubernetesEmulator):
 class Cluster:
     """The test's hands on the emulator: kubectl and kubelet in one."""
 
-    def __init__(self, emulator: kmock.KubernetesEmulator) -> None:
+    def __init__(self, emulator: kmock.KubernetesEmulator, operator: Any = None) -> None:
         self.k = emulator
+        self.operator = operator  # the running operator's OperatorContext, when in-process
 
     async def _json(self, method: str, path: str, body: Any = None,
                     content_type: str = "application/merge-patch+json") -> Any:
@@ -119,6 +120,10 @@ class Cluster:
         _, body = await self._json("get", PODS)
         return {p["metadata"]["name"]: p for p in body.get("items", [])
                 if p["metadata"].get("labels", {}).get(wire.LABEL_JOB) == job}
+
+    async def secrets(self) -> dict[str, dict[str, Any]]:
+        _, body = await self._json("get", f"/api/v1/namespaces/{NS}/secrets")
+        return {s["metadata"]["name"]: s for s in (body or {}).get("items", [])}
 
     async def services(self) -> dict[str, dict[str, Any]]:
         _, body = await self._json("get", SERVICES)
@@ -178,6 +183,7 @@ def declare_resources(emulator: ApiServer) -> None:
                                                        verbs=verbs)
     emulator.resources["v1/services"] = kmock.ResourceInfo(namespaced=True, kind="Service", verbs=verbs)
     emulator.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event", verbs=verbs)
+    emulator.resources["v1/secrets"] = kmock.ResourceInfo(namespaced=True, kind="Secret", verbs=verbs)
     emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         namespaced=True, kind=KIND, singular="trainingjob", shortnames={"tj"}, subresources={"status"},
         verbs=verbs)
@@ -208,13 +214,13 @@ async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.Monkey
     registry = kopf.OperatorRegistry()
     register(registry)
     stop = asyncio.Event()
-    memo = build_memo(KubeCluster(api_client), rendezvous)
+    memo = build_memo(KubeCluster(api_client), rendezvous, control_port=0, control_host="127.0.0.1")
 
     logging.getLogger("kopf").setLevel(logging.INFO)
     task = asyncio.create_task(kopf.operator(registry=registry, memo=memo, clusterwide=True, standalone=True,
                                              stop_flag=stop))
     try:
-        yield Cluster(kmock)
+        yield Cluster(kmock, memo.context)
     finally:
         stop.set()
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+
+import pytest
+
 from salamander import wire
 from tests.operator.conftest import Cluster, job_manifest
 
@@ -23,8 +27,14 @@ async def test_create_makes_pods_service_and_status(cluster: Cluster) -> None:
                                         "--max-restarts", "2"]
     assert container["command"][7:] == ["--", "python", "train.py", "--steps", "10"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "8Gi"}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["FOO"] == "bar" and env[wire.ENV_RUN_ID] == job["metadata"]["uid"]
+    # The job's own credential: in a Secret the job owns, handed to the pod by reference only.
+    assert env[wire.ENV_CONTROL_TOKEN] == {"secretKeyRef": {"name": "llm-control", "key": "token"}}
+    assert env[wire.ENV_CONTROL_ENDPOINT].startswith("127.0.0.1:")
+    secret = (await cluster.secrets())["llm-control"]
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert len(base64.b64decode(secret["data"]["token"])) >= 32
     assert env[wire.ENV_RDZV_ENDPOINT].startswith("127.0.0.1:") and env[wire.ENV_NODE_INDEX] == "1"
 
     service = (await cluster.eventually(cluster.services, "the service"))["llm-workers"]
@@ -156,10 +166,38 @@ async def test_delete_removes_everything(cluster: Cluster) -> None:
 
     async def all_gone() -> bool:
         return (await cluster.job("gone") is None and await cluster.pods("gone") == {}
-                and "gone-workers" not in await cluster.services())
+                and "gone-workers" not in await cluster.services() and "gone-control" not in await cluster.secrets())
     await cluster.eventually(all_gone, "the job, its pods and its service to be gone")
 
 
 async def _pods_named(cluster: Cluster, job: str, count: int) -> dict | None:
     pods = await cluster.pods(job)
     return pods if len(pods) == count else None
+
+
+async def test_only_the_jobs_own_agents_may_speak_for_it(cluster: Cluster) -> None:
+    from salamander.controlplane import AgentIdentity
+    from salamander_worker.controlplane import AgentClient, ControlPlaneError
+
+    await cluster.apply_job(job_manifest("alpha"))
+    await cluster.apply_job(job_manifest("beta"))
+    secrets = await cluster.eventually(
+        lambda: _both(cluster.secrets(), "alpha-control", "beta-control"), "both jobs' secrets")
+    token = {name: base64.b64decode(s["data"]["token"]).decode() for name, s in secrets.items()}
+    endpoint = cluster.operator.control_endpoint
+    me = AgentIdentity("team-a", "alpha", "alpha-worker-0", "node-1", 0, 2)
+
+    agent = AgentClient(endpoint, token["alpha-control"], me)
+    await agent.connect()  # alpha's token speaks for alpha
+    await agent.heartbeat(7, 0.5)
+    await agent.close()
+    impostor = AgentClient(endpoint, token["beta-control"], me)  # beta's token does not
+    with pytest.raises(ControlPlaneError):
+        await impostor.connect()
+    await impostor.close()
+    assert cluster.operator.control_plane.stats.rejected["unauthenticated"] == 1
+
+
+async def _both(secrets_coro, *names: str) -> dict | None:
+    secrets = await secrets_coro
+    return {n: secrets[n] for n in names} if all(n in secrets for n in names) else None

@@ -21,7 +21,7 @@ async def test_the_operator_command_reconciles_and_stops_cleanly(tmp_path: Path)
         kubeconfig = write_kubeconfig(tmp_path, str(emulator.url).rstrip("/"))
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "SALAMANDER_ADVERTISE": "rdzv.example:29400"}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "salamander.cli", "operator", "--all-namespaces", "--rendezvous-port", "0",
+            sys.executable, "-m", "salamander.cli", "operator", "--all-namespaces", "--rendezvous-port", "0", "--control-port", "0",
             "--liveness", "", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             cluster = Cluster(emulator)
@@ -31,7 +31,7 @@ async def test_the_operator_command_reconciles_and_stops_cleanly(tmp_path: Path)
                 pods = await cluster.pods("cmd")
                 return pods if len(pods) == 2 else None
             pods = await cluster.eventually(two_pods, "pods made by the operator process", timeout=60)
-            env_vars = {e["name"]: e["value"] for e in pods["cmd-worker-0"]["spec"]["containers"][0]["env"]}
+            env_vars = {e["name"]: e.get("value") for e in pods["cmd-worker-0"]["spec"]["containers"][0]["env"]}
             assert env_vars[wire.ENV_RDZV_ENDPOINT] == "rdzv.example:29400"
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -40,8 +40,9 @@ def container(pod: dict) -> dict:
     return c
 
 
-def env_of(pod: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(pod)["env"]}
+def env_of(pod: dict) -> dict[str, object]:
+    """Name -> literal value, or the ``valueFrom`` reference for variables taken from a Secret."""
+    return {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in container(pod)["env"]}
 
 
 def test_names_are_stable() -> None:
@@ -106,7 +107,22 @@ def test_env_has_the_salamander_contract_then_the_user_env() -> None:
     assert env["EMPTY"] == ""
     names = [e["name"] for e in container(pod)["env"]]
     assert names.index(wire.ENV_NODE_INDEX) < names.index("NCCL_DEBUG")
-    assert all(isinstance(e["value"], str) for e in container(pod)["env"])
+    assert all(isinstance(e["value"], str) for e in container(pod)["env"] if "value" in e)
+    # the job's credential is referenced from its Secret, never written into the pod spec
+    assert env[wire.ENV_CONTROL_TOKEN] == {"secretKeyRef": {"name": "llm-control", "key": wire.CREDENTIAL_KEY}}
+    assert wire.ENV_CONTROL_ENDPOINT not in env  # no control plane given
+    with_plane = env_of(build_worker_pod(JOB, parse_spec(FULL), 2, ENDPOINT, "operator.ns:29401"))
+    assert with_plane[wire.ENV_CONTROL_ENDPOINT] == "operator.ns:29401"
+
+
+def test_the_credential_secret_is_owned_by_the_job() -> None:
+    import base64
+
+    from salamander_operator.desired import build_credential_secret
+    secret = build_credential_secret(JOB, "s3cret")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "llm-control"
+    assert secret["metadata"]["ownerReferences"][0]["controller"] is True
+    assert base64.b64decode(secret["data"][wire.CREDENTIAL_KEY]) == b"s3cret"
 
 
 def test_resources_become_string_quantities() -> None:

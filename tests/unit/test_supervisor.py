@@ -19,17 +19,22 @@ class FakeCluster:
 
     def __init__(self) -> None:
         self.pods: dict[str, dict[str, Any]] = {}
+        self.secrets: dict[str, dict[str, Any]] = {}
         self.writes: list[tuple[str, str]] = []
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.secrets.get(name)
 
     async def list_worker_pods(self, namespace: str, job_name: str, job_uid: str) -> list[dict[str, Any]]:
         return list(self.pods.values())
 
     async def create(self, manifest: dict[str, Any]) -> bool:
         self.writes.append(("create", manifest["metadata"]["name"]))
-        if manifest["kind"] == "Pod":
-            if manifest["metadata"]["name"] in self.pods:
+        table = {"Pod": self.pods, "Secret": self.secrets}.get(manifest["kind"])
+        if table is not None:
+            if manifest["metadata"]["name"] in table:
                 return False
-            self.pods[manifest["metadata"]["name"]] = manifest
+            table[manifest["metadata"]["name"]] = manifest
         return True
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
@@ -51,7 +56,7 @@ async def test_a_steady_pass_writes_nothing(monkeypatch: Any) -> None:
     await supervisor.reconcile_once(REF, SPEC, FakeBody(), LOG)
     assert ("status", "job") in cluster.writes
     assert {w for w in cluster.writes if w[0] == "create"} == {
-        ("create", "job-workers"), ("create", "job-worker-0"), ("create", "job-worker-1")}
+        ("create", "job-control"), ("create", "job-workers"), ("create", "job-worker-0"), ("create", "job-worker-1")}
 
     cluster.writes.clear()
     await supervisor.reconcile_once(REF, SPEC, FakeBody(), LOG)
@@ -71,3 +76,16 @@ async def test_status_is_patched_when_a_worker_becomes_ready(monkeypatch: Any) -
     await supervisor.reconcile_once(REF, SPEC, FakeBody(), LOG)
     assert cluster.writes == [("status", "job")]
     assert supervisor.status.ready_workers == 1 and supervisor.status.phase.value == "Running"
+
+
+async def test_a_restarted_operator_adopts_the_token_in_the_jobs_secret(monkeypatch: Any) -> None:
+    """The credential survives an operator restart: it lives in the Secret, not in memory."""
+    import base64
+
+    monkeypatch.setattr("kopf.event", lambda *a, **k: None)
+    cluster = FakeCluster()
+    cluster.secrets["job-control"] = {"data": {"token": base64.b64encode(b"from-before").decode()}}
+    ctx = OperatorContext(cluster=cluster, rendezvous=None)
+    await JobSupervisor(ctx, TrainingJobStatus()).reconcile_once(REF, SPEC, FakeBody(), LOG)
+    assert ctx.credentials.verify("ns", "job", "from-before")
+    assert ("create", "job-control") not in cluster.writes

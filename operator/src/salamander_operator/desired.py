@@ -7,6 +7,7 @@ labels and an owner reference, so Kubernetes' garbage collector removes it with 
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ class JobRef:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def credential_secret_name(job: JobRef) -> str:
+    return f"{job.name}-control"
 
 
 def worker_name(job: JobRef, index: int) -> str:
@@ -72,11 +77,18 @@ def agent_env(job: JobRef, index: int, rdzv_endpoint: str) -> dict[str, str]:
     }
 
 
-def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str) -> dict[str, Any]:
+def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str,
+                     control_endpoint: str = "") -> dict[str, Any]:
     """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
-    decides how a failed worker is replaced and counts it against the restart budget."""
+    decides how a failed worker is replaced and counts it against the restart budget. The
+    job's control-plane token comes from its Secret, never from the pod spec itself."""
     worker = spec.worker
-    env = [{"name": k, "value": v} for k, v in agent_env(job, index, rdzv_endpoint).items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": v}
+                                 for k, v in agent_env(job, index, rdzv_endpoint).items()]
+    if control_endpoint:
+        env.append({"name": wire.ENV_CONTROL_ENDPOINT, "value": control_endpoint})
+    env.append({"name": wire.ENV_CONTROL_TOKEN, "valueFrom": {"secretKeyRef": {
+        "name": credential_secret_name(job), "key": wire.CREDENTIAL_KEY}}})
     env += [{"name": e.name, "value": e.value} for e in worker.env]
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
@@ -113,6 +125,22 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
             "ownerReferences": [owner_reference(job)],
         },
         "spec": pod_spec,
+    }
+
+
+def build_credential_secret(job: JobRef, token: str) -> dict[str, Any]:
+    """The job's control-plane credential: only agents holding it may speak for the job."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": credential_secret_name(job),
+            "namespace": job.namespace,
+            "labels": job_labels(job),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": {wire.CREDENTIAL_KEY: base64.b64encode(token.encode()).decode()},
     }
 
 

@@ -62,7 +62,8 @@ class KubeCluster:
         """Create a pod or service; False if it already existed."""
         namespace = manifest["metadata"]["namespace"]
         fn = {"Pod": self._core.create_namespaced_pod,
-              "Service": self._core.create_namespaced_service}[manifest["kind"]]
+              "Service": self._core.create_namespaced_service,
+              "Secret": self._core.create_namespaced_secret}[manifest["kind"]]
         try:
             await self._call(fn, namespace, manifest, _preload_content=False)
             return True
@@ -75,7 +76,8 @@ class KubeCluster:
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete a pod or service; False if it was already gone."""
         fn = {"Pod": self._core.delete_namespaced_pod,
-              "Service": self._core.delete_namespaced_service}[kind]
+              "Service": self._core.delete_namespaced_service,
+              "Secret": self._core.delete_namespaced_secret}[kind]
         try:
             await self._call(fn, name, namespace, propagation_policy="Background", _preload_content=False)
             return True
@@ -83,6 +85,17 @@ class KubeCluster:
             if exc.status == 404:
                 return False
             raise ClusterError(f"deleting {kind} {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret as raw JSON, or None if there is none."""
+        try:
+            response = await self._call(self._core.read_namespaced_secret, name, namespace,
+                                        _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise ClusterError(f"reading secret {namespace}/{name}: {exc.status} {exc.reason}") from None
+        return json.loads(response.data)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch a TrainingJob's status subresource. A vanished job is not an error."""

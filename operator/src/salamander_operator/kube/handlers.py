@@ -10,6 +10,7 @@ finalizer, which removes its pods and service even where no garbage collector ru
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import logging
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ import kopf
 from salamander import wire
 from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, check_name,
                             parse_spec)
-from salamander_operator.desired import (JobRef, build_worker_pod, build_worker_service, service_name,
-                                         worker_name)
-from salamander_operator.kube.cluster import KubeCluster
+from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
+from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
+                                         credential_secret_name, service_name, worker_name)
+from salamander_operator.kube.cluster import ClusterError, KubeCluster
 from salamander_operator.observed import observe_pod
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
@@ -33,10 +35,15 @@ ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
 
 @dataclass
 class OperatorContext:
-    """What every handler shares; kopf passes it around as ``memo``."""
+    """What every handler shares; kopf passes it around as ``memo``. ``credentials`` holds each
+    job's control-plane token, as read back from (or first written to) the job's Secret."""
 
     cluster: KubeCluster
     rendezvous: RendezvousHost | None
+    control_plane: ControlPlaneServer | None = None
+    control_host: str = ""
+    control_endpoint: str = ""  # control_host:<bound port>, once the control plane listens
+    credentials: JobCredentials = field(default_factory=JobCredentials)
     triggers: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
@@ -64,6 +71,23 @@ class JobSupervisor:
     ctx: OperatorContext
     status: TrainingJobStatus
     service_ready: bool = False
+    credential_ready: bool = False
+
+    async def ensure_credential(self, ref: JobRef) -> None:
+        """Adopt the token in the job's Secret (after an operator restart), or create one."""
+        cluster, name = self.ctx.cluster, credential_secret_name(ref)
+        for _ in range(2):  # a second read covers a Secret created between our read and create
+            secret = await cluster.read_secret(ref.namespace, name)
+            token = ((secret or {}).get("data") or {}).get(wire.CREDENTIAL_KEY)
+            if token:
+                self.ctx.credentials.set(ref.namespace, ref.name, base64.b64decode(token).decode())
+                self.credential_ready = True
+                return
+            if secret is None and await cluster.create(
+                    build_credential_secret(ref, self.ctx.credentials.issue(ref.namespace, ref.name))):
+                self.credential_ready = True
+                return
+        raise ClusterError(f"secret {ref.namespace}/{name} exists but holds no {wire.CREDENTIAL_KEY!r}")
 
     async def reconcile_once(self, ref: JobRef, raw_spec: Any, body: kopf.Body,
                              logger: logging.Logger | logging.LoggerAdapter) -> Plan:
@@ -89,11 +113,14 @@ class JobSupervisor:
             if await cluster.delete("Pod", ref.namespace, worker_name(ref, index)):
                 logger.info("deleted worker %d", index)
         if plan.create and isinstance(spec, TrainingJobSpec):
+            if not self.credential_ready:
+                await self.ensure_credential(ref)
             if not self.service_ready:
                 await cluster.create(build_worker_service(ref))
                 self.service_ready = True
             for index in plan.create:
-                if await cluster.create(build_worker_pod(ref, spec, index, self.ctx.rdzv_endpoint)):
+                if await cluster.create(build_worker_pod(ref, spec, index, self.ctx.rdzv_endpoint,
+                                                         self.ctx.control_endpoint)):
                     logger.info("created worker %d", index)
         for event in plan.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -116,6 +143,20 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.persistence.finalizer = f"{GROUP}/cleanup"
         settings.posting.level = logging.WARNING  # our own Events, not every log line
         settings.watching.server_timeout = 300
+
+    @kopf.on.startup(registry=registry)
+    async def start_control_plane(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+        ctx: OperatorContext = memo.context
+        if ctx.control_plane is not None:
+            port = await ctx.control_plane.start()
+            ctx.control_endpoint = f"{ctx.control_host}:{port}" if ctx.control_host else ""
+            logger.info("control plane listening on port %d", port)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_control_plane(memo: kopf.Memo, **_: Any) -> None:
+        ctx: OperatorContext = memo.context
+        if ctx.control_plane is not None:
+            await ctx.control_plane.stop()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -164,6 +205,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for pod in await ctx.cluster.list_worker_pods(namespace, name, uid):
             await ctx.cluster.delete("Pod", namespace, pod["metadata"]["name"])
         await ctx.cluster.delete("Service", namespace, service_name(ref))
+        await ctx.cluster.delete("Secret", namespace, credential_secret_name(ref))
+        ctx.credentials.forget(namespace, name)
         if ctx.rendezvous is not None:
             await asyncio.to_thread(ctx.rendezvous.forget, uid)
         logger.info("removed the pods and service of %s/%s", namespace, name)

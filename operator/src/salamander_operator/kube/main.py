@@ -10,6 +10,7 @@ import kopf
 import kubernetes
 
 from salamander_operator.kube.cluster import KubeCluster, api_client_from_environment
+from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.kube.handlers import OperatorContext, register
 from salamander_operator.rendezvous import RendezvousError, RendezvousHost
 
@@ -37,12 +38,18 @@ def parse_advertise(explicit: str | None) -> tuple[str, int | None]:
     return host, int(port)
 
 
-def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None) -> kopf.Memo:
-    return kopf.Memo(context=OperatorContext(cluster=cluster, rendezvous=rendezvous))
+def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None, control_port: int | None = None,
+               control_host: str = "") -> kopf.Memo:
+    """The handlers' shared context. With ``control_port`` the operator also serves the control
+    plane there (0 picks a port), and tells agents ``control_host:<port>``."""
+    credentials = JobCredentials()
+    server = ControlPlaneServer(credentials, port=control_port) if control_port is not None else None
+    return kopf.Memo(context=OperatorContext(cluster=cluster, rendezvous=rendezvous, control_plane=server,
+                                             control_host=control_host, credentials=credentials))
 
 
 def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: int, advertise: str | None,
-                 liveness: str | None, verbose: bool) -> int:
+                 liveness: str | None, verbose: bool, control_port: int = 29401) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
     try:
         host, port = parse_advertise(advertise)
@@ -58,7 +65,7 @@ def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: i
     registry = kopf.OperatorRegistry()
     register(registry)
     kopf.configure(verbose=verbose)
-    memo = build_memo(KubeCluster(api_client), rendezvous)
+    memo = build_memo(KubeCluster(api_client), rendezvous, control_port, host)
     log.warning("salamander operator: rendezvous store at %s", rendezvous.endpoint)
     kopf.run(registry=registry, memo=memo, clusterwide=all_namespaces or not namespaces,
              namespaces=namespaces, liveness_endpoint=liveness or None, standalone=True)
