@@ -80,7 +80,11 @@ def test_hang_threshold_follows_the_jobs_own_step_times() -> None:
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True)), st.floats(1, 10), st.floats(0, 100))
 def test_hang_threshold_is_never_below_the_floor_and_always_finite(times, factor, floor) -> None:
     threshold = hang_threshold(times, factor, floor)
-    assert threshold >= floor and math.isfinite(threshold)
+    assert floor <= threshold <= 86_400 and math.isfinite(threshold)
+
+
+def test_an_absurd_step_time_cannot_make_the_threshold_infinite() -> None:
+    assert hang_threshold([8.98846567431158e307], factor=2.0, floor_s=0.0) == 86_400
 
 
 def test_restart_guard_backs_off_then_stops_a_storm() -> None:

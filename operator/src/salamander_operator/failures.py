@@ -134,16 +134,19 @@ def classify_agent_loss(silent_for_s: float) -> Classification:
                           f"no heartbeat for {silent_for_s:.1f} s")
 
 
+MAX_HANG_THRESHOLD_S = 86_400.0
+
+
 def hang_threshold(step_times_s: list[float], factor: float = 3.0, floor_s: float = 10.0) -> float:
     """How long without progress means a hang: ``factor`` x the median of the job's own step
-    times, never below ``floor_s``. With no step yet, the floor (startup is judged elsewhere).
-    Ignores non-finite and negative samples."""
+    times, never below ``floor_s`` and never above a day. With no step yet, the floor (startup
+    is judged elsewhere). Ignores non-finite and negative samples."""
     samples = sorted(t for t in step_times_s if t >= 0 and t == t and t != float("inf"))
     if not samples:
         return floor_s
     mid = len(samples) // 2
     median = samples[mid] if len(samples) % 2 else (samples[mid - 1] + samples[mid]) / 2
-    return max(floor_s, factor * median)
+    return min(MAX_HANG_THRESHOLD_S, max(floor_s, factor * median))
 
 
 def classify_hang(since_progress_s: float, threshold_s: float) -> Classification | None:
