@@ -89,3 +89,27 @@ async def test_a_restarted_operator_adopts_the_token_in_the_jobs_secret(monkeypa
     await JobSupervisor(ctx, TrainingJobStatus()).reconcile_once(REF, SPEC, FakeBody(), LOG)
     assert ctx.credentials.verify("ns", "job", "from-before")
     assert ("create", "job-control") not in cluster.writes
+
+
+async def test_the_token_is_adopted_even_when_every_pod_already_exists(monkeypatch: Any) -> None:
+    import base64
+
+    monkeypatch.setattr("kopf.event", lambda *a, **k: None)
+    cluster = FakeCluster()
+    cluster.secrets["job-control"] = {"data": {"token": base64.b64encode(b"kept").decode()}}
+    for i in range(2):
+        cluster.pods[f"job-worker-{i}"] = build_worker_pod(REF, parse_spec(SPEC), i, "")
+    ctx = OperatorContext(cluster=cluster, rendezvous=None)
+    plan = await JobSupervisor(ctx, TrainingJobStatus()).reconcile_once(REF, SPEC, FakeBody(), LOG)
+    assert plan.create == () and ctx.credentials.verify("ns", "job", "kept")
+
+
+async def test_a_malformed_token_is_a_clear_error_not_a_crash(monkeypatch: Any) -> None:
+    import pytest
+
+    from salamander_operator.kube.cluster import ClusterError
+    cluster = FakeCluster()
+    cluster.secrets["job-control"] = {"data": {"token": "%%% not base64 %%%"}}
+    supervisor = JobSupervisor(OperatorContext(cluster=cluster, rendezvous=None), TrainingJobStatus())
+    with pytest.raises(ClusterError, match="malformed token"):
+        await supervisor.ensure_credential(REF)

@@ -80,7 +80,11 @@ class JobSupervisor:
             secret = await cluster.read_secret(ref.namespace, name)
             token = ((secret or {}).get("data") or {}).get(wire.CREDENTIAL_KEY)
             if token:
-                self.ctx.credentials.set(ref.namespace, ref.name, base64.b64decode(token).decode())
+                try:
+                    value = base64.b64decode(token, validate=True).decode()
+                except (ValueError, UnicodeDecodeError):
+                    raise ClusterError(f"secret {ref.namespace}/{name} holds a malformed token") from None
+                self.ctx.credentials.set(ref.namespace, ref.name, value)
                 self.credential_ready = True
                 return
             if secret is None and await cluster.create(
@@ -109,12 +113,13 @@ class JobSupervisor:
     async def apply(self, ref: JobRef, spec: TrainingJobSpec | InvalidSpec, plan: Plan, body: kopf.Body,
                     logger: logging.Logger | logging.LoggerAdapter) -> None:
         cluster = self.ctx.cluster
+        live = isinstance(spec, TrainingJobSpec) and not plan.status.phase.terminal
+        if live and not self.credential_ready:  # also after an operator restart, with no pod to create
+            await self.ensure_credential(ref)
         for index in plan.delete:
             if await cluster.delete("Pod", ref.namespace, worker_name(ref, index)):
                 logger.info("deleted worker %d", index)
         if plan.create and isinstance(spec, TrainingJobSpec):
-            if not self.credential_ready:
-                await self.ensure_credential(ref)
             if not self.service_ready:
                 await cluster.create(build_worker_service(ref))
                 self.service_ready = True
