@@ -6,12 +6,13 @@ import math
 import signal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from salamander_operator.failures import (Action, RestartGuard, Severity, Source, classify_agent_loss,
                                           classify_exception, classify_exit, classify_hang, classify_node,
                                           classify_pod, hang_threshold)
+from tests.unit._support import FAST
 
 
 @pytest.mark.parametrize("type_name, message, kind, severity", [
@@ -76,7 +77,7 @@ def test_hang_threshold_follows_the_jobs_own_step_times() -> None:
     assert classify_hang(28.0, 28.5) is None
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@FAST
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True)), st.floats(1, 10), st.floats(0, 100))
 def test_hang_threshold_is_never_below_the_floor_and_always_finite(times, factor, floor) -> None:
     threshold = hang_threshold(times, factor, floor)
