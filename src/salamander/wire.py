@@ -23,6 +23,8 @@ ENV_NODE_INDEX = "SALAMANDER_NODE_INDEX"      # the worker slot i of <job>-worke
 ENV_CONTROL_ENDPOINT = "SALAMANDER_CONTROL_ENDPOINT"  # host:port of the operator's control plane
 ENV_CONTROL_TOKEN = "SALAMANDER_CONTROL_TOKEN"  # the job's credential, from its Secret
 CREDENTIAL_KEY = "token"                      # the key of the token in the job's Secret
+ENV_POD_NAME = "SALAMANDER_POD_NAME"          # from the downward API
+ENV_NODE_NAME = "SALAMANDER_NODE_NAME"        # from the downward API
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"

@@ -201,3 +201,35 @@ async def test_only_the_jobs_own_agents_may_speak_for_it(cluster: Cluster) -> No
 async def _both(secrets_coro, *names: str) -> dict | None:
     secrets = await secrets_coro
     return {n: secrets[n] for n in names} if all(n in secrets for n in names) else None
+
+
+async def test_a_silent_agent_gets_its_worker_replaced(cluster: Cluster) -> None:
+    """Node loss, in band: the pod still says Running, but its agent's heartbeats stopped."""
+    from salamander.controlplane import AgentIdentity
+    from salamander_worker.controlplane import AgentClient
+
+    cluster.operator.agent_timeout_s = 1.0
+    await cluster.apply_job(job_manifest("lost"))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "lost", 2), "two worker pods")
+    for name in pods:
+        await cluster.set_pod(name, "Running", ready=True)
+    secret = await cluster.eventually(lambda: _both(cluster.secrets(), "lost-control"), "the secret")
+    token = base64.b64decode(secret["lost-control"]["data"]["token"]).decode()
+    agent = AgentClient(cluster.operator.control_endpoint, token,
+                        AgentIdentity("team-a", "lost", "lost-worker-0", "node-1", 0, 2))
+    await agent.connect()
+    await agent.heartbeat(10, 0.5)
+    old_uid = pods["lost-worker-0"]["metadata"]["uid"]
+    healthy_uid = pods["lost-worker-1"]["metadata"]["uid"]
+    # ...and then silence, with the stream still open, as when a node dies.
+
+    async def replaced() -> bool:
+        pod = (await cluster.pods("lost")).get("lost-worker-0")
+        return pod is not None and pod["metadata"]["uid"] != old_uid
+    await cluster.eventually(replaced, "a replacement for the silent worker")
+    status = await cluster.wait_status("lost", "one restart", lambda s: s.get("restarts") == 1)
+    assert status["restarts"] == 1
+    assert (await cluster.pods("lost"))["lost-worker-1"]["metadata"]["uid"] == healthy_uid
+    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "WorkerFailed"]
+    assert any("AgentLost" in m and "no heartbeat" in m for m in messages), messages
+    await agent.close()

@@ -89,6 +89,8 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         env.append({"name": wire.ENV_CONTROL_ENDPOINT, "value": control_endpoint})
     env.append({"name": wire.ENV_CONTROL_TOKEN, "valueFrom": {"secretKeyRef": {
         "name": credential_secret_name(job), "key": wire.CREDENTIAL_KEY}}})
+    env.append({"name": wire.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    env.append({"name": wire.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     env += [{"name": e.name, "value": e.value} for e in worker.env]
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,

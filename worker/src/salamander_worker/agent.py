@@ -121,12 +121,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.info("agent for run %s: nodes %d:%d, %d procs per node, rendezvous %s",
              run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
+    heartbeat = _start_heartbeat(args.nproc_per_node, args.rdzv_endpoint, run_id)
     try:
         elastic_launch(config, command[0])(*command[1:])
     except ChildFailedError as exc:
         log.error("training failed:\n%s", exc.format_msg())
         return 1
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     return 0
+
+
+def _start_heartbeat(nproc_per_node: int, rdzv_endpoint: str, run_id: str):  # -> Heartbeat | None
+    """Heartbeat to the operator's control plane when the pod was given one (and its token)."""
+    endpoint = os.environ.get(wire.ENV_CONTROL_ENDPOINT, "")
+    token = os.environ.get(wire.ENV_CONTROL_TOKEN, "")
+    if not endpoint or not token:
+        return None
+    from salamander_worker.heartbeat import Heartbeat, identity_from_environment, store_progress_reader
+
+    identity = identity_from_environment(nproc_per_node)
+    if identity is None:
+        log.warning("$%s is not <namespace>/<job>: not heartbeating", wire.ENV_JOB)
+        return None
+    read = store_progress_reader(rdzv_endpoint, run_id) if rdzv_endpoint else (lambda: None)
+    heartbeat = Heartbeat(endpoint, token, identity, read)
+    heartbeat.start()
+    log.info("heartbeating to the control plane at %s as %s", endpoint, identity.pod)
+    return heartbeat
 
 
 if __name__ == "__main__":

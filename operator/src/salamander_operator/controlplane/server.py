@@ -192,6 +192,13 @@ class ControlPlaneServer:
         if self._server is not None:
             await self._server.stop(grace_s)
 
+    def forget(self, namespace: str, job: str, pod: str) -> None:
+        """Drop a pod's session (its pod is being replaced; the new agent will register anew)."""
+        self.servicer.sessions.pop((namespace, job, pod), None)
+
+    def job_sessions(self, namespace: str, job: str) -> list[AgentSession]:
+        return [s for (ns, j, _), s in list(self.servicer.sessions.items()) if ns == namespace and j == job]
+
     @property
     def stats(self) -> ControlPlaneStats:
         return self.servicer.stats

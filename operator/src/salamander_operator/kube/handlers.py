@@ -13,6 +13,7 @@ import asyncio
 import base64
 import datetime
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
                                          credential_secret_name, service_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
+from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents
 from salamander_operator.observed import observe_pod
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
@@ -44,6 +46,7 @@ class OperatorContext:
     control_host: str = ""
     control_endpoint: str = ""  # control_host:<bound port>, once the control plane listens
     credentials: JobCredentials = field(default_factory=JobCredentials)
+    agent_timeout_s: float = DEFAULT_AGENT_TIMEOUT_S
     triggers: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
@@ -72,6 +75,22 @@ class JobSupervisor:
     status: TrainingJobStatus
     service_ready: bool = False
     credential_ready: bool = False
+    watching_agents: bool = False  # some agent of this job has registered: check liveness often
+
+    def next_pass_in(self) -> float:
+        return min(RESYNC_S, self.ctx.agent_timeout_s / 2) if self.watching_agents else RESYNC_S
+
+    def agent_beats(self, ref: JobRef) -> list[AgentBeat]:
+        """The newest heartbeat of each of this job's registered agents, by worker index."""
+        plane = self.ctx.control_plane
+        if plane is None:
+            return []
+        beats = []
+        for session in plane.job_sessions(ref.namespace, ref.name):
+            prefix, _, index = session.identity.pod.rpartition("-")
+            if prefix == f"{ref.name}-worker" and index.isdigit():
+                beats.append(AgentBeat(int(index), session.last_heartbeat, session.connected))
+        return beats
 
     async def ensure_credential(self, ref: JobRef) -> None:
         """Adopt the token in the job's Secret (after an operator restart), or create one."""
@@ -103,6 +122,9 @@ class JobSupervisor:
             spec = exc
         pods = await self.ctx.cluster.list_worker_pods(ref.namespace, ref.name, ref.uid)
         observed = [w for w in (observe_pod(p) for p in pods) if w is not None]
+        beats = self.agent_beats(ref)
+        self.watching_agents = bool(beats)
+        observed = mark_lost_agents(observed, beats, time.monotonic(), self.ctx.agent_timeout_s)
         progress = None
         if self.ctx.rendezvous is not None:
             progress = await asyncio.to_thread(self.ctx.rendezvous.read_progress, ref.uid)
@@ -119,6 +141,8 @@ class JobSupervisor:
         for index in plan.delete:
             if await cluster.delete("Pod", ref.namespace, worker_name(ref, index)):
                 logger.info("deleted worker %d", index)
+            if self.ctx.control_plane is not None:  # its replacement's agent registers anew
+                self.ctx.control_plane.forget(ref.namespace, ref.name, worker_name(ref, index))
         if plan.create and isinstance(spec, TrainingJobSpec):
             if not self.service_ready:
                 await cluster.create(build_worker_service(ref))
@@ -182,7 +206,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 ref = JobRef(name=name, namespace=namespace, uid=uid, generation=int(meta.get("generation") or 0))
                 try:
                     await supervisor.reconcile_once(ref, spec, body, logger)
-                    delay = RESYNC_S
+                    delay = supervisor.next_pass_in()
                 except Exception as exc:  # noqa: BLE001 - a bad pass must never kill the job's loop
                     logger.exception("reconcile pass failed: %s", exc)
                     delay = ERROR_BACKOFF_S

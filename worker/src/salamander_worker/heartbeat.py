@@ -1,0 +1,117 @@
+"""The agent's heartbeat: a background thread that keeps the agent's control-plane session open
+and sends the training's latest step and step time about once a second.
+
+The step comes from the progress record rank 0 publishes in the rendezvous store
+(:mod:`salamander.wire`), so the training processes pay nothing extra. A broken or refused
+stream is retried with backoff (1 s doubling to 10 s); training never waits on this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from salamander import wire
+from salamander.controlplane import AgentIdentity
+from salamander_worker.controlplane import AgentClient, ControlPlaneError
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+
+
+class StepClock:
+    """Turns successive progress records into (step, seconds per step)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+        self.step = 0
+        self.step_time_s = 0.0
+
+    def update(self, progress: wire.Progress | None) -> None:
+        if progress is None:
+            return
+        if self._last is not None and progress.step > self._last[0] and progress.time > self._last[1]:
+            self.step_time_s = (progress.time - self._last[1]) / (progress.step - self._last[0])
+        if self._last is None or progress.step != self._last[0]:
+            self._last = (progress.step, progress.time)
+        self.step = progress.step
+
+
+def store_progress_reader(rdzv_endpoint: str, run_id: str) -> Callable[[], wire.Progress | None]:
+    """Read the job's progress record from the rendezvous store (None when absent or bad)."""
+    import torch.distributed as dist
+
+    host, _, port = rdzv_endpoint.rpartition(":")
+    store: list[dist.TCPStore] = []
+    key = wire.progress_key(run_id)
+
+    def read() -> wire.Progress | None:
+        try:
+            if not store:
+                store.append(dist.TCPStore(host.strip("[]"), int(port), is_master=False, wait_for_workers=False,
+                                           timeout=datetime.timedelta(seconds=5)))
+            if not store[0].check([key]):
+                return None
+            return wire.Progress.decode(store[0].get(key))
+        except (RuntimeError, ValueError):  # store unreachable, or a malformed record
+            store.clear()
+            return None
+    return read
+
+
+def identity_from_environment(nproc_per_node: int) -> AgentIdentity | None:
+    """Who this agent speaks for, from the pod's environment; None outside a Salamander pod."""
+    job = os.environ.get(wire.ENV_JOB, "")
+    namespace, _, name = job.partition("/")
+    if not namespace or not name:
+        return None
+    index = int(os.environ.get(wire.ENV_NODE_INDEX, "0") or 0)
+    host = socket.gethostname()
+    return AgentIdentity(namespace=namespace, job=name, pod=os.environ.get(wire.ENV_POD_NAME) or host,
+                         node=os.environ.get(wire.ENV_NODE_NAME) or host,
+                         first_rank=index * nproc_per_node, rank_count=nproc_per_node)
+
+
+class Heartbeat(threading.Thread):
+    """Runs until :meth:`stop`. Daemonic: it never keeps a finished agent alive."""
+
+    def __init__(self, endpoint: str, token: str, identity: AgentIdentity,
+                 read_progress: Callable[[], wire.Progress | None]) -> None:
+        super().__init__(name="salamander-heartbeat", daemon=True)
+        self._endpoint, self._token, self._identity = endpoint, token, identity
+        self._read_progress = read_progress
+        self._stopped = threading.Event()
+        self.clock = StepClock()
+        self.sent = 0
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopped.set()
+        self.join(timeout_s)
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        backoff = 1.0
+        while not self._stopped.is_set():
+            client = AgentClient(self._endpoint, self._token, self._identity)
+            try:
+                await client.connect()
+                backoff = 1.0
+                while not self._stopped.is_set():
+                    self.clock.update(await asyncio.to_thread(self._read_progress))
+                    await client.heartbeat(self.clock.step, self.clock.step_time_s)
+                    self.sent += 1
+                    await asyncio.to_thread(self._stopped.wait, client.heartbeat_interval_s)
+            except (ControlPlaneError, asyncio.TimeoutError) as exc:
+                log.warning("control plane at %s: %s; retrying in %.0f s", self._endpoint, exc, backoff)
+                await asyncio.to_thread(self._stopped.wait, backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            finally:
+                await client.close()
