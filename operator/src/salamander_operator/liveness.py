@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from salamander_operator.failures import classify_agent_loss
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 
-DEFAULT_AGENT_TIMEOUT_S = 5.0
+DEFAULT_AGENT_TIMEOUT_S = 3.0  # three missed heartbeats at 1 Hz
 CLOSED_SESSION_GRACE_S = 30.0
 
 
@@ -27,6 +27,12 @@ class AgentBeat:
     index: int
     last_heartbeat: float
     connected: bool = True
+
+
+def is_silent(beat: AgentBeat, now: float, timeout_s: float = DEFAULT_AGENT_TIMEOUT_S,
+              closed_grace_s: float = CLOSED_SESSION_GRACE_S) -> bool:
+    """Whether an agent has been quiet for longer than its limit."""
+    return now - beat.last_heartbeat > (timeout_s if beat.connected else closed_grace_s)
 
 
 def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBeat], now: float,
@@ -42,10 +48,9 @@ def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBe
     result = []
     for worker in observed:
         beat = newest.get(worker.index)
-        silent = None if beat is None else now - beat.last_heartbeat
-        limit = timeout_s if beat is None or beat.connected else closed_grace_s
-        if worker.phase is WorkerPhase.RUNNING and not worker.deleting and silent is not None and silent > limit:
-            lost = classify_agent_loss(silent)
+        if (beat is not None and worker.phase is WorkerPhase.RUNNING and not worker.deleting
+                and is_silent(beat, now, timeout_s, closed_grace_s)):
+            lost = classify_agent_loss(now - beat.last_heartbeat)
             worker = dataclasses.replace(worker, phase=WorkerPhase.FAILED, ready=False, reason=lost.kind,
                                          message=lost.evidence)
         result.append(worker)

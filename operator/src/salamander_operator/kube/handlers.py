@@ -26,13 +26,14 @@ from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
                                          credential_secret_name, service_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
-from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents
+from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
 from salamander_operator.observed import observe_pod
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
 
 RESYNC_S = 10.0        # a pass at least this often, even without events
 ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
+LIVENESS_SCAN_S = 0.5  # how often agents' silence is checked (in memory)
 
 
 @dataclass
@@ -75,11 +76,6 @@ class JobSupervisor:
     status: TrainingJobStatus
     service_ready: bool = False
     credential_ready: bool = False
-    watching_agents: bool = False  # some agent of this job has registered: check liveness often
-
-    def next_pass_in(self) -> float:
-        return min(RESYNC_S, self.ctx.agent_timeout_s / 2) if self.watching_agents else RESYNC_S
-
     def agent_beats(self, ref: JobRef) -> list[AgentBeat]:
         """The newest heartbeat of each of this job's registered agents, by worker index."""
         plane = self.ctx.control_plane
@@ -122,9 +118,7 @@ class JobSupervisor:
             spec = exc
         pods = await self.ctx.cluster.list_worker_pods(ref.namespace, ref.name, ref.uid)
         observed = [w for w in (observe_pod(p) for p in pods) if w is not None]
-        beats = self.agent_beats(ref)
-        self.watching_agents = bool(beats)
-        observed = mark_lost_agents(observed, beats, time.monotonic(), self.ctx.agent_timeout_s)
+        observed = mark_lost_agents(observed, self.agent_beats(ref), time.monotonic(), self.ctx.agent_timeout_s)
         progress = None
         if self.ctx.rendezvous is not None:
             progress = await asyncio.to_thread(self.ctx.rendezvous.read_progress, ref.uid)
@@ -181,6 +175,24 @@ def register(registry: kopf.OperatorRegistry) -> None:
             ctx.control_endpoint = f"{ctx.control_host}:{port}" if ctx.control_host else ""
             logger.info("control plane listening on port %d", port)
 
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=5.0,
+                 when=lambda memo, **_: memo.context.control_plane is not None)
+    async def watch_liveness(uid: str, namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                             **_: Any) -> None:
+        """Wake the job's reconcile as soon as one of its agents falls silent: an in-memory scan
+        of the control plane's sessions twice a second, with no API calls."""
+        ctx: OperatorContext = memo.context
+        assert ctx.control_plane is not None
+        reported: set[str] = set()
+        while not stopped:
+            now = time.monotonic()
+            silent = {s.session_id for s in ctx.control_plane.job_sessions(namespace, name)
+                      if is_silent(AgentBeat(0, s.last_heartbeat, s.connected), now, ctx.agent_timeout_s)}
+            if silent - reported:
+                ctx.wake(uid)
+            reported = silent
+            await stopped.wait(LIVENESS_SCAN_S)
+
     @kopf.on.cleanup(registry=registry)
     async def stop_control_plane(memo: kopf.Memo, **_: Any) -> None:
         ctx: OperatorContext = memo.context
@@ -206,7 +218,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 ref = JobRef(name=name, namespace=namespace, uid=uid, generation=int(meta.get("generation") or 0))
                 try:
                     await supervisor.reconcile_once(ref, spec, body, logger)
-                    delay = supervisor.next_pass_in()
+                    delay = RESYNC_S
                 except Exception as exc:  # noqa: BLE001 - a bad pass must never kill the job's loop
                     logger.exception("reconcile pass failed: %s", exc)
                     delay = ERROR_BACKOFF_S
