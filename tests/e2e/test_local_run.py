@@ -71,6 +71,8 @@ def test_losing_worker_zero_is_survived(tmp_path: Path) -> None:
     assert run.status.restarts == 1
     assert run.status.step == 80
     assert "WorkerFailed" in log and "worker 0 failed" in log
+    failure = run.status.last_failure
+    assert failure is not None and failure.worker == 0 and failure.recovered_at is not None
 
 
 def test_restart_budget_zero_fails_on_first_loss(tmp_path: Path) -> None:

@@ -74,6 +74,10 @@ async def test_failed_pod_is_replaced_and_counted(cluster: Cluster) -> None:
     assert (await cluster.pods("llm"))["llm-worker-1"]["metadata"]["uid"] == healthy_uid  # untouched
     messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "WorkerFailed"]
     assert any("exit code 137" in m and "OOMKilled" in m for m in messages), messages
+    last = status["lastFailure"]
+    assert (last["kind"], last["severity"], last["pod"], last["action"]) == (
+        "ContainerOOMKilled", "SEV2", "llm-worker-0", "ReplacePod")
+    assert status["failureCounts"] == {"ContainerOOMKilled": 1}
 
 
 async def test_pending_worker_never_blocks_and_job_grows(cluster: Cluster) -> None:

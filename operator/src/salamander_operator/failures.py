@@ -119,6 +119,13 @@ def classify_pod(reason: str, exit_code: int | None, message: str = "") -> Class
     return Classification(Source.POD, "PodFailed", Severity.SEV2, f"exit code {exit_code} ({reason or 'Error'})")
 
 
+def classify_worker(reason: str, exit_code: int | None, message: str) -> Classification:
+    """A failed worker as the operator observed it: a lost agent, or a failed pod."""
+    if reason == "AgentLost":
+        return Classification(Source.AGENT_LOST, "AgentLost", Severity.SEV1, message)
+    return classify_pod(reason, exit_code, message)
+
+
 def classify_node(ready: bool | None, deleted: bool) -> Classification | None:
     """A node whose worker pods can no longer be trusted; None while it is healthy."""
     if deleted:

@@ -29,6 +29,7 @@ class ObservedWorker:
     exit_code: int | None = None
     reason: str = ""
     message: str = ""
+    node: str = ""
 
     def describe_failure(self) -> str:
         parts = []
@@ -68,4 +69,5 @@ def observe_pod(pod: dict[str, Any]) -> ObservedWorker | None:
             message = message or terminated.get("message") or ""
     return ObservedWorker(index=index, phase=phase, ready=ready,
                           deleting=bool(meta.get("deletionTimestamp")),
-                          exit_code=exit_code, reason=reason, message=message)
+                          exit_code=exit_code, reason=reason, message=message,
+                          node=(pod.get("spec") or {}).get("nodeName") or "")

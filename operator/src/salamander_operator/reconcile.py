@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJobSpec, TrainingJobStatus
-from salamander.api.models import Condition
+from salamander.api.models import Condition, FailureRecord
 from salamander.wire import Progress
-from salamander_operator.desired import JobRef
+from salamander_operator.desired import JobRef, worker_name
+from salamander_operator.failures import classify_worker
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 
 
@@ -122,7 +123,9 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
     events: list[Event] = []
     if failed:
         budget = spec.restart_budget
-        if status.restarts + len(failed) > budget:
+        exhausted = status.restarts + len(failed) > budget
+        status = _record_failures(status, job, failed, "FailJob" if exhausted else "ReplacePod", now)
+        if exhausted:
             worst = failed[0]
             message = (f"worker {worst.index} failed ({worst.describe_failure()}) and the restart budget "
                        f"of {budget} is spent")
@@ -140,6 +143,20 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
     delete = tuple(sorted({w.index for w in failed} | {w.index for w in live if w.index >= spec.replicas.max}))
     return Plan(create=create, delete=delete, status=_running_status(status, job, spec, running, progress, now),
                 events=tuple(events))
+
+
+def _record_failures(status: TrainingJobStatus, job: JobRef, failed: Sequence[ObservedWorker], action: str,
+                     now: datetime.datetime) -> TrainingJobStatus:
+    """Count each failed worker by kind and keep the newest as ``last_failure``."""
+    counts = dict(status.failure_counts)
+    record = status.last_failure
+    for w in failed:
+        c = classify_worker(w.reason, w.exit_code, w.describe_failure())
+        counts[c.kind] = counts.get(c.kind, 0) + 1
+        record = FailureRecord(kind=c.kind, severity=c.severity.name, source=c.source.value, worker=w.index,
+                               pod=worker_name(job, w.index), node=w.node, message=c.evidence[:300],
+                               action=action, detected_at=now)
+    return status.model_copy(update={"failure_counts": counts, "last_failure": record})
 
 
 def _reason(status: TrainingJobStatus) -> str | None:
@@ -171,8 +188,13 @@ def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpe
             reason, message = Reason.WAITING_FOR_WORKERS, (f"{ready} workers ready, "
                                                            f"waiting for at least {spec.replicas.min}")
         conditions = set_condition(conditions, ConditionType.READY, enough, reason, message, job.generation, now)
+    last_failure = status.last_failure
+    if phase is Phase.RUNNING and last_failure is not None and last_failure.recovered_at is None \
+            and last_failure.detected_at < now:
+        last_failure = last_failure.model_copy(update={"recovered_at": now})
     return status.model_copy(update={
         "phase": phase, "conditions": conditions, "observed_generation": job.generation,
+        "last_failure": last_failure,
         "desired_workers": spec.replicas.max, "ready_workers": ready,
         "world_size": (status.world_size if completing else
                        progress.world_size if progress is not None and enough else ready * spec.procs_per_node),

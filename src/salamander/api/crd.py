@@ -67,8 +67,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 def _defaulted(prop: dict[str, Any], required: bool) -> dict[str, Any]:
     """Give an optional object property ``default: {}`` so the API server fills in its fields'
-    defaults even when the user leaves the whole object out (structural defaulting is per field)."""
-    if not required and prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+    defaults even when the user leaves the whole object out (structural defaulting is per field).
+    Only where ``{}`` is itself valid: an object with required fields gets no default."""
+    if (not required and prop.get("type") == "object" and "properties" in prop and "default" not in prop
+            and not prop.get("required") and not prop.get("nullable")):
         prop["default"] = {}
     return prop
 

@@ -162,6 +162,23 @@ class Condition(ApiModel):
     observed_generation: int = 0
 
 
+class FailureRecord(ApiModel):
+    """The newest failure: what it was, where, what was done, and when it healed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str
+    severity: str
+    source: str
+    worker: int
+    pod: str
+    node: str = ""
+    message: str = ""
+    action: str
+    detected_at: datetime.datetime
+    recovered_at: datetime.datetime | None = None
+
+
 class TrainingJobStatus(ApiModel):
     """What is. Written only by the operator; unknown fields are ignored when read back."""
 
@@ -176,6 +193,8 @@ class TrainingJobStatus(ApiModel):
     step: int = 0
     loss: float | None = None
     restarts: int = 0
+    last_failure: FailureRecord | None = None
+    failure_counts: dict[str, int] = Field(default_factory=dict)
     start_time: datetime.datetime | None = None
     completion_time: datetime.datetime | None = None
 

@@ -113,5 +113,11 @@ class RunView:
         table.add_row("wall time", f"{wall_s:.1f} s")
         table.add_row("samples", f"{samples} ({samples / wall_s if wall_s > 0 else 0:.0f}/s over the run)")
         table.add_row("restarts", str(status.restarts))
+        failure = status.last_failure
+        if failure is not None:
+            healed = (f"recovered in {(failure.recovered_at - failure.detected_at).total_seconds():.1f} s"
+                      if failure.recovered_at else "not recovered")
+            table.add_row("last failure", f"{failure.kind} ({failure.severity}) on worker {failure.worker}: "
+                                          f"{failure.action}, {healed}")
         table.add_row("logs", log_dir)
         self.console.print(table)
