@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 GROUP = "salamander.dev"
 
@@ -42,6 +43,15 @@ def progress_key(run_id: str) -> str:
 def stop_key(run_id: str) -> str:
     """The store key whose presence asks every worker of a run to stop at the next step."""
     return f"salamander/{run_id}/stop"
+
+
+def read_progress(store: Any, run_id: str) -> Progress | None:
+    """The newest progress record of ``run_id`` in ``store`` (any torch.distributed ``Store``),
+    or None if there is none. Raises :class:`WireError` for a malformed record."""
+    key = progress_key(run_id)
+    if not store.check([key]):
+        return None
+    return Progress.decode(store.get(key))
 
 
 class WireError(ValueError):

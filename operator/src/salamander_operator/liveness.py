@@ -29,10 +29,10 @@ class AgentBeat:
     connected: bool = True
 
 
-def is_silent(beat: AgentBeat, now: float, timeout_s: float = DEFAULT_AGENT_TIMEOUT_S,
+def is_silent(last_heartbeat: float, connected: bool, now: float, timeout_s: float = DEFAULT_AGENT_TIMEOUT_S,
               closed_grace_s: float = CLOSED_SESSION_GRACE_S) -> bool:
     """Whether an agent has been quiet for longer than its limit."""
-    return now - beat.last_heartbeat > (timeout_s if beat.connected else closed_grace_s)
+    return now - last_heartbeat > (timeout_s if connected else closed_grace_s)
 
 
 def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBeat], now: float,
@@ -49,7 +49,7 @@ def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBe
     for worker in observed:
         beat = newest.get(worker.index)
         if (beat is not None and worker.phase is WorkerPhase.RUNNING and not worker.deleting
-                and is_silent(beat, now, timeout_s, closed_grace_s)):
+                and is_silent(beat.last_heartbeat, beat.connected, now, timeout_s, closed_grace_s)):
             lost = classify_agent_loss(now - beat.last_heartbeat)
             worker = dataclasses.replace(worker, phase=WorkerPhase.FAILED, ready=False, reason=lost.kind,
                                          message=lost.evidence)

@@ -41,11 +41,8 @@ class RendezvousHost:
 
     def read_progress(self, run_id: str) -> wire.Progress | None:
         """The newest progress a job's leader published, or None if none (or a malformed one)."""
-        key = wire.progress_key(run_id)
         try:
-            if not self._store.check([key]):
-                return None
-            return wire.Progress.decode(self._store.get(key))
+            return wire.read_progress(self._store, run_id)
         except wire.WireError as exc:
             log.warning("ignoring a malformed progress record of run %s: %s", run_id, exc)
             return None

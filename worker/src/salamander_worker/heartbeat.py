@@ -9,12 +9,12 @@ stream is retried with backoff (1 s doubling to 10 s); training never waits on t
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from salamander import wire
 from salamander.controlplane import AgentIdentity
@@ -45,21 +45,16 @@ class StepClock:
 
 def store_progress_reader(rdzv_endpoint: str, run_id: str) -> Callable[[], wire.Progress | None]:
     """Read the job's progress record from the rendezvous store (None when absent or bad)."""
-    import torch.distributed as dist
+    from salamander_worker.store import connect_store
 
-    host, _, port = rdzv_endpoint.rpartition(":")
-    store: list[dist.TCPStore] = []
-    key = wire.progress_key(run_id)
+    store: list[Any] = []  # opened on first use, reopened after a failure
 
     def read() -> wire.Progress | None:
         try:
             if not store:
-                store.append(dist.TCPStore(host.strip("[]"), int(port), is_master=False, wait_for_workers=False,
-                                           timeout=datetime.timedelta(seconds=5)))
-            if not store[0].check([key]):
-                return None
-            return wire.Progress.decode(store[0].get(key))
-        except (RuntimeError, ValueError):  # store unreachable, or a malformed record
+                store.append(connect_store(rdzv_endpoint, timeout_s=5))
+            return wire.read_progress(store[0], run_id)
+        except (RuntimeError, ValueError):  # store unreachable, or a malformed record (WireError)
             store.clear()
             return None
     return read

@@ -9,7 +9,6 @@ agents re-form the group without it. Failing to reach the store never fails trai
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
@@ -20,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
-from salamander_worker.topology import context
+from salamander_worker.store import connect_store
+from salamander_worker.topology import WorkerContext, context
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ class _Channel:
     broken: bool = False
     last_publish: float = 0.0
     pending: wire.Progress | None = None
+    ctx: WorkerContext | None = None
+
+    def context(self) -> WorkerContext:
+        """This process's context, read once: a restarted worker is a new process."""
+        if self.ctx is None:
+            self.ctx = context()
+        return self.ctx
 
     def connect(self) -> dist.TCPStore | None:
         if self.store is not None or self.broken:
@@ -43,10 +50,8 @@ class _Channel:
         if not endpoint:
             self.broken = True  # standalone: nobody to report to
             return None
-        host, _, port = endpoint.rpartition(":")
         try:
-            self.store = dist.TCPStore(host.strip("[]"), int(port), is_master=False,
-                                       timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+            self.store = connect_store(endpoint)
         except (RuntimeError, ValueError) as exc:
             log.warning("cannot reach the rendezvous store at %s (%s); progress is not reported",
                         endpoint, exc)
@@ -65,7 +70,7 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
     Cheap to call every step: the leader publishes at most every 0.5 s unless ``force``;
     other ranks return at once.
     """
-    ctx = context()
+    ctx = _channel.context()
     if not ctx.is_leader:
         return
     if loss is not None and not math.isfinite(loss):
@@ -84,7 +89,7 @@ def _publish(now: float) -> None:
     if store is None or _channel.pending is None:
         return
     try:
-        store.set(wire.progress_key(context().run_id), _channel.pending.encode())
+        store.set(wire.progress_key(_channel.context().run_id), _channel.pending.encode())
         _channel.last_publish = now
     except Exception as exc:  # noqa: BLE001 - reporting must never fail training; try again later
         log.warning("publishing progress failed: %s", exc)
@@ -98,13 +103,13 @@ def flush() -> None:
 
 
 def _stop_requested() -> bool:
-    if not context().is_leader:
+    if not _channel.context().is_leader:
         return False
     store = _channel.connect()
     if store is None:
         return False
     try:
-        return bool(store.check([wire.stop_key(context().run_id)]))
+        return bool(store.check([wire.stop_key(_channel.context().run_id)]))
     except RuntimeError:
         return False
 
@@ -119,6 +124,6 @@ def should_stop(step: int | None = None, every: int = 10) -> bool:
     local = _stop_requested()
     if not (dist.is_available() and dist.is_initialized()):
         return local
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=context().device)
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=_channel.context().device)
     dist.broadcast(flag, src=0)  # the leader's answer is the job's answer
     return bool(flag.item())

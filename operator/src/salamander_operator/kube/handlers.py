@@ -187,7 +187,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         while not stopped:
             now = time.monotonic()
             silent = {s.session_id for s in ctx.control_plane.job_sessions(namespace, name)
-                      if is_silent(AgentBeat(0, s.last_heartbeat, s.connected), now, ctx.agent_timeout_s)}
+                      if is_silent(s.last_heartbeat, s.connected, now, ctx.agent_timeout_s)}
             if silent - reported:
                 ctx.wake(uid)
             reported = silent
