@@ -26,6 +26,9 @@ ENV_CONTROL_TOKEN = "SALAMANDER_CONTROL_TOKEN"  # the job's credential, from its
 CREDENTIAL_KEY = "token"                      # the key of the token in the job's Secret
 ENV_POD_NAME = "SALAMANDER_POD_NAME"          # from the downward API
 ENV_NODE_NAME = "SALAMANDER_NODE_NAME"        # from the downward API
+ENV_CHECKPOINT_DIR = "SALAMANDER_CHECKPOINT_DIR"  # spec.checkpoint.directory, when set
+ENV_CHECKPOINT_INTERVAL = "SALAMANDER_CHECKPOINT_INTERVAL"  # spec.checkpoint.intervalSteps
+ENV_FAULTS = "SALAMANDER_FAULTS"              # spec.faults as JSON (process faults only)
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"
@@ -43,6 +46,17 @@ def progress_key(run_id: str) -> str:
 def stop_key(run_id: str) -> str:
     """The store key whose presence asks every worker of a run to stop at the next step."""
     return f"salamander/{run_id}/stop"
+
+
+def fault_key(run_id: str, fault_index: int) -> str:
+    """The store counter that makes fault ``fault_index`` of a run fire once: the first process
+    whose ``add`` returns 1 fires it; restarted processes that replay the step do not."""
+    return f"salamander/{run_id}/fault/{fault_index}"
+
+
+def fault_fired_key(run_id: str, fault_index: int) -> str:
+    """Where the firing process writes the wall-clock time (seconds, as text) it fired at."""
+    return f"salamander/{run_id}/fault/{fault_index}/at"
 
 
 def read_progress(store: Any, run_id: str) -> Progress | None:

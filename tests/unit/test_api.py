@@ -88,7 +88,7 @@ def test_spec_defaults() -> None:
     spec = parse_spec({"worker": {"image": "i", "command": ["c"]}})
     assert (spec.replicas.min, spec.replicas.max) == (1, 1)
     assert spec.procs_per_node == 1
-    assert spec.restart_budget == 3
+    assert spec.restart_budget == 100
     w = spec.worker
     assert w.args == [] and w.env == [] and w.node_selector == {}
     assert w.resources.requests == {} and w.resources.limits == {}

@@ -219,7 +219,7 @@ def test_spec_defaults_are_in_the_schema() -> None:
     props = SPEC_SCHEMA["properties"]
     assert SPEC_SCHEMA["required"] == ["worker"]
     assert props["procsPerNode"]["default"] == 1
-    assert props["restartBudget"]["default"] == 3
+    assert props["restartBudget"]["default"] == 100
     assert props["replicas"]["default"] == {}
     assert props["replicas"]["properties"]["min"]["default"] == 1
     assert props["replicas"]["properties"]["max"]["default"] == 1
@@ -256,7 +256,7 @@ def test_a_full_spec_and_its_dump_are_accepted_by_the_crd() -> None:
 def test_crd_defaults_agree_with_model_defaults() -> None:
     minimal = {"worker": {"image": "i", "command": ["c"], "env": [{"name": "A"}]}}
     defaulted = k8s_default(SPEC_SCHEMA, minimal)
-    assert defaulted["procsPerNode"] == 1 and defaulted["restartBudget"] == 3
+    assert defaulted["procsPerNode"] == 1 and defaulted["restartBudget"] == 100
     assert defaulted["replicas"] == {"min": 1, "max": 1}
     assert defaulted["worker"]["env"] == [{"name": "A", "value": ""}]
     # what the operator receives after the API server defaulted it parses to the same spec

@@ -103,6 +103,100 @@ class Replicas(ApiModel):
         return self
 
 
+class FailureAction(StrEnum):
+    """What to do about a failure, cheapest first.
+
+    ``RetryInPlace`` restarts the processes at once without charging the restart budget (a
+    transient fault: a reset connection); ``RestartProcesses`` restarts them in their pods,
+    charged and backed off; ``ReplaceNode`` deletes the pod and quarantines its node;
+    ``FailJob`` ends the job.
+    """
+
+    RETRY_IN_PLACE = "RetryInPlace"
+    RESTART_PROCESSES = "RestartProcesses"
+    REPLACE_NODE = "ReplaceNode"
+    FAIL_JOB = "FailJob"
+
+
+class FailureRule(ApiModel):
+    """A rule of the failure policy. Every criterion given must match (an empty list or an
+    unset pattern matches anything); the first matching rule decides the action."""
+
+    kinds: list[NonEmpty] = Field(default_factory=list, description=(
+        "Failure kinds or Kubernetes reasons, e.g. OutOfMemory, ContainerOOMKilled, Evicted, Hang, AgentLost."))
+    exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(default_factory=list)
+    signals: list[Annotated[str, StringConstraints(pattern=r"^(SIG)?[A-Z0-9]+$")]] = Field(
+        default_factory=list, description="Signal names such as SIGKILL or KILL.")
+    exception_types: list[NonEmpty] = Field(default_factory=list, description=(
+        "Exception class names, e.g. torch.OutOfMemoryError or ValueError (matched on the last dotted part too)."))
+    log_pattern: str | None = Field(None, description="A regular expression searched in the last log lines.")
+    action: FailureAction
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> FailureRule:
+        if self.log_pattern is not None:
+            try:
+                re.compile(self.log_pattern)
+            except re.error as exc:
+                raise ValueError(f"logPattern is not a valid regular expression: {exc}") from None
+        return self
+
+
+class HangPolicy(ApiModel):
+    """A hang is no progress for ``factor`` x the median step time, never less than ``floorSeconds``."""
+
+    enabled: bool = True
+    factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 3.0
+    floor_seconds: Annotated[float, Field(ge=1.0, le=86_400.0)] = 10.0
+
+
+class FailurePolicy(ApiModel):
+    """How failures are healed. The defaults do the right thing with an empty policy: crashes and
+    exceptions restart the processes in place, lost nodes are replaced and quarantined for 30
+    minutes, and more than 10 restarts within an hour is a restart storm that fails the job."""
+
+    rules: list[FailureRule] = Field(default_factory=list, description=(
+        "Checked in order before the built-in classification; the first match decides."))
+    max_restarts_per_window: Annotated[Count, Field(ge=0, le=10_000)] = Field(10, description=(
+        "Restarts allowed within windowSeconds; one more is a restart storm and fails the job."))
+    window_seconds: Annotated[Count, Field(ge=1, le=30 * 86_400)] = 3600
+    backoff_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(0.0, description=(
+        "Delay before the n-th restart in the window: backoffSeconds * 2^(n-1), at most maxBackoffSeconds."))
+    max_backoff_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 300.0
+    quarantine_seconds: Annotated[Count, Field(ge=0, le=30 * 86_400)] = Field(1800, description=(
+        "How long a node whose worker was replaced is kept out of the job (0: never quarantine)."))
+    hang: HangPolicy = Field(default_factory=HangPolicy)
+
+
+class CheckpointSpec(ApiModel):
+    """Where the worker library writes torch.distributed.checkpoint checkpoints, and how often."""
+
+    directory: NonEmpty = Field(description="A directory every worker can reach (a shared volume).")
+    interval_steps: Annotated[Count, Field(ge=1, le=10_000_000)] = 100
+    claim_name: DnsSubdomain | None = Field(None, description=(
+        "A PersistentVolumeClaim mounted at directory in every worker pod."))
+
+
+class FaultKind(StrEnum):
+    KILL_PROCESS = "KillProcess"    # SIGKILL one training process
+    RAISE_EXCEPTION = "RaiseException"  # raise inside one training process
+    KILL_WORKER = "KillWorker"      # kill a whole worker node: agent and processes
+    HANG_RANK = "HangRank"          # one rank stops making progress
+    SLOW_RANK = "SlowRank"          # one rank takes extra time every step
+
+
+class Fault(ApiModel):
+    """A fault to inject once, for rehearsal and tests, when the job first reaches ``atStep``."""
+
+    kind: FaultKind
+    at_step: Annotated[Count, Field(ge=1)]
+    rank: Annotated[Count, Field(ge=0)] = Field(0, description="The global rank, for process faults.")
+    worker: Annotated[Count, Field(ge=0, lt=MAX_WORKERS)] = Field(0, description="The worker, for KillWorker.")
+    seconds: Annotated[float, Field(ge=0.0, le=86_400.0)] = Field(0.0, description=(
+        "SlowRank: extra seconds per step; HangRank: how long to hang (0: until restarted)."))
+    steps: Annotated[Count, Field(ge=0)] = Field(0, description="SlowRank: for how many steps (0: to the end).")
+
+
 class TrainingJobSpec(ApiModel):
     """What the user asks for. Every field has a default except the worker's image and command."""
 
@@ -110,9 +204,14 @@ class TrainingJobSpec(ApiModel):
                                description="Worker nodes (pods): the job runs with any count in [min, max].")
     procs_per_node: Annotated[Count, Field(ge=1, le=256)] = Field(
         1, description="Training processes per worker node, typically one per GPU.")
-    restart_budget: Annotated[Count, Field(ge=0, le=10_000)] = Field(
-        3, description="How many failed workers may be replaced before the job fails.")
+    restart_budget: Annotated[Count, Field(ge=0, le=100_000)] = Field(
+        100, description=("How many restarts (of processes or of workers) the job may take in its whole "
+                          "life before it fails; failurePolicy limits them per time window."))
     worker: WorkerTemplate = Field(description="The container every worker node runs.")
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy,
+                                          description="How failures are classified and healed.")
+    checkpoint: CheckpointSpec | None = Field(None, description="Persistent checkpoints to resume from.")
+    faults: list[Fault] = Field(default_factory=list, description="Faults to inject, for rehearsal and tests.")
 
 
 class Phase(StrEnum):
@@ -147,6 +246,16 @@ class Reason(StrEnum):
     WORKERS_FAILED_AT_END = "WorkersFailedAtEnd"
     ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
     COMPLETED = "Completed"
+    RESTART_STORM = "RestartStorm"
+    FAILED_BY_POLICY = "FailedByPolicy"
+    FAILURE_DETECTED = "FailureDetected"
+    PROCESSES_RESTARTED = "ProcessesRestarted"
+    WORKER_REPLACED = "WorkerReplaced"
+    NODE_QUARANTINED = "NodeQuarantined"
+    NODE_RELEASED = "NodeReleased"
+    SHRUNK = "Shrunk"
+    GREW = "Grew"
+    FAULT_INJECTED = "FaultInjected"
 
 
 class Condition(ApiModel):
@@ -175,8 +284,26 @@ class FailureRecord(ApiModel):
     node: str = ""
     message: str = ""
     action: str
+    occurred_at: datetime.datetime | None = None
     detected_at: datetime.datetime
     recovered_at: datetime.datetime | None = None
+
+    @property
+    def detection_seconds(self) -> float | None:
+        """From when the evidence says it happened to the operator's decision, when known."""
+        if self.occurred_at is None:
+            return None
+        return max(0.0, (self.detected_at - self.occurred_at).total_seconds())
+
+
+class QuarantinedNode(ApiModel):
+    """A node kept out of this job until ``until``, because a worker on it failed (SEV1)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str
+    until: datetime.datetime
+    reason: str = ""
 
 
 class TrainingJobStatus(ApiModel):
@@ -195,6 +322,9 @@ class TrainingJobStatus(ApiModel):
     restarts: int = 0
     last_failure: FailureRecord | None = None
     failure_counts: dict[str, int] = Field(default_factory=dict)
+    restart_times: list[datetime.datetime] = Field(default_factory=list, description=(
+        "When the restarts of the newest policy window happened (for the storm guard)."))
+    quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)
     start_time: datetime.datetime | None = None
     completion_time: datetime.datetime | None = None
 
