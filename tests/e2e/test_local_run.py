@@ -70,7 +70,7 @@ def test_losing_worker_zero_is_survived(tmp_path: Path) -> None:
     assert run.status.phase is Phase.SUCCEEDED, log
     assert run.status.restarts == 1
     assert run.status.step == 80
-    assert "WorkerFailed" in log and "worker 0 failed" in log
+    assert "FailureDetected" in log and "worker 0 (" in log
     failure = run.status.last_failure
     assert failure is not None and failure.worker == 0 and failure.recovered_at is not None
 

@@ -72,7 +72,7 @@ async def test_failed_pod_is_replaced_and_counted(cluster: Cluster) -> None:
     status = await cluster.wait_status("llm", "one restart", lambda s: s.get("restarts") == 1)
     assert status["phase"] in ("Running", "Pending", "Restarting")
     assert (await cluster.pods("llm"))["llm-worker-1"]["metadata"]["uid"] == healthy_uid  # untouched
-    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "WorkerFailed"]
+    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "FailureDetected"]
     assert any("exit code 137" in m and "OOMKilled" in m for m in messages), messages
     last = status["lastFailure"]
     assert (last["kind"], last["severity"], last["pod"], last["action"]) == (
@@ -234,6 +234,6 @@ async def test_a_silent_agent_gets_its_worker_replaced(cluster: Cluster) -> None
     status = await cluster.wait_status("lost", "one restart", lambda s: s.get("restarts") == 1)
     assert status["restarts"] == 1
     assert (await cluster.pods("lost"))["lost-worker-1"]["metadata"]["uid"] == healthy_uid
-    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "WorkerFailed"]
+    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "FailureDetected"]
     assert any("AgentLost" in m and "no heartbeat" in m for m in messages), messages
     await agent.close()

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from salamander_operator.failures import (Action, RestartGuard, Severity, Source, classify_agent_loss,
+from salamander.api import FailureAction as Action
+from salamander_operator.failures import (Severity, Source, classify_agent_loss,
                                           classify_exception, classify_exit, classify_hang, classify_node,
                                           classify_pod, hang_threshold)
 from tests.unit._support import FAST
@@ -86,13 +87,3 @@ def test_hang_threshold_is_never_below_the_floor_and_always_finite(times, factor
 
 def test_an_absurd_step_time_cannot_make_the_threshold_infinite() -> None:
     assert hang_threshold([8.98846567431158e307], factor=2.0, floor_s=0.0) == 86_400
-
-
-def test_restart_guard_backs_off_then_stops_a_storm() -> None:
-    guard = RestartGuard(max_restarts=3, window_s=600, backoff_s=5, max_backoff_s=12)
-    assert guard.decide([], now=1000) == (True, 5.0, "restart 1 of 3 in the window")
-    assert guard.decide([990], now=1000)[:2] == (True, 10.0)
-    assert guard.decide([980, 990], now=1000)[:2] == (True, 12.0)  # capped
-    allowed, _, reason = guard.decide([970, 980, 990], now=1000)
-    assert not allowed and reason.startswith("restart storm: 3 restarts")
-    assert guard.decide([100, 200, 990], now=1000)[0]  # old restarts fall out of the window

@@ -156,14 +156,15 @@ def test_a_failed_worker_is_deleted_not_created_and_counted() -> None:
     assert plan.create == ()
     assert plan.status.restarts == 1
     assert plan.status.phase is Phase.RESTARTING
-    assert len(plan.events) == 1
-    event = plan.events[0]
-    assert event.type == "Warning"
-    assert event.reason == Reason.WORKER_FAILED == "WorkerFailed"
-    assert "worker 1" in event.message
-    assert "exit code 137" in event.message
-    assert "OOMKilled" in event.message
-    assert "restart 1 of 3" in event.message
+    detected, replaced = plan.events
+    assert detected.type == "Warning"
+    assert detected.reason == Reason.FAILURE_DETECTED == "FailureDetected"
+    assert "worker 1" in detected.message
+    assert "exit code 137" in detected.message
+    assert "OOMKilled" in detected.message
+    assert "action ReplacePod" in detected.message
+    assert (replaced.type, replaced.reason) == ("Normal", Reason.WORKER_REPLACED)
+    assert "restart 1 of 3" in replaced.message
 
 
 def test_recreation_after_the_deletion_is_observed_counts_nothing_again() -> None:
@@ -198,7 +199,7 @@ def test_several_failures_in_one_pass_are_counted_and_numbered() -> None:
     assert plan.delete == (1, 2)
     assert plan.create == ()
     assert plan.status.restarts == 3
-    messages = [e.message for e in plan.events]
+    messages = [e.message for e in plan.events if e.reason == Reason.WORKER_REPLACED]
     assert len(messages) == 2
     assert "restart 2 of 5" in messages[0] and "restart 3 of 5" in messages[1]
 
@@ -219,7 +220,8 @@ def test_exhausted_budget_fails_the_job_and_removes_unfinished_workers() -> None
     assert "exit code 3" in failed_c.message and "budget of 1" in failed_c.message
     assert cond(plan.status, ConditionType.SUCCEEDED).status == "False"
     assert cond(plan.status, ConditionType.READY).status == "False"
-    assert [(e.type, e.reason) for e in plan.events] == [("Warning", Reason.RESTART_BUDGET_EXHAUSTED)]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", Reason.FAILURE_DETECTED),
+                                                         ("Warning", Reason.RESTART_BUDGET_EXHAUSTED)]
 
 
 def test_a_zero_budget_fails_on_the_first_failure() -> None:

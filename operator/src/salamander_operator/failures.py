@@ -21,6 +21,8 @@ import signal
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
+from salamander.api import FailureAction
+
 
 class Severity(IntEnum):
     SEV1 = 1
@@ -28,14 +30,9 @@ class Severity(IntEnum):
     SEV3 = 3
 
 
-class Action(StrEnum):
-    REPLACE_NODE = "ReplaceNode"
-    RESTART_PROCESSES = "RestartProcesses"
-    RETRY_IN_PLACE = "RetryInPlace"
-
-
-DEFAULT_ACTION = {Severity.SEV1: Action.REPLACE_NODE, Severity.SEV2: Action.RESTART_PROCESSES,
-                  Severity.SEV3: Action.RETRY_IN_PLACE}
+#: The cheapest action that heals each severity (rules in the job's failurePolicy may override).
+DEFAULT_ACTION = {Severity.SEV1: FailureAction.REPLACE_NODE, Severity.SEV2: FailureAction.RESTART_PROCESSES,
+                  Severity.SEV3: FailureAction.RETRY_IN_PLACE}
 
 
 class Source(StrEnum):
@@ -59,7 +56,7 @@ class Classification:
     evidence: str
 
     @property
-    def action(self) -> Action:
+    def action(self) -> FailureAction:
         return DEFAULT_ACTION[self.severity]
 
 
@@ -71,7 +68,7 @@ _EXCEPTION_PATTERNS: tuple[tuple[re.Pattern[str], str, Severity], ...] = tuple(
         (r"illegal memory access|CUDA error|CUBLAS_STATUS|cuDNN error", "CudaError", Severity.SEV2),
         (r"out of memory|OutOfMemoryError", "OutOfMemory", Severity.SEV2),
         (r"NCCL (error|WARN)|ncclInternalError|ncclSystemError", "NcclError", Severity.SEV2),
-        (r"Connection (refused|reset)|Broken pipe|link (is )?(down|flap)", "ConnectionError", Severity.SEV3),
+        (r"Connection (refused|reset|closed by peer)|Broken pipe|link (is )?(down|flap)", "ConnectionError", Severity.SEV3),
     ))
 
 
@@ -161,27 +158,3 @@ def classify_hang(since_progress_s: float, threshold_s: float) -> Classification
         return None
     return Classification(Source.HANG, "Hang", Severity.SEV2,
                           f"no progress for {since_progress_s:.1f} s (threshold {threshold_s:.1f} s)")
-
-
-@dataclass(frozen=True)
-class RestartGuard:
-    """The restart budget per time window, with exponential backoff, and the storm guard.
-
-    ``max_restarts`` restarts are allowed in any ``window_s``; the n-th restart in the window
-    waits ``backoff_s * 2**(n-1)`` (capped at ``max_backoff_s``). One more is a restart storm:
-    the job fails with a reason that says so, instead of looping forever.
-    """
-
-    max_restarts: int = 5
-    window_s: float = 3600.0
-    backoff_s: float = 0.0
-    max_backoff_s: float = 300.0
-
-    def decide(self, restart_times: list[float], now: float) -> tuple[bool, float, str]:
-        """(allowed, delay in seconds, reason). ``restart_times`` are earlier restarts' times."""
-        recent = [t for t in restart_times if now - t < self.window_s]
-        if len(recent) >= self.max_restarts:
-            return (False, 0.0, f"restart storm: {len(recent)} restarts in the last {self.window_s:.0f} s "
-                                f"(at most {self.max_restarts} allowed)")
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** len(recent)) if self.backoff_s > 0 else 0.0
-        return True, delay, f"restart {len(recent) + 1} of {self.max_restarts} in the window"

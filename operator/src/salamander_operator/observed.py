@@ -3,6 +3,7 @@ that decisions need. Backends convert their native objects with functions here."
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -30,6 +31,7 @@ class ObservedWorker:
     reason: str = ""
     message: str = ""
     node: str = ""
+    failed_at: datetime.datetime | None = None  # when its container ended, if it says
 
     def describe_failure(self) -> str:
         parts = []
@@ -59,6 +61,7 @@ def observe_pod(pod: dict[str, Any]) -> ObservedWorker | None:
     ready = phase is WorkerPhase.RUNNING and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     exit_code, reason, message = None, status.get("reason") or "", status.get("message") or ""
+    failed_at = None
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") != WORKER_CONTAINER:
             continue
@@ -67,7 +70,20 @@ def observe_pod(pod: dict[str, Any]) -> ObservedWorker | None:
             exit_code = terminated.get("exitCode")
             reason = reason or terminated.get("reason") or ""
             message = message or terminated.get("message") or ""
+            failed_at = _timestamp(terminated.get("finishedAt"))
     return ObservedWorker(index=index, phase=phase, ready=ready,
                           deleting=bool(meta.get("deletionTimestamp")),
                           exit_code=exit_code, reason=reason, message=message,
-                          node=(pod.get("spec") or {}).get("nodeName") or "")
+                          node=(pod.get("spec") or {}).get("nodeName") or "",
+                          failed_at=failed_at if phase is WorkerPhase.FAILED else None)
+
+
+def _timestamp(value: object) -> datetime.datetime | None:
+    """An RFC 3339 time as the API server writes it; None when absent or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)

@@ -10,8 +10,11 @@ the operator, so running it twice on the same input is harmless. Rules, in order
    worker it had is deleted. A later spec change (new generation) re-evaluates it.
 3. Once any worker has succeeded the job is completing: no worker is created or replaced,
    waiting ones are removed, and when none runs the job ends, Succeeded if no worker failed.
-4. A failed worker is deleted, to be recreated under the same name on a later pass, and
-   counts one restart. A failure beyond ``restartBudget`` fails the job instead.
+4. Failures are folded into status (:mod:`.incidents`): first the incidents the in-band
+   channels decided (a process restarted in place, a hang), then each failed worker, decided
+   by the failure policy (:mod:`.policy`). A worker to replace is deleted, to be recreated
+   under the same name on a later pass; a ``ReplaceNode`` also quarantines its node. A
+   ``FailJob`` decision (a rule, a restart storm, the budget spent) fails the job.
 5. Every index in ``[0, max)`` without a worker gets one; indices ``>= max`` are removed.
    Waiting (Pending) workers never block or restart running ones: the job is Running with
    any ready count in ``[min, max]``, and grows when a waiting worker becomes ready.
@@ -24,11 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJobSpec, TrainingJobStatus
-from salamander.api.models import Condition, FailureRecord
+from salamander.api.models import Condition
 from salamander.wire import Progress
 from salamander_operator.desired import JobRef, worker_name
 from salamander_operator.failures import classify_worker
+from salamander_operator.incidents import Incident, fold_incidents, release_expired
 from salamander_operator.observed import ObservedWorker, WorkerPhase
+from salamander_operator.policy import FailureEvidence, decide, history_of
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,9 @@ def _unfinished(observed: Sequence[ObservedWorker]) -> tuple[int, ...]:
 
 def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
               previous: TrainingJobStatus, progress: Progress | None,
-              now: datetime.datetime) -> Plan:
-    """Decide one pass for one job. Pure: the caller observes and applies."""
+              now: datetime.datetime, incidents: Sequence[Incident] = ()) -> Plan:
+    """Decide one pass for one job. Pure: the caller observes and applies. ``incidents`` are the
+    failures the in-band channels detected and decided since the last pass."""
     if previous.phase.terminal:
         invalid_before = _reason(previous) == Reason.INVALID_SPEC
         if invalid_before and previous.observed_generation != job.generation:
@@ -120,43 +126,65 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
                     status=_ended(status, job, Phase.SUCCEEDED, Reason.ALL_WORKERS_SUCCEEDED, message, now),
                     events=(Event("Normal", Reason.COMPLETED, message),))
 
-    events: list[Event] = []
-    if failed:
-        budget = spec.restart_budget
-        exhausted = status.restarts + len(failed) > budget
-        status = _record_failures(status, job, failed, "FailJob" if exhausted else "ReplacePod", now)
-        if exhausted:
-            worst = failed[0]
-            message = (f"worker {worst.index} failed ({worst.describe_failure()}) and the restart budget "
-                       f"of {budget} is spent")
-            return Plan(delete=_unfinished(live),
-                        status=_ended(status, job, Phase.FAILED, Reason.RESTART_BUDGET_EXHAUSTED, message, now),
-                        events=(Event("Warning", Reason.RESTART_BUDGET_EXHAUSTED, message),))
-        for n, w in enumerate(failed, start=status.restarts + 1):
-            events.append(Event("Warning", Reason.WORKER_FAILED,
-                                f"worker {w.index} failed ({w.describe_failure()}); replacing it "
-                                f"(restart {n} of {budget})"))
-        status = status.model_copy(update={"restarts": status.restarts + len(failed)})
+    # Failures: first those the channels already decided (agent reports, hangs), then failed pods.
+    folded = fold_incidents(status, incidents, spec.failure_policy, spec.restart_budget, now)
+    pod_incidents = decide_failed_workers(job, spec, failed, folded.status, now)
+    folded_pods = fold_incidents(folded.status, pod_incidents, spec.failure_policy, spec.restart_budget, now)
+    status = folded_pods.status
+    events = [Event(*e) for e in (*folded.events, *folded_pods.events)]
+    failure = folded.failure or folded_pods.failure
+    if failure is not None:
+        reason, message = failure
+        events.append(Event("Warning", reason, message))
+        return Plan(delete=_unfinished(live), status=_ended(status, job, Phase.FAILED, reason, message, now),
+                    events=tuple(events))
+    status, released = _release_quarantine(status, now)
+    events.extend(Event("Normal", Reason.NODE_RELEASED, f"node {node} is out of quarantine") for node in released)
 
+    replaced = {w.index for w in failed} | folded.replace | folded_pods.replace
     held = {w.index for w in observed}  # a deleting worker still holds its name
     create = tuple(i for i in range(spec.replicas.max) if i not in held)
-    delete = tuple(sorted({w.index for w in failed} | {w.index for w in live if w.index >= spec.replicas.max}))
-    return Plan(create=create, delete=delete, status=_running_status(status, job, spec, running, progress, now),
-                events=tuple(events))
+    delete = tuple(sorted((replaced & {w.index for w in live})
+                          | {w.index for w in live if w.index >= spec.replicas.max}))
+    new_status = _running_status(status, job, spec, [w for w in running if w.index not in replaced], progress, now)
+    events.extend(_membership_events(status, new_status, progress))
+    return Plan(create=create, delete=delete, status=new_status, events=tuple(events))
 
 
-def _record_failures(status: TrainingJobStatus, job: JobRef, failed: Sequence[ObservedWorker], action: str,
-                     now: datetime.datetime) -> TrainingJobStatus:
-    """Count each failed worker by kind and keep the newest as ``last_failure``."""
-    counts = dict(status.failure_counts)
-    record = status.last_failure
+def decide_failed_workers(job: JobRef, spec: TrainingJobSpec, failed: Sequence[ObservedWorker],
+                          status: TrainingJobStatus, now: datetime.datetime) -> list[Incident]:
+    """One incident per failed worker (a failed pod, a lost agent), decided in index order so
+    each sees the restarts charged before it."""
+    history = history_of(status.restarts, status.restart_times)
+    incidents = []
     for w in failed:
         c = classify_worker(w.reason, w.exit_code, w.describe_failure())
-        counts[c.kind] = counts.get(c.kind, 0) + 1
-        record = FailureRecord(kind=c.kind, severity=c.severity.name, source=c.source.value, worker=w.index,
-                               pod=worker_name(job, w.index), node=w.node, message=c.evidence[:300],
-                               action=action, detected_at=now)
-    return status.model_copy(update={"failure_counts": counts, "last_failure": record})
+        signal_number = w.exit_code - 128 if w.exit_code is not None and w.exit_code > 128 else 0
+        evidence = FailureEvidence(c, pod_alive=False, exit_code=w.exit_code, signal_number=signal_number)
+        decision = decide(spec.failure_policy, spec.restart_budget, evidence, history, now)
+        if decision.charged:
+            history = history.charged(now, spec.failure_policy.window_seconds)
+        incidents.append(Incident(c, decision, now, worker=w.index, pod=worker_name(job, w.index), node=w.node,
+                                  occurred_at=w.failed_at))
+    return incidents
+
+
+def _release_quarantine(status: TrainingJobStatus, now: datetime.datetime) -> tuple[TrainingJobStatus, list[str]]:
+    kept, released = release_expired(status.quarantined_nodes, now)
+    if not released:
+        return status, []
+    return status.model_copy(update={"quarantined_nodes": kept}), released
+
+
+def _membership_events(before: TrainingJobStatus, after: TrainingJobStatus,
+                       progress: Progress | None) -> list[Event]:
+    """Shrunk/Grew when the training's own world size changes (it re-formed with fewer or more)."""
+    if progress is None or before.world_size <= 0 or after.world_size == before.world_size \
+            or after.world_size != progress.world_size:
+        return []
+    reason = Reason.SHRUNK if after.world_size < before.world_size else Reason.GREW
+    return [Event("Normal", reason, f"the training re-formed with world size {after.world_size} "
+                                     f"(was {before.world_size})")]
 
 
 def _reason(status: TrainingJobStatus) -> str | None:
@@ -190,7 +218,9 @@ def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpe
         conditions = set_condition(conditions, ConditionType.READY, enough, reason, message, job.generation, now)
     last_failure = status.last_failure
     if phase is Phase.RUNNING and last_failure is not None and last_failure.recovered_at is None \
-            and last_failure.detected_at < now:
+            and last_failure.detected_at < now and last_failure.action != "FailJob" \
+            and (progress is None or progress.time > last_failure.detected_at.timestamp()):
+        # healed: running again, and training made a step after the failure was detected
         last_failure = last_failure.model_copy(update={"recovered_at": now})
     return status.model_copy(update={
         "phase": phase, "conditions": conditions, "observed_generation": job.generation,

@@ -106,14 +106,15 @@ class Replicas(ApiModel):
 class FailureAction(StrEnum):
     """What to do about a failure, cheapest first.
 
-    ``RetryInPlace`` restarts the processes at once without charging the restart budget (a
-    transient fault: a reset connection); ``RestartProcesses`` restarts them in their pods,
-    charged and backed off; ``ReplaceNode`` deletes the pod and quarantines its node;
-    ``FailJob`` ends the job.
+    ``RetryInPlace`` restarts the processes at once, never refused by the lifetime restart
+    budget, only by the storm guard (a transient fault: a reset connection);
+    ``RestartProcesses`` restarts them in their pods, with backoff; ``ReplaceNode`` deletes the pod and quarantines its node;
+    ``ReplacePod`` replaces the pod but trusts its node; ``FailJob`` ends the job.
     """
 
     RETRY_IN_PLACE = "RetryInPlace"
     RESTART_PROCESSES = "RestartProcesses"
+    REPLACE_POD = "ReplacePod"
     REPLACE_NODE = "ReplaceNode"
     FAIL_JOB = "FailJob"
 
@@ -241,7 +242,6 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     WAITING_FOR_WORKERS = "WaitingForWorkers"
     ENOUGH_WORKERS = "EnoughWorkers"
-    WORKER_FAILED = "WorkerFailed"
     RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
     WORKERS_FAILED_AT_END = "WorkersFailedAtEnd"
     ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"

@@ -16,12 +16,15 @@ import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 
 from salamander import wire
 
 log = logging.getLogger("salamander_worker.agent")
+
+REPLACEMENT_WAIT_S = 60.0  # after a ReplacePod/ReplaceNode verdict, how long to wait to be deleted
 
 
 class AgentUsageError(ValueError):
@@ -94,9 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported late: torch takes a second to import and usage errors should not wait for it.
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from salamander_worker import elastic_agent
     from salamander_worker.rendezvous import register as register_rendezvous
 
     # Standalone (one node, no endpoint): host a private store on a free port, as torchrun
@@ -118,14 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         start_method="spawn", local_addr=args.local_addr,
         log_line_prefix_template="[rank${rank}]:",
+        # Each process's output goes to a file (for the log tail of failure reports) and, as
+        # before, to the agent's own output.
+        logs_specs=DefaultLogsSpecs(redirects=Std.ALL, tee=Std.ALL),
     )
     log.info("agent for run %s: nodes %d:%d, %d procs per node, rendezvous %s",
              run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
     heartbeat = _start_heartbeat(args.nproc_per_node, args.rdzv_endpoint, run_id)
+    agent_class = elastic_agent.install(heartbeat)
     try:
         elastic_launch(config, command[0])(*command[1:])
     except ChildFailedError as exc:
         log.error("training failed:\n%s", exc.format_msg())
+        verdict = agent_class.final_verdict
+        if verdict is not None and verdict.action in (elastic_agent.pb.REPLACE_POD, elastic_agent.pb.REPLACE_NODE):
+            # The operator is replacing this pod: wait for its deletion rather than fail the pod
+            # and have the failure counted twice.
+            log.info("waiting for the operator to replace this pod")
+            time.sleep(REPLACEMENT_WAIT_S)
         return 1
     finally:
         if heartbeat is not None:

@@ -1,8 +1,9 @@
 """An agent's session with the operator over the control plane (see ``controlplane.proto``).
 
 ``await AgentClient(...).connect()`` opens the stream, says hello with the job's token and
-waits for the welcome. Then ``heartbeat`` is fire-and-forget and ``report_failure`` waits for
-the operator's ack. Errors surface as :class:`ControlPlaneError` with the gRPC status.
+waits for the welcome. Then ``heartbeat`` is fire-and-forget, ``report_failure`` waits for the
+operator's ack and returns its verdict, and commands the operator sends unprompted go to
+``on_command``. Errors surface as :class:`ControlPlaneError` with the gRPC status.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -32,14 +34,16 @@ class ControlPlaneError(RuntimeError):
 class AgentClient:
     """One agent's stream. Use from a single asyncio loop."""
 
-    def __init__(self, target: str, token: str, identity: AgentIdentity) -> None:
+    def __init__(self, target: str, token: str, identity: AgentIdentity,
+                 on_command: Callable[[pb.Command], None] | None = None) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.ControlPlaneStub(self._channel)
         self._token = token
         self._identity = identity
         self._call: grpc.aio.StreamStreamCall | None = None
         self._seq = itertools.count(1)
-        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._acks: dict[int, asyncio.Future[pb.Verdict]] = {}
+        self._on_command = on_command
         self._reader: asyncio.Task[None] | None = None
         self.session_id = ""
         self.heartbeat_interval_s = 1.0
@@ -66,8 +70,9 @@ class AgentClient:
 
     async def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                              exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,
-                             timeout_s: float = 10.0) -> None:
-        """Send a failure report and wait until the operator has acknowledged it."""
+                             timeout_s: float = 10.0) -> pb.Verdict:
+        """Send a failure report and wait for the operator's ack; returns its verdict (action
+        ``ACTION_UNSPECIFIED`` when the operator gave none)."""
         seq = next(self._seq)
         report = pb.FailureReport(seq=seq, rank=rank, observed_unix_ns=time.time_ns(),
                                   log_tail=[line[:MAX_LOG_LINE] for line in (log_tail or [])[-MAX_LOG_LINES:]])
@@ -79,7 +84,10 @@ class AgentClient:
         ack = asyncio.get_running_loop().create_future()
         self._acks[seq] = ack
         await self._write(pb.AgentMessage(failure=report))
-        await asyncio.wait_for(ack, timeout=timeout_s)
+        try:
+            return await asyncio.wait_for(ack, timeout=timeout_s)
+        finally:
+            self._acks.pop(seq, None)
 
     async def close(self) -> None:
         if self._call is not None:
@@ -101,10 +109,13 @@ class AgentClient:
         assert self._call is not None
         try:
             while (reply := await self._call.read()) is not grpc.aio.EOF:
-                if reply.WhichOneof("body") == "ack":
+                body = reply.WhichOneof("body")
+                if body == "ack":
                     future = self._acks.pop(reply.ack.seq, None)
                     if future is not None and not future.done():
-                        future.set_result(None)
+                        future.set_result(reply.ack.verdict)
+                elif body == "command" and self._on_command is not None:
+                    self._on_command(reply.command)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         for future in self._acks.values():

@@ -1,5 +1,7 @@
 """The agent's heartbeat: a background thread that keeps the agent's control-plane session open
-and sends the training's latest step and step time about once a second.
+and sends the training's latest step and step time about once a second. The same session
+carries the agent's failure reports (:meth:`Heartbeat.report_failure`, callable from the
+agent's own thread) and the operator's commands (:attr:`Heartbeat.restart_requested`).
 
 The step comes from the progress record rank 0 publishes in the rendezvous store
 (:mod:`salamander.wire`), so the training processes pay nothing extra. A broken or refused
@@ -9,12 +11,15 @@ stream is retried with backoff (1 s doubling to 10 s); training never waits on t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from salamander.controlplane.v1 import controlplane_pb2 as pb
 
 from salamander import wire
 from salamander.controlplane import AgentIdentity
@@ -82,8 +87,35 @@ class Heartbeat(threading.Thread):
         self._endpoint, self._token, self._identity = endpoint, token, identity
         self._read_progress = read_progress
         self._stopped = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: AgentClient | None = None
         self.clock = StepClock()
         self.sent = 0
+        self.restart_requested = threading.Event()
+        self.restart_reason = ""
+
+    def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
+                       exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,
+                       timeout_s: float = 10.0) -> pb.Verdict | None:
+        """Report a failure and wait for the operator's verdict; None when the operator cannot
+        be reached in time (the agent then falls back to its own restart budget)."""
+        loop, client = self._loop, self._client
+        if loop is None or client is None:
+            return None
+        future = asyncio.run_coroutine_threadsafe(client.report_failure(
+            rank, exit_code=exit_code, signal=signal, exception=exception, log_tail=log_tail,
+            timeout_s=timeout_s), loop)
+        try:
+            return future.result(timeout_s + 1.0)
+        except (ControlPlaneError, TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError) as exc:
+            log.warning("the operator did not answer the failure report: %s", exc)
+            future.cancel()
+            return None
+
+    def _on_command(self, command: pb.Command) -> None:
+        if command.WhichOneof("body") == "restart":
+            self.restart_reason = command.restart.reason
+            self.restart_requested.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopped.set()
@@ -93,11 +125,13 @@ class Heartbeat(threading.Thread):
         asyncio.run(self._main())
 
     async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
         backoff = 1.0
         while not self._stopped.is_set():
-            client = AgentClient(self._endpoint, self._token, self._identity)
+            client = AgentClient(self._endpoint, self._token, self._identity, on_command=self._on_command)
             try:
                 await client.connect()
+                self._client = client
                 backoff = 1.0
                 while not self._stopped.is_set():
                     self.clock.update(await asyncio.to_thread(self._read_progress))
@@ -109,4 +143,5 @@ class Heartbeat(threading.Thread):
                 await asyncio.to_thread(self._stopped.wait, backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
             finally:
+                self._client = None
                 await client.close()

@@ -52,6 +52,13 @@ class AgentSession:
     step: int = 0
     step_time_s: float = 0.0
     connected: bool = True
+    outbox: asyncio.Queue[pb.OperatorMessage | None] = field(default_factory=asyncio.Queue, repr=False)
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+
+    def send(self, message: pb.OperatorMessage) -> None:
+        """Queue ``message`` for this agent; callable from any thread."""
+        if self.loop is not None and self.connected:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -70,7 +77,8 @@ class ControlPlaneStats:
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
 
 
-FailureHandler = Callable[[AgentSession, pb.FailureReport], None]
+#: Decides about a failure report; the verdict goes back to the agent in the ack.
+FailureHandler = Callable[[AgentSession, pb.FailureReport], "pb.Verdict | None"]
 
 
 def _check_name(value: str, name: str) -> None:
@@ -128,22 +136,43 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             identity = AgentIdentity(namespace=hello.namespace, job=hello.job, pod=hello.pod, node=hello.node,
                                      first_rank=hello.first_rank, rank_count=hello.rank_count)
             session = AgentSession(session_id=uuid.uuid4().hex, identity=identity, connected_at=now,
-                                   last_heartbeat=now)
+                                   last_heartbeat=now, loop=asyncio.get_running_loop())
+            previous = self.sessions.get(session.key)
+            if previous is not None and previous.connected:
+                previous.connected = False  # a reconnecting agent replaces its old stream
+                previous.outbox.put_nowait(None)
+                self.stats.connections -= 1
             self.sessions[session.key] = session
             self.stats.connections += 1
             yield pb.OperatorMessage(welcome=pb.Welcome(session_id=session.session_id,
                                                         heartbeat_interval_s=HEARTBEAT_INTERVAL_S))
-            async for message in request_iterator:
-                ack = self._handle(session, message)
-                if ack is not None:
-                    yield ack
+            reader = asyncio.create_task(self._read(session, request_iterator))
+            try:
+                while (outgoing := await session.outbox.get()) is not None:
+                    yield outgoing
+            finally:
+                reader.cancel()
+            error = reader.exception() if reader.done() and not reader.cancelled() else None
+            if error is not None:
+                raise error
         except ProtocolError as exc:
             self.stats.rejected[exc.reason] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            if session is not None and self.sessions.get(session.key) is session:
+            if session is not None and self.sessions.get(session.key) is session and session.connected:
                 session.connected = False
                 self.stats.connections -= 1
+
+    async def _read(self, session: AgentSession, request_iterator: AsyncIterator[pb.AgentMessage]) -> None:
+        """Handle the agent's messages; acks go to its outbox. Ends the stream (a None in the
+        outbox) when the agent closes it or breaks the protocol (the error is kept)."""
+        try:
+            async for message in request_iterator:
+                ack = self._handle(session, message)
+                if ack is not None:
+                    session.outbox.put_nowait(ack)
+        finally:
+            session.outbox.put_nowait(None)
 
     def _handle(self, session: AgentSession, message: pb.AgentMessage) -> pb.OperatorMessage | None:
         kind = message.WhichOneof("body")
@@ -162,9 +191,11 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 raise ProtocolError("invalid_failure", "failure must carry an exit or an exception")
             session.last_heartbeat = time.monotonic()
             self.stats.failures += 1
-            if self.on_failure is not None:
-                self.on_failure(session, report)
-            return pb.OperatorMessage(ack=pb.Ack(seq=report.seq))
+            verdict = self.on_failure(session, report) if self.on_failure is not None else None
+            ack = pb.Ack(seq=report.seq)
+            if verdict is not None:
+                ack.verdict.CopyFrom(verdict)
+            return pb.OperatorMessage(ack=ack)
         raise ProtocolError("unexpected_message", f"unexpected message {kind or '(empty)'} after hello")
 
 
@@ -195,6 +226,14 @@ class ControlPlaneServer:
     def forget(self, namespace: str, job: str, pod: str) -> None:
         """Drop a pod's session (its pod is being replaced; the new agent will register anew)."""
         self.servicer.sessions.pop((namespace, job, pod), None)
+
+    def restart_processes(self, namespace: str, job: str, reason: str) -> int:
+        """Tell every connected agent of a job to restart its training processes; how many were told."""
+        sessions = [s for s in self.job_sessions(namespace, job) if s.connected]
+        for n, session in enumerate(sessions, start=1):
+            session.send(pb.OperatorMessage(command=pb.Command(
+                seq=n, restart=pb.RestartProcesses(reason=reason[:500]))))
+        return len(sessions)
 
     def job_sessions(self, namespace: str, job: str) -> list[AgentSession]:
         return [s for (ns, j, _), s in list(self.servicer.sessions.items()) if ns == namespace and j == job]

@@ -1,10 +1,26 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    RETRY_IN_PLACE: _ClassVar[Action]
+    RESTART_PROCESSES: _ClassVar[Action]
+    REPLACE_POD: _ClassVar[Action]
+    REPLACE_NODE: _ClassVar[Action]
+    FAIL_JOB: _ClassVar[Action]
+ACTION_UNSPECIFIED: Action
+RETRY_IN_PLACE: Action
+RESTART_PROCESSES: Action
+REPLACE_POD: Action
+REPLACE_NODE: Action
+FAIL_JOB: Action
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "failure")
@@ -81,12 +97,24 @@ class FailureReport(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., rank: _Optional[int] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., exception: _Optional[_Union[TrainingException, _Mapping]] = ..., log_tail: _Optional[_Iterable[str]] = ..., observed_unix_ns: _Optional[int] = ...) -> None: ...
 
 class OperatorMessage(_message.Message):
-    __slots__ = ("welcome", "ack")
+    __slots__ = ("welcome", "ack", "command")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     ack: Ack
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    command: Command
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("action", "delay_s", "reason")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    action: Action
+    delay_s: float
+    reason: str
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., delay_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session_id", "heartbeat_interval_s")
@@ -97,7 +125,23 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "verdict")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    verdict: Verdict
+    def __init__(self, seq: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("seq", "restart")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    restart: RestartProcesses
+    def __init__(self, seq: _Optional[int] = ..., restart: _Optional[_Union[RestartProcesses, _Mapping]] = ...) -> None: ...
+
+class RestartProcesses(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...

@@ -46,7 +46,8 @@ class ControlPlaneServicer:
 
     def Session(self, request_iterator, context):
         """Agent -> operator: Hello, then Heartbeats and FailureReports.
-        Operator -> agent: Welcome, then Acks of failure reports (and, later, commands).
+        Operator -> agent: Welcome, then Acks of failure reports (each with the operator's
+        verdict) and Commands (restart the processes, e.g. after a hang).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
