@@ -1,6 +1,7 @@
 """The ``salamander`` command line.
 
     salamander run JOB.yaml        run a TrainingJob on this machine, with live progress
+                                   (--fault KIND:key=value,... injects a fault, e.g. kill-process:step=30,rank=1)
     salamander validate JOB.yaml   check a manifest without running it
     salamander crd [--write DIR]   print (or write) the CRD generated from the API models
     salamander operator            run the operator against the current Kubernetes context
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from salamander import __version__
-from salamander.api import InvalidSpec, TrainingJob, parse_manifest
+from salamander.api import Fault, InvalidSpec, TrainingJob, parse_manifest
+from salamander.api.faults import parse_fault
 
 
 def _load(path: str) -> TrainingJob:
@@ -30,10 +32,29 @@ def _load(path: str) -> TrainingJob:
     return parse_manifest(text)
 
 
+def _parse_faults(texts: Sequence[str]) -> list[Fault] | None:
+    """The ``--fault`` values as faults, or None after printing the first bad one."""
+    faults = []
+    for text in texts:
+        try:
+            faults.append(parse_fault(text))
+        except InvalidSpec as exc:
+            shown = text if text.isprintable() and len(text) <= 80 else repr(text[:80])
+            print(f"salamander: invalid --fault {shown}: {exc}", file=sys.stderr)
+            return None
+    return faults
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from salamander_operator.local import run_manifest
 
+    faults = _parse_faults(args.fault)
+    if faults is None:
+        return 2
     job = _load(args.manifest)
+    if faults:
+        spec = job.spec.model_copy(update={"faults": [*job.spec.faults, *faults]})
+        job = job.model_copy(update={"spec": spec})
     working_dir = job.spec.worker.working_dir
     if working_dir and not Path(working_dir).is_dir():
         raise InvalidSpec("spec.worker.workingDir", f"{working_dir} is not a directory on this machine")
@@ -76,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", help="path to a TrainingJob YAML file")
     run.add_argument("--runs-dir", default="runs", help="where worker logs go (default ./runs)")
     run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    run.add_argument("--fault", action="append", default=[], metavar="KIND:key=value,...",
+                     help="inject a fault, for rehearsal (repeatable): kill-process:step=30,rank=1, "
+                          "raise:step=5,rank=0, kill-worker:step=60,worker=2, hang-rank:step=90,rank=0[,seconds=S], "
+                          "slow-rank:step=10,rank=1,seconds=0.5,steps=20")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a TrainingJob manifest")

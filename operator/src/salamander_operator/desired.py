@@ -8,11 +8,13 @@ labels and an owner reference, so Kubernetes' garbage collector removes it with 
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from salamander import wire
 from salamander.api import API_VERSION, KIND, TrainingJobSpec
+from salamander.api.faults import PROCESS_FAULT_KINDS
 from salamander_operator.observed import WORKER_CONTAINER
 
 AGENT_COMMAND = "salamander-worker"
@@ -77,6 +79,17 @@ def agent_env(job: JobRef, index: int, rdzv_endpoint: str) -> dict[str, str]:
     }
 
 
+def fault_env(spec: TrainingJobSpec) -> dict[str, str]:
+    """``$SALAMANDER_FAULTS`` for the training processes, when the spec has process faults (empty
+    otherwise). The list is the whole ``spec.faults``, KillWorker entries included (the workers
+    skip them), so that fault ``i`` claims the same store key ``wire.fault_key(run_id, i)``
+    wherever it is executed."""
+    if not any(fault.kind in PROCESS_FAULT_KINDS for fault in spec.faults):
+        return {}
+    faults = [fault.model_dump(mode="json", by_alias=True) for fault in spec.faults]
+    return {wire.ENV_FAULTS: json.dumps(faults, separators=(",", ":"))}
+
+
 def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str,
                      control_endpoint: str = "") -> dict[str, Any]:
     """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
@@ -85,6 +98,7 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
     worker = spec.worker
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in agent_env(job, index, rdzv_endpoint).items()]
+    env += [{"name": k, "value": v} for k, v in fault_env(spec).items()]
     if control_endpoint:
         env.append({"name": wire.ENV_CONTROL_ENDPOINT, "value": control_endpoint})
     env.append({"name": wire.ENV_CONTROL_TOKEN, "valueFrom": {"secretKeyRef": {

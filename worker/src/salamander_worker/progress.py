@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
+from salamander_worker import faults
 from salamander_worker.store import connect_store
 from salamander_worker.topology import WorkerContext, context
 
@@ -71,6 +72,7 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
     other ranks return at once.
     """
     ctx = _channel.context()
+    faults.on_step(step, ctx, _channel.connect)  # every rank: inject the faults due (rehearsal, tests)
     if not ctx.is_leader:
         return
     if loss is not None and not math.isfinite(loss):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -76,12 +78,54 @@ def context() -> WorkerContext:
     )
 
 
+_ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+_hook_installed = False
+
+
+def _record_exception(exc: BaseException, tb: TracebackType | None) -> None:
+    """Write ``exc`` to torch elastic's error file, as its ``@record`` decorator would, unless the
+    file already holds a record (``@record`` itself wrote one, nearer the cause)."""
+    path = os.environ.get(_ERROR_FILE_ENV, "")
+    if not path or (os.path.isfile(path) and os.path.getsize(path) > 0):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    try:
+        raise exc  # the handler formats the exception being handled (sys.exc_info())...
+    except BaseException:  # noqa: BLE001 - exactly exc
+        exc.__traceback__ = tb  # ... with its own traceback, without this frame
+        get_error_handler().record_exception(exc)
+    finally:
+        exc.__traceback__ = tb
+
+
+def install_excepthook() -> None:
+    """Make an uncaught exception reach torch elastic's agent with its type and message
+    (``ProcessFailure.error_file_data``), for any script, not only those decorated with
+    ``@record``. Installed once per process; the previous hook still prints the traceback."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        try:
+            _record_exception(exc, tb)
+        except Exception:  # noqa: BLE001, S110 - recording is best effort; the traceback still prints
+            pass
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    _hook_installed = True
+
+
 def init_distributed(timeout_s: float = 300.0) -> WorkerContext:
     """Join the process group (gloo or NCCL) when running under an agent, and return the context.
 
     Safe to call twice. With ``WORLD_SIZE`` unset or 1 and no ``MASTER_ADDR`` it does not
-    create a group, so the same script runs standalone.
+    create a group, so the same script runs standalone. Installs :func:`install_excepthook`.
     """
+    install_excepthook()
     ctx = context()
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
