@@ -13,14 +13,21 @@ Invariants:
   batches as a pure function of ``(seed, rank, step)``, so ranks see different data and a run
   is reproducible for a given world size.
 * Every rank calls ``report`` and ``should_stop`` at every step; when the job asks to stop,
-  all ranks leave the loop at the same step and exit 0. A restarted worker starts afresh
-  (there is no checkpoint in this demo).
+  all ranks leave the loop at the same step and exit 0.
+* With a checkpoint directory (``--checkpoint-dir``, else ``SALAMANDER_CHECKPOINT_DIR``, which
+  the operator sets from ``spec.checkpoint``) the run saves model, optimizer and step every
+  ``--checkpoint-every`` steps (else ``SALAMANDER_CHECKPOINT_INTERVAL``, else 100), when the job
+  asks it to stop, and at the end; a (re)started run resumes from the newest checkpoint. The
+  data position *is* the step: batches are a pure function of ``(seed, rank, step)``, so a
+  resumed run draws exactly the batches an uninterrupted one would have, whatever the world
+  size was when it saved. Without a checkpoint directory a restarted worker starts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,8 +46,10 @@ if _HERE not in sys.path:  # lets the script be imported by path (tests) as well
 import salamander_worker  # noqa: E402
 from corpus import Vocab, make_corpus  # noqa: E402
 from model import GPT, GPTConfig, lm_loss  # noqa: E402
+from salamander import wire  # noqa: E402
 from salamander_worker import WorkerContext  # noqa: E402
 from salamander_worker import progress as sw_progress  # noqa: E402
+from salamander_worker.checkpoint import CheckpointError, Checkpointer, ModelState  # noqa: E402
 
 CORPUS_CHARS = 200_000
 CORPUS_SEED = 1234
@@ -48,7 +57,11 @@ CORPUS_SEED = 1234
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters; all positive (``seed >= 0``), ``d_model % n_head == 0``."""
+    """Training hyper-parameters; all positive (``seed >= 0``), ``d_model % n_head == 0``.
+
+    ``checkpoint_dir``/``checkpoint_every`` override ``SALAMANDER_CHECKPOINT_DIR``/``_INTERVAL``
+    (``None``: take the environment's).
+    """
 
     steps: int = 300
     batch_size: int = 16
@@ -59,15 +72,23 @@ class TrainConfig:
     n_layer: int = 3
     d_model: int = 96
     n_head: int = 4
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
 
 
 @dataclass
 class TrainResult:
-    """What a run did: ``losses[i]`` is the (rank-averaged) loss of step ``i``."""
+    """What a run did: ``losses[i]`` is the (rank-averaged) loss of step ``start_step + i``.
+
+    ``start_step`` is the step the run resumed from (0 on a fresh start, ``resumed_from`` then
+    ``None``); ``steps_done`` counts steps from the very beginning, resumed ones included.
+    """
 
     steps_done: int
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    start_step: int = 0
+    resumed_from: Path | None = None
 
     @property
     def first_loss(self) -> float:
@@ -107,10 +128,24 @@ def _mean_across_ranks(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
-def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = print) -> TrainResult:
-    """Train for ``cfg.steps`` steps (fewer if the job asks to stop); ``log`` is used on rank 0 only.
+def checkpointer_for(cfg: TrainConfig) -> Checkpointer | None:
+    """The run's checkpointer: the flags in ``cfg`` over the environment; ``None`` without a
+    directory. A malformed environment value raises ``CheckpointError`` naming the variable."""
+    overrides = {}
+    if cfg.checkpoint_dir is not None:
+        overrides[wire.ENV_CHECKPOINT_DIR] = cfg.checkpoint_dir
+    if cfg.checkpoint_every is not None:
+        overrides[wire.ENV_CHECKPOINT_INTERVAL] = str(cfg.checkpoint_every)
+    return Checkpointer.from_environment({**os.environ, **overrides})
 
-    With ``ctx.world_size > 1`` the process group must already be initialised.
+
+def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = print,
+          checkpointer: Checkpointer | None = None) -> TrainResult:
+    """Train up to step ``cfg.steps`` (fewer if the job asks to stop); ``log`` is used on rank 0 only.
+
+    With ``checkpointer`` the run first resumes from its newest checkpoint, if any, and saves
+    when one is due, when asked to stop and after the last step. With ``ctx.world_size > 1``
+    the process group must already be initialised.
     """
     say = log if ctx.is_leader else (lambda _msg: None)
     text = make_corpus(CORPUS_CHARS, CORPUS_SEED)
@@ -131,8 +166,20 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
         f"world {ctx.world_size} ({ctx.backend}), restart {ctx.restart_count}")
 
     result = TrainResult(steps_done=0)
+    # A Stateful: model and optimizer state are read (and the optimizer's state created) only
+    # when a checkpoint is saved or loaded, so a fresh start trains exactly as without one.
+    state = {"train": ModelState(model, optimizer)}
+    if checkpointer is not None:
+        restored = checkpointer.load(state)
+        if restored is not None:
+            result.start_step = result.steps_done = restored
+            result.resumed_from = checkpointer.path(restored)
+            say(f"resumed from step {restored} (checkpoint {result.resumed_from})")
+        if restored is not None and restored >= cfg.steps:
+            say(f"nothing to do: the checkpoint is at step {restored}, --steps is {cfg.steps}")
+
     model.train()
-    for step in range(cfg.steps):
+    for step in range(result.start_step, cfg.steps):
         x, y = sample_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, ctx.rank, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
@@ -147,9 +194,14 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
         result.steps_done = step + 1
         salamander_worker.report(step + 1, loss=mean_loss, total_steps=cfg.steps,
                                  samples=(step + 1) * cfg.batch_size * ctx.world_size)
-        if (step + 1) % cfg.log_every == 0 or step == 0:
+        if (step + 1) % cfg.log_every == 0 or step == result.start_step:
             say(f"step {step + 1}/{cfg.steps} loss {mean_loss:.4f}")
-        if salamander_worker.should_stop(step):
+        stop = salamander_worker.should_stop(step)  # the same answer on every rank
+        if checkpointer is not None and (checkpointer.due(step + 1) or stop
+                                         or step + 1 == cfg.steps):
+            path = checkpointer.save(step + 1, state)
+            say(f"saved checkpoint {path}")
+        if stop:
             result.stopped_early = step + 1 < cfg.steps
             if result.stopped_early:
                 say(f"stop requested; leaving after step {step + 1}")
@@ -204,29 +256,44 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--n-layer", type=_positive_int, default=d.n_layer, help="transformer blocks")
     p.add_argument("--d-model", type=_positive_int, default=d.d_model, help="embedding width")
     p.add_argument("--n-head", type=_positive_int, default=d.n_head, help="attention heads")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help=f"save and resume checkpoints here (default: ${wire.ENV_CHECKPOINT_DIR}, "
+                        "none if unset)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help=f"save every N steps (default: ${wire.ENV_CHECKPOINT_INTERVAL}, else 100)")
     a = p.parse_args(argv)
+    if a.checkpoint_dir is not None and not a.checkpoint_dir.strip():
+        p.error("--checkpoint-dir must not be empty")
     if a.d_model % a.n_head != 0:
         p.error(f"--d-model ({a.d_model}) must be divisible by --n-head ({a.n_head})")
     if a.seq_len >= CORPUS_CHARS:
         p.error(f"--seq-len ({a.seq_len}) must be smaller than the corpus ({CORPUS_CHARS} chars)")
     return TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                        seed=a.seed, log_every=a.log_every, n_layer=a.n_layer,
-                       d_model=a.d_model, n_head=a.n_head)
+                       d_model=a.d_model, n_head=a.n_head, checkpoint_dir=a.checkpoint_dir,
+                       checkpoint_every=a.checkpoint_every)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: join the job, train, report, leave the process group; returns 0 on success."""
     cfg = parse_args(argv)
+    try:
+        checkpointer = checkpointer_for(cfg)  # a bad environment fails before joining the job
+    except CheckpointError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     torch.set_num_threads(1)  # several worker processes usually share a few cores
     ctx = salamander_worker.init_distributed()
     started = time.monotonic()
     try:
-        result = train(cfg, ctx, log=lambda msg: print(msg, flush=True))
+        result = train(cfg, ctx, log=lambda msg: print(msg, flush=True), checkpointer=checkpointer)
         if ctx.is_leader:
-            print(f"done: {result.steps_done} steps in {time.monotonic() - started:.1f} s",
+            resumed = f" ({result.start_step} resumed)" if result.start_step else ""
+            print(f"done: {result.steps_done} steps{resumed} in {time.monotonic() - started:.1f} s",
                   flush=True)
-            print(f"final loss {result.final_loss:.4f} (first loss {result.first_loss:.4f})",
-                  flush=True)
+            if result.losses:
+                print(f"final loss {result.final_loss:.4f} (first loss {result.first_loss:.4f})",
+                      flush=True)
         sw_progress.flush()
     finally:
         if dist.is_initialized():

@@ -214,3 +214,65 @@ def test_the_longest_name_and_index_stay_dns_labels() -> None:
     assert len(pod["metadata"]["name"]) <= 63
     assert len(pod["spec"]["hostname"]) <= 63
     assert len(pod["spec"]["subdomain"]) <= 63
+
+
+def test_checkpoint_env_and_claim_mount() -> None:
+    from salamander_operator.desired import checkpoint_env
+    spec = parse_spec({**FULL, "checkpoint": {"directory": "/ckpt/llm", "intervalSteps": 50,
+                                              "claimName": "llm-checkpoints"}})
+    pod = build_worker_pod(JOB, spec, 1, ENDPOINT)
+    env = env_of(pod)
+    assert env[wire.ENV_CHECKPOINT_DIR] == "/ckpt/llm"
+    assert env[wire.ENV_CHECKPOINT_INTERVAL] == "50"
+    assert checkpoint_env(spec) == {wire.ENV_CHECKPOINT_DIR: "/ckpt/llm", wire.ENV_CHECKPOINT_INTERVAL: "50"}
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "llm-checkpoints"}
+    assert container(pod)["volumeMounts"] == [{"name": volume["name"], "mountPath": "/ckpt/llm"}]
+    names = [e["name"] for e in container(pod)["env"]]
+    assert names.index(wire.ENV_CHECKPOINT_DIR) < names.index("NCCL_DEBUG")  # the user env still wins
+
+
+def test_a_relative_checkpoint_directory_is_mounted_under_the_working_directory() -> None:
+    spec = parse_spec({**FULL, "checkpoint": {"directory": "runs/ckpt", "claimName": "pvc"}})
+    pod = build_worker_pod(JOB, spec, 0, ENDPOINT)
+    assert container(pod)["volumeMounts"][0]["mountPath"] == "/workspace/runs/ckpt"
+    assert env_of(pod)[wire.ENV_CHECKPOINT_DIR] == "/workspace/runs/ckpt"  # the same place
+    assert env_of(pod)[wire.ENV_CHECKPOINT_INTERVAL] == "100"  # the spec's default
+
+
+def test_a_checkpoint_without_a_claim_sets_the_env_but_mounts_nothing() -> None:
+    spec = parse_spec({**MINIMAL, "checkpoint": {"directory": "/shared/ckpt", "intervalSteps": 7}})
+    pod = build_worker_pod(JOB, spec, 0, ENDPOINT)
+    assert env_of(pod)[wire.ENV_CHECKPOINT_DIR] == "/shared/ckpt"
+    assert env_of(pod)[wire.ENV_CHECKPOINT_INTERVAL] == "7"
+    assert "volumes" not in pod["spec"] and "volumeMounts" not in container(pod)
+
+
+def test_no_checkpoint_no_checkpoint_env_or_volume() -> None:
+    from salamander_operator.desired import checkpoint_env
+    pod = build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT)
+    assert wire.ENV_CHECKPOINT_DIR not in env_of(pod) and wire.ENV_CHECKPOINT_INTERVAL not in env_of(pod)
+    assert "volumes" not in pod["spec"] and "volumeMounts" not in container(pod)
+    assert checkpoint_env(parse_spec(FULL)) == {}
+
+
+def test_local_workers_get_the_checkpoint_env(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from salamander_operator.local import workers as local_workers
+    started: list[dict] = []
+
+    class FakePopen:
+        pid = 4242
+
+        def __init__(self, command, env, **kwargs) -> None:
+            started.append(env)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(local_workers.subprocess, "Popen", FakePopen)
+    spec = parse_spec({**MINIMAL, "checkpoint": {"directory": "ckpt", "intervalSteps": 3}})
+    table = local_workers.LocalWorkers(JOB, spec, "127.0.0.1:1", tmp_path)
+    table.create(0)
+    (env,) = started
+    assert env[wire.ENV_CHECKPOINT_DIR] == "ckpt" and env[wire.ENV_CHECKPOINT_INTERVAL] == "3"
+    table.delete(0)

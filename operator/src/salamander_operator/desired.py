@@ -8,6 +8,7 @@ labels and an owner reference, so Kubernetes' garbage collector removes it with 
 from __future__ import annotations
 
 import base64
+import posixpath
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,27 @@ def agent_env(job: JobRef, index: int, rdzv_endpoint: str) -> dict[str, str]:
     }
 
 
+CHECKPOINT_VOLUME = "checkpoints"
+
+
+def checkpoint_env(spec: TrainingJobSpec) -> dict[str, str]:
+    """Where and how often the training processes checkpoint, when ``spec.checkpoint`` is set
+    (empty otherwise). A relative directory is relative to the worker's working directory."""
+    if spec.checkpoint is None:
+        return {}
+    return {wire.ENV_CHECKPOINT_DIR: spec.checkpoint.directory,
+            wire.ENV_CHECKPOINT_INTERVAL: str(spec.checkpoint.interval_steps)}
+
+
+def checkpoint_mount_path(spec: TrainingJobSpec) -> str | None:
+    """The absolute path ``spec.checkpoint.claimName`` is mounted at in a worker pod (its
+    directory, resolved against the working directory or ``/``), or ``None`` without a claim."""
+    ckpt = spec.checkpoint
+    if ckpt is None or not ckpt.claim_name:
+        return None
+    return posixpath.normpath(posixpath.join("/", spec.worker.working_dir or "/", ckpt.directory))
+
+
 def fault_env(spec: TrainingJobSpec) -> dict[str, str]:
     """``$SALAMANDER_FAULTS`` for the training processes, when the spec has process faults (empty
     otherwise). The list is the whole ``spec.faults``, KillWorker entries included (the workers
@@ -98,6 +120,11 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
     worker = spec.worker
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in agent_env(job, index, rdzv_endpoint).items()]
+    mount_path = checkpoint_mount_path(spec)
+    ckpt_env = checkpoint_env(spec)
+    if mount_path:
+        ckpt_env[wire.ENV_CHECKPOINT_DIR] = mount_path  # the claim's mount, as an absolute path
+    env += [{"name": k, "value": v} for k, v in ckpt_env.items()]
     env += [{"name": k, "value": v} for k, v in fault_env(spec).items()]
     if control_endpoint:
         env.append({"name": wire.ENV_CONTROL_ENDPOINT, "value": control_endpoint})
@@ -121,6 +148,9 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
                                                ("limits", worker.resources.limits)) if v}
     if worker.working_dir:
         container["workingDir"] = worker.working_dir
+    if mount_path:
+        container.setdefault("volumeMounts", []).append(
+            {"name": CHECKPOINT_VOLUME, "mountPath": mount_path})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": worker_name(job, index),
@@ -131,6 +161,10 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         pod_spec["nodeSelector"] = dict(worker.node_selector)
     if worker.service_account_name:
         pod_spec["serviceAccountName"] = worker.service_account_name
+    if mount_path and spec.checkpoint is not None and spec.checkpoint.claim_name:
+        pod_spec.setdefault("volumes", []).append(
+            {"name": CHECKPOINT_VOLUME,
+             "persistentVolumeClaim": {"claimName": spec.checkpoint.claim_name}})
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -11,6 +11,10 @@ A training script needs only::
         if sw.should_stop(step):
             break
 
+With ``spec.checkpoint`` set, ``sw.Checkpointer.from_environment()`` gives a checkpointer whose
+``load(state)`` returns the step to resume from and whose ``save(step, state)`` persists it
+(:mod:`salamander_worker.checkpoint`).
+
 The names are loaded on first use, so ``salamander-worker --help`` and its usage errors
 answer without waiting for torch to import.
 """
@@ -21,6 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from salamander_worker.checkpoint import CheckpointError, Checkpointer, ModelState
     from salamander_worker.topology import WorkerContext, context, init_distributed
     from salamander_worker.progress import flush, report, should_stop
 
@@ -29,6 +34,8 @@ _EXPORTS = {
     "init_distributed": "salamander_worker.topology",
     "report": "salamander_worker.progress", "should_stop": "salamander_worker.progress",
     "flush": "salamander_worker.progress",
+    "Checkpointer": "salamander_worker.checkpoint", "CheckpointError": "salamander_worker.checkpoint",
+    "ModelState": "salamander_worker.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

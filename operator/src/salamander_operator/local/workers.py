@@ -23,7 +23,7 @@ from typing import IO
 import psutil
 
 from salamander.api import TrainingJobSpec
-from salamander_operator.desired import JobRef, agent_command, agent_env, fault_env
+from salamander_operator.desired import JobRef, agent_command, agent_env, checkpoint_env, fault_env
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class LocalWorkers:
         command[0:1] = [sys.executable, "-m", "salamander_worker.agent",
                         "--local-addr", loopback_address(index)]
         env = {**os.environ, **agent_env(self._job, index, self._endpoint), **fault_env(self._spec),
+               **checkpoint_env(self._spec),
                **{e.name: e.value for e in self._spec.worker.env},
                "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1", **self._extra_env}
         log_file = self.log_path(index).open("ab")
