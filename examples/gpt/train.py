@@ -285,19 +285,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # several worker processes usually share a few cores
     ctx = salamander_worker.init_distributed()
     started = time.monotonic()
-    try:
-        result = train(cfg, ctx, log=lambda msg: print(msg, flush=True), checkpointer=checkpointer)
-        if ctx.is_leader:
-            resumed = f" ({result.start_step} resumed)" if result.start_step else ""
-            print(f"done: {result.steps_done} steps{resumed} in {time.monotonic() - started:.1f} s",
-                  flush=True)
-            if result.losses:
-                print(f"final loss {result.final_loss:.4f} (first loss {result.first_loss:.4f})",
-                      flush=True)
-        sw_progress.flush()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # No try/finally around training: a failed rank must not wait on peers to tear the group
+    # down; it exits at once (salamander_worker's excepthook) and its agent restarts the group.
+    result = train(cfg, ctx, log=lambda msg: print(msg, flush=True), checkpointer=checkpointer)
+    if ctx.is_leader:
+        resumed = f" ({result.start_step} resumed)" if result.start_step else ""
+        print(f"done: {result.steps_done} steps{resumed} in {time.monotonic() - started:.1f} s", flush=True)
+        if result.losses:
+            print(f"final loss {result.final_loss:.4f} (first loss {result.first_loss:.4f})", flush=True)
+    sw_progress.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

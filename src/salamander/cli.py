@@ -5,6 +5,7 @@
     salamander validate JOB.yaml   check a manifest without running it
     salamander crd [--write DIR]   print (or write) the CRD generated from the API models
     salamander operator            run the operator against the current Kubernetes context
+    salamander rendezvous          host the rendezvous store on its own, apart from the operator
 
 Every usage or manifest error exits 2 with one line naming the problem.
 """
@@ -80,12 +81,43 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad flag value: ``main`` prints it as one line and exits 2."""
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from salamander_operator.kube.main import run_operator
 
     return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces,
                         rendezvous_port=args.rendezvous_port, advertise=args.advertise,
-                        liveness=args.liveness, verbose=args.verbose, control_port=args.control_port)
+                        liveness=args.liveness, verbose=args.verbose, control_port=args.control_port,
+                        rendezvous_endpoint=args.rendezvous_endpoint,
+                        rendezvous_advertise=args.rendezvous_advertise)
+
+
+def _cmd_rendezvous(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    text, bind = args.port.strip(), args.bind.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise UsageError(f"rendezvous: --port must be a number from 0 to 65535, got {args.port!r}")
+    if not bind or not bind.isprintable():
+        raise UsageError(f"rendezvous: --bind must be an address of this machine, got {args.bind!r}")
+    from salamander_operator.rendezvous import RendezvousError, serve
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        shown = f"[{bind}]" if ":" in bind else bind
+        serve(int(text), bind, stop=stop, ready=lambda host: print(
+            f"salamander rendezvous: listening on {shown}:{host.port}", flush=True))
+    except RendezvousError as exc:
+        raise UsageError(f"rendezvous: {exc}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,12 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--rendezvous-port", type=int, default=29400, help="port of the rendezvous store")
     op.add_argument("--control-port", type=int, default=29401, help="port of the agents' control plane (gRPC)")
     op.add_argument("--advertise", default=None,
-                    help="host:port workers reach the rendezvous store at (default: $SALAMANDER_ADVERTISE "
-                         "or this pod's IP)")
+                    help="host[:port] workers reach this operator at: its rendezvous store (port: the listening "
+                         "port) and, at the same host, its control plane (default: $SALAMANDER_ADVERTISE or this "
+                         "pod's IP)")
+    op.add_argument("--rendezvous-endpoint", metavar="HOST:PORT", default=None,
+                    help="use the store that `salamander rendezvous` serves there instead of hosting one, so "
+                         "restarting the operator keeps every job's membership")
+    op.add_argument("--rendezvous-advertise", metavar="HOST:PORT", default=None,
+                    help="with --rendezvous-endpoint: where workers reach that store, if not at the same address")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="kopf's liveness endpoint ('' to turn it off)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)
+
+    rdzv = sub.add_parser("rendezvous", help="host the rendezvous store on its own, until SIGTERM or SIGINT")
+    rdzv.add_argument("--port", default="29400", help="port to listen on (default 29400; 0 picks a free one)")
+    rdzv.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0; '::' for IPv6)")
+    rdzv.set_defaults(func=_cmd_rendezvous)
     return parser
 
 
@@ -136,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidSpec as exc:
         print(f"salamander: invalid manifest {getattr(args, 'manifest', '')}: {exc}".replace("  ", " "),
               file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"salamander: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a runs dir that is a file, a missing --write directory...
         print(f"salamander: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -51,7 +51,8 @@ def job_manifest(name: str = "llm", **spec: Any) -> dict[str, Any]:
 
 class ApiServer(kmock.KubernetesEmulator):
     """The emulator plus the metadata a real API server maintains: ``uid``, ``creationTimestamp``,
-    an increasing ``resourceVersion``, and ``generation`` bumped by spec changes."""
+    an increasing ``resourceVersion``, ``generation`` bumped by spec changes, and a name made from
+    ``generateName``."""
 
     _versions = itertools.count(1)
 
@@ -59,6 +60,8 @@ class ApiServer(kmock.KubernetesEmulator):
         key = (request.resource, request.namespace, request.name)
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):  # e.g. kopf's Events
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:10]}"
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).isoformat())
             meta.setdefault("generation", 1)
@@ -184,6 +187,8 @@ def declare_resources(emulator: ApiServer) -> None:
     emulator.resources["v1/services"] = kmock.ResourceInfo(namespaced=True, kind="Service", verbs=verbs)
     emulator.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event", verbs=verbs)
     emulator.resources["v1/secrets"] = kmock.ResourceInfo(namespaced=True, kind="Secret", verbs=verbs)
+    emulator.resources["v1/nodes"] = kmock.ResourceInfo(namespaced=False, kind="Node", subresources={"status"},
+                                                        verbs=verbs)
     emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         namespaced=True, kind=KIND, singular="trainingjob", shortnames={"tj"}, subresources={"status"},
         verbs=verbs)

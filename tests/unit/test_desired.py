@@ -150,9 +150,23 @@ def test_optional_fields_are_omitted_when_unset() -> None:
     c = container(pod)
     for key in ("imagePullPolicy", "resources", "workingDir"):
         assert key not in c
-    for key in ("nodeSelector", "serviceAccountName"):
+    for key in ("nodeSelector", "serviceAccountName", "affinity"):
         assert key not in pod["spec"]
     assert container(pod)["command"][-2:] == ["python", "train.py"]
+
+
+def test_quarantined_nodes_are_kept_out_by_a_required_node_affinity() -> None:
+    pod = build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT, avoid_nodes={"gpu-7", "gpu-2", "gpu-7"})
+    required = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = required["nodeSelectorTerms"]  # one term: its expressions are ANDed
+    assert term["matchExpressions"] == [
+        {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["gpu-2", "gpu-7"]}]
+    assert term["matchFields"] == [{"key": "metadata.name", "operator": "NotIn", "values": ["gpu-2", "gpu-7"]}]
+    assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}  # the job's own placement is untouched
+    assert "preferredDuringSchedulingIgnoredDuringExecution" not in pod["spec"]["affinity"]["nodeAffinity"]
+    assert build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT, avoid_nodes=["gpu-2", "gpu-7"]) == \
+        build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT, avoid_nodes=("gpu-7", "gpu-2"))  # stable
+    assert "affinity" not in build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT, avoid_nodes=())["spec"]
 
 
 def test_output_is_deterministic_and_not_aliased() -> None:

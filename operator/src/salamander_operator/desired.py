@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import posixpath
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +114,12 @@ def fault_env(spec: TrainingJobSpec) -> dict[str, str]:
 
 
 def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str,
-                     control_endpoint: str = "") -> dict[str, Any]:
+                     control_endpoint: str = "", avoid_nodes: Collection[str] = ()) -> dict[str, Any]:
     """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
     decides how a failed worker is replaced and counts it against the restart budget. The
-    job's control-plane token comes from its Secret, never from the pod spec itself."""
+    job's control-plane token comes from its Secret, never from the pod spec itself.
+    ``avoid_nodes`` (the job's quarantined nodes) become a required node affinity, so the pod
+    is never scheduled there."""
     worker = spec.worker
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in agent_env(job, index, rdzv_endpoint).items()]
@@ -161,6 +164,8 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         pod_spec["nodeSelector"] = dict(worker.node_selector)
     if worker.service_account_name:
         pod_spec["serviceAccountName"] = worker.service_account_name
+    if avoid_nodes:
+        pod_spec["affinity"] = avoid_nodes_affinity(avoid_nodes)
     if mount_path and spec.checkpoint is not None and spec.checkpoint.claim_name:
         pod_spec.setdefault("volumes", []).append(
             {"name": CHECKPOINT_VOLUME,
@@ -176,6 +181,22 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         },
         "spec": pod_spec,
     }
+
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def avoid_nodes_affinity(nodes: Collection[str]) -> dict[str, Any]:
+    """A required node affinity that keeps a pod off ``nodes`` (sorted, so the manifest is
+    stable). The names are nodes' ``metadata.name`` (a pod's ``spec.nodeName``); the term
+    excludes them by the ``kubernetes.io/hostname`` label, which is the node's name unless
+    the kubelet runs with ``--hostname-override``, and by the name field itself, which
+    always is (both must hold, as expressions of one term are ANDed)."""
+    values = sorted(set(nodes))
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{
+        "matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "NotIn", "values": values}],
+        "matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": values}],
+    }]}}}
 
 
 def build_credential_secret(job: JobRef, token: str) -> dict[str, Any]:

@@ -117,10 +117,16 @@ def classify_pod(reason: str, exit_code: int | None, message: str = "") -> Class
 
 
 def classify_worker(reason: str, exit_code: int | None, message: str) -> Classification:
-    """A failed worker as the operator observed it: a lost agent, or a failed pod."""
+    """A failed worker as the operator observed it: a lost agent, a failed node (see
+    :mod:`.nodes`), or a failed pod."""
     if reason == "AgentLost":
         return Classification(Source.AGENT_LOST, "AgentLost", Severity.SEV1, message)
+    if reason in _NODE_KINDS:
+        return Classification(Source.NODE, reason, Severity.SEV1, message)
     return classify_pod(reason, exit_code, message)
+
+
+_NODE_KINDS = frozenset({"NodeNotReady", "NodeDeleted"})  # the kinds classify_node gives
 
 
 def classify_node(ready: bool | None, deleted: bool) -> Classification | None:

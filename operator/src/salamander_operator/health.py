@@ -49,10 +49,12 @@ class StepWatch:
     armed: bool = False
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
 
-    def observe(self, step: int, step_time_s: float, now: float) -> None:
+    def observe(self, step: int, step_time_s: float, now: float, age_s: float | None = None) -> None:
+        """``age_s``: how long ago the step was reported, when known (else: now)."""
         if step != self.step:
             self.armed = self.step is not None
-            self.step, self.since = step, now
+            self.step = step
+            self.since = now - min(max(age_s or 0.0, 0.0), 60.0)  # a skewed clock cannot fake a hang
             if step_time_s > 0:
                 self.step_times.append(step_time_s)
 
@@ -115,12 +117,19 @@ class JobHealth:
                                           node=identity.node, occurred_at=occurred))
         return decision
 
-    def check_hang(self, steps: Iterable[tuple[int, float]], monotonic_now: float) -> Incident | None:
-        """Feed the agents' latest (step, step time); an incident when the job has hung."""
+    def check_hang(self, steps: Iterable[tuple[int, float, float]], monotonic_now: float) -> Incident | None:
+        """Feed the agents' latest (step, step time, wall-clock time of the step or 0); an
+        incident when the job has hung. The job's step is the highest any agent reports (they
+        read the same record at slightly different times, so taking each in turn would look like
+        movement); it is timed from when it was reported, where known."""
         spec = self.spec
+        reported = list(steps)
         with self._lock:
-            for step, step_time_s in steps:
-                self.watch.observe(step, step_time_s, monotonic_now)
+            if reported:
+                step = max(s for s, _, _ in reported)
+                step_time_s = max((t for s, t, _ in reported if s == step), default=0.0)
+                step_at = max((a for s, _, a in reported if s == step), default=0.0)
+                self.watch.observe(step, step_time_s, monotonic_now, time.time() - step_at if step_at > 0 else None)
             if not (spec.failure_policy.hang.enabled and self.watch.armed):
                 return None
             hang = spec.failure_policy.hang
@@ -140,8 +149,9 @@ class JobHealth:
     def _decide(self, evidence: FailureEvidence, now: datetime.datetime) -> Decision:
         """Under the lock: decide, then account for it."""
         spec = self.spec
-        decision = decide(spec.failure_policy, spec.restart_budget, evidence, self._history, now,
-                          self._recovering_since)
+        # Coalesce only while the recovery is still under way: no step since the restart.
+        recovering = self._recovering_since if not self.watch.armed else None
+        decision = decide(spec.failure_policy, spec.restart_budget, evidence, self._history, now, recovering)
         if decision.charged:
             self._history = self._history.charged(now, spec.failure_policy.window_seconds)
         if decision.restarts_processes:

@@ -8,9 +8,10 @@ rules governs them all:
    processes, SEV3 retries in place.
 2. A pod that is already gone cannot have its processes restarted: its worker is replaced
    (``ReplacePod``; still ``ReplaceNode`` for SEV1, which also quarantines the node).
-3. Failures within :data:`COALESCE_S` of a restart the job is already doing are part of that
-   recovery (the other ranks' broken collectives, for one): they are healed by it and not
-   charged again.
+3. Failures during a restart the job is already doing (within :data:`COALESCE_S` of deciding
+   it, and before training made a step since) are part of that recovery (the other ranks'
+   broken collectives, for one): they are healed by it and not charged again. The time limit
+   keeps a job that fails at every start from looping uncharged.
 4. Every other restart is charged: it counts toward ``restartBudget`` for the job's life, and
    toward ``maxRestartsPerWindow`` in the last ``windowSeconds``. One over the window is a
    restart storm and fails the job with reason ``RestartStorm``; one over the budget fails it
@@ -129,7 +130,7 @@ def chosen_action(policy: FailurePolicy, evidence: FailureEvidence) -> tuple[Fai
 def decide(policy: FailurePolicy, restart_budget: int, evidence: FailureEvidence, history: RestartHistory,
            now: datetime.datetime, recovering_since: datetime.datetime | None = None) -> Decision:
     """The decision for one failure. ``recovering_since`` is when the job last decided a restart
-    of its processes (rule 3), if it did."""
+    of its processes (rule 3), if that restart has not made a step yet."""
     action, why = chosen_action(policy, evidence)
     if action is FailureAction.FAIL_JOB:
         return Decision(action, charged=False, why=why, fail_reason=Reason.FAILED_BY_POLICY)

@@ -53,6 +53,7 @@ class Plan:
     delete: tuple[int, ...] = ()
     status: TrainingJobStatus = field(default_factory=TrainingJobStatus)
     events: tuple[Event, ...] = ()
+    incidents: tuple[Incident, ...] = ()  # every failure folded into status in this pass
 
 
 def set_condition(conditions: Sequence[Condition], type_: str, status: bool, reason: str, message: str,
@@ -137,7 +138,7 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
         reason, message = failure
         events.append(Event("Warning", reason, message))
         return Plan(delete=_unfinished(live), status=_ended(status, job, Phase.FAILED, reason, message, now),
-                    events=tuple(events))
+                    events=tuple(events), incidents=(*incidents, *pod_incidents))
     status, released = _release_quarantine(status, now)
     events.extend(Event("Normal", Reason.NODE_RELEASED, f"node {node} is out of quarantine") for node in released)
 
@@ -148,7 +149,8 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
                           | {w.index for w in live if w.index >= spec.replicas.max}))
     new_status = _running_status(status, job, spec, [w for w in running if w.index not in replaced], progress, now)
     events.extend(_membership_events(status, new_status, progress))
-    return Plan(create=create, delete=delete, status=new_status, events=tuple(events))
+    return Plan(create=create, delete=delete, status=new_status, events=tuple(events),
+                incidents=(*incidents, *pod_incidents))
 
 
 def decide_failed_workers(job: JobRef, spec: TrainingJobSpec, failed: Sequence[ObservedWorker],
@@ -220,8 +222,9 @@ def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpe
     if phase is Phase.RUNNING and last_failure is not None and last_failure.recovered_at is None \
             and last_failure.detected_at < now and last_failure.action != "FailJob" \
             and (progress is None or progress.time > last_failure.detected_at.timestamp()):
-        # healed: running again, and training made a step after the failure was detected
-        last_failure = last_failure.model_copy(update={"recovered_at": now})
+        # healed: running again, and training made a step after the failure was detected (then)
+        when = now if progress is None else min(now, datetime.datetime.fromtimestamp(progress.time, datetime.UTC))
+        last_failure = last_failure.model_copy(update={"recovered_at": when})
     return status.model_copy(update={
         "phase": phase, "conditions": conditions, "observed_generation": job.generation,
         "last_failure": last_failure,

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for more nodes once MIN have joined")
     p.add_argument("--keep-alive-interval", type=int, default=2,
                    help="seconds between rendezvous heartbeats; a node silent for 3 of them is dropped")
-    p.add_argument("--monitor-interval", type=float, default=0.5,
+    p.add_argument("--monitor-interval", type=float, default=0.1,
                    help="seconds between checks of the training processes")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command and its arguments")
     return p

@@ -37,6 +37,7 @@ class StepClock:
         self._last: tuple[int, float] | None = None
         self.step = 0
         self.step_time_s = 0.0
+        self.step_at = 0.0  # the wall-clock time of the newest record (seconds since the epoch)
 
     def update(self, progress: wire.Progress | None) -> None:
         if progress is None:
@@ -46,6 +47,7 @@ class StepClock:
         if self._last is None or progress.step != self._last[0]:
             self._last = (progress.step, progress.time)
         self.step = progress.step
+        self.step_at = progress.time
 
 
 def store_progress_reader(rdzv_endpoint: str, run_id: str) -> Callable[[], wire.Progress | None]:
@@ -135,7 +137,7 @@ class Heartbeat(threading.Thread):
                 backoff = 1.0
                 while not self._stopped.is_set():
                     self.clock.update(await asyncio.to_thread(self._read_progress))
-                    await client.heartbeat(self.clock.step, self.clock.step_time_s)
+                    await client.heartbeat(self.clock.step, self.clock.step_time_s, self.clock.step_at)
                     self.sent += 1
                     await asyncio.to_thread(self._stopped.wait, client.heartbeat_interval_s)
             except (ControlPlaneError, asyncio.TimeoutError) as exc:

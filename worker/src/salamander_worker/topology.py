@@ -102,7 +102,8 @@ def _record_exception(exc: BaseException, tb: TracebackType | None) -> None:
 def install_excepthook() -> None:
     """Make an uncaught exception reach torch elastic's agent with its type and message
     (``ProcessFailure.error_file_data``), for any script, not only those decorated with
-    ``@record``. Installed once per process; the previous hook still prints the traceback."""
+    ``@record``. Installed once per process; the previous hook still prints the traceback. Under
+    an elastic agent with a process group, the process then exits at once (see the hook)."""
     global _hook_installed
     if _hook_installed:
         return
@@ -114,6 +115,16 @@ def install_excepthook() -> None:
         except Exception:  # noqa: BLE001, S110 - recording is best effort; the traceback still prints
             pass
         previous(exc_type, exc, tb)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE") and dist.is_available() and dist.is_initialized():
+            # The rank has failed and its agent restarts the group anyway: exit now rather than
+            # tear down a process group whose peers may be blocked (seconds, or forever), so the
+            # failure is detected at once. Output is flushed first; atexit handlers do not run.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(1)
 
     sys.excepthook = hook
     _hook_installed = True

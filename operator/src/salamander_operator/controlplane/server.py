@@ -51,6 +51,7 @@ class AgentSession:
     last_heartbeat: float
     step: int = 0
     step_time_s: float = 0.0
+    step_at: float = 0.0  # wall-clock time the step was reported (0: unknown)
     connected: bool = True
     outbox: asyncio.Queue[pb.OperatorMessage | None] = field(default_factory=asyncio.Queue, repr=False)
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
@@ -100,6 +101,8 @@ def validate_heartbeat(hb: pb.Heartbeat) -> None:
         raise ProtocolError("invalid_heartbeat", "heartbeat.step must be >= 0")
     if not math.isfinite(hb.step_time_s) or hb.step_time_s < 0:
         raise ProtocolError("invalid_heartbeat", "heartbeat.step_time_s must be finite and >= 0")
+    if hb.step_unix_ns < 0:
+        raise ProtocolError("invalid_heartbeat", "heartbeat.step_unix_ns must be >= 0")
 
 
 def _bearer(context: grpc.aio.ServicerContext) -> str | None:
@@ -181,6 +184,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             validate_heartbeat(hb)
             session.last_heartbeat = time.monotonic()
             session.step, session.step_time_s = hb.step, hb.step_time_s
+            session.step_at = hb.step_unix_ns / 1e9 if hb.step_unix_ns > 0 else 0.0
             self.stats.heartbeats += 1
             if hb.sent_unix_ns > 0:
                 self.stats.latencies_s.append(max(0.0, (time.time_ns() - hb.sent_unix_ns) / 1e9))

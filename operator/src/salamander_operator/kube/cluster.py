@@ -35,7 +35,7 @@ def api_client_from_environment() -> kubernetes.client.ApiClient:
 
 
 class KubeCluster:
-    """Pods, services and TrainingJob status of one cluster."""
+    """Pods, services, secrets, TrainingJob status and node labels of one cluster."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self._core = kubernetes.client.CoreV1Api(api_client)
@@ -73,13 +73,15 @@ class KubeCluster:
             raise ClusterError(f"creating {manifest['kind']} {namespace}/{manifest['metadata']['name']}: "
                                f"{exc.status} {exc.reason}") from None
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a pod or service; False if it was already gone."""
+    async def delete(self, kind: str, namespace: str, name: str, grace_period_s: int | None = None) -> bool:
+        """Delete a pod or service; False if it was already gone. ``grace_period_s=0`` removes
+        a pod at once, without waiting for its kubelet (which a lost node's never does)."""
         fn = {"Pod": self._core.delete_namespaced_pod,
               "Service": self._core.delete_namespaced_service,
               "Secret": self._core.delete_namespaced_secret}[kind]
+        extra = {} if grace_period_s is None else {"grace_period_seconds": grace_period_s}
         try:
-            await self._call(fn, name, namespace, propagation_policy="Background", _preload_content=False)
+            await self._call(fn, name, namespace, propagation_policy="Background", _preload_content=False, **extra)
             return True
         except ApiException as exc:
             if exc.status == 404:
@@ -106,3 +108,14 @@ class KubeCluster:
             if exc.status == 404:
                 return
             raise ClusterError(f"patching status of {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+    async def label_node(self, name: str, labels: dict[str, str | None]) -> bool:
+        """Merge-patch a node's labels (None removes one); False if the node is gone."""
+        try:
+            await self._call(self._core.patch_node, name, {"metadata": {"labels": labels}},
+                             _content_type="application/merge-patch+json", _preload_content=False)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise ClusterError(f"labelling node {name}: {exc.status} {exc.reason}") from None

@@ -1,4 +1,5 @@
-"""kopf handlers: one supervising daemon per TrainingJob, woken by its pods' events.
+"""kopf handlers: one supervising daemon per TrainingJob, woken by its pods' events and by
+the failure of a node one of its workers runs on.
 
 Each job's daemon loops ``observe -> reconcile -> apply`` (see :mod:`..reconcile`). It is the
 only writer of the job's status, so it trusts the status it last wrote over the possibly
@@ -22,18 +23,24 @@ import kopf
 from salamander import wire
 from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, check_name,
                             parse_spec)
+from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
+from salamander_operator.controlplane.server import AgentSession
 from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
                                          credential_secret_name, service_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
+from salamander_operator.health import JobHealth, verdict
 from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
+from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_failed_nodes, node_state,
+                                       quarantine_labels, quarantined_by, stranded)
 from salamander_operator.observed import observe_pod
 from salamander_operator.reconcile import Plan, reconcile
-from salamander_operator.rendezvous import RendezvousHost
+from salamander_operator.rendezvous import RendezvousStore
 
 RESYNC_S = 10.0        # a pass at least this often, even without events
 ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
-LIVENESS_SCAN_S = 0.5  # how often agents' silence is checked (in memory)
+NODE_TOMBSTONE_S = 3600.0  # how long a deleted node is remembered as deleted
+LIVENESS_SCAN_S = 0.2  # how often agents' silence and hangs are checked (in memory)
 
 
 @dataclass
@@ -42,13 +49,28 @@ class OperatorContext:
     job's control-plane token, as read back from (or first written to) the job's Secret."""
 
     cluster: KubeCluster
-    rendezvous: RendezvousHost | None
+    rendezvous: RendezvousStore | None  # hosted here, or a client of `salamander rendezvous`
     control_plane: ControlPlaneServer | None = None
     control_host: str = ""
     control_endpoint: str = ""  # control_host:<bound port>, once the control plane listens
     credentials: JobCredentials = field(default_factory=JobCredentials)
     agent_timeout_s: float = DEFAULT_AGENT_TIMEOUT_S
     triggers: dict[str, asyncio.Event] = field(default_factory=dict)
+    health: dict[tuple[str, str], JobHealth] = field(default_factory=dict)  # by (namespace, name)
+    nodes: dict[str, NodeState] = field(default_factory=dict)  # every node seen; deleted ones as tombstones
+    node_quarantined_by: dict[str, str] = field(default_factory=dict)  # node -> its quarantined-by label
+    job_nodes: dict[str, frozenset[str]] = field(default_factory=dict)  # job uid -> the nodes of its workers
+
+    def on_agent_failure(self, session: AgentSession, report: pb.FailureReport) -> pb.Verdict | None:
+        """A failure report from an agent (on the control plane's loop): decide now, so the agent
+        acts at once, and wake the job's reconcile to record it. None for a job not supervised
+        (yet): the agent then falls back to its own restart budget."""
+        health = self.health.get((session.identity.namespace, session.identity.job))
+        if health is None:
+            return None
+        decision = health.on_report(session.identity, report)
+        self.wake(health.job.uid)
+        return verdict(decision)
 
     @property
     def rdzv_endpoint(self) -> str:
@@ -58,6 +80,27 @@ class OperatorContext:
         event = self.triggers.get(uid)
         if event is not None:
             event.set()
+
+    def observe_node(self, name: str, state: NodeState, quarantined_by: str = "") -> None:
+        """Record a node's state from its watch (a tombstone for a deleted one), and wake the
+        jobs with workers on it when it turns NotReady, Unknown or deleted. Most node events
+        are heartbeat churn that changes neither, and wake nobody."""
+        old = self.nodes.get(name)
+        self.nodes[name] = state
+        self.node_quarantined_by[name] = quarantined_by
+        if state.deleted:
+            self.node_quarantined_by.pop(name, None)
+            horizon = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=NODE_TOMBSTONE_S)
+            for gone in [n for n, s in self.nodes.items() if s.deleted and s.since is not None and s.since < horizon]:
+                del self.nodes[gone]
+        if state.failed and (old is None or (old.ready, old.deleted) != (state.ready, state.deleted)):
+            for uid in self.jobs_on(name):
+                self.wake(uid)
+
+    def jobs_on(self, node: str) -> list[str]:
+        """The jobs (uids) last seen with a worker on ``node``: a scan of one small set per job,
+        and it runs only when a node fails."""
+        return [uid for uid, nodes in self.job_nodes.items() if node in nodes]
 
 
 def _status_of(raw: Any, logger: logging.Logger | logging.LoggerAdapter) -> TrainingJobStatus:
@@ -76,6 +119,24 @@ class JobSupervisor:
     status: TrainingJobStatus
     service_ready: bool = False
     credential_ready: bool = False
+    # The quarantine labels this supervisor has put on nodes: node -> the `until` it wrote, None
+    # where it does not know (quarantined before an operator restart), so it writes them again.
+    node_labels: dict[str, datetime.datetime | None] = field(default_factory=dict)
+    on_failed_nodes: frozenset[int] = frozenset()  # workers on a NotReady/deleted node, this pass
+    stranded: tuple[int, ...] = ()  # workers being deleted on a failed node, stuck Terminating
+
+    def __post_init__(self) -> None:
+        self.node_labels = {q.node: None for q in self.status.quarantined_nodes}
+
+    def next_pass_in(self, resync_s: float) -> float:
+        """Seconds until the next pass that no event asks for: the resync period, or sooner when
+        a quarantine ends then, so that the node is released on time."""
+        if self.status.phase.terminal or not self.status.quarantined_nodes:
+            return resync_s
+        soonest = min(q.until for q in self.status.quarantined_nodes)
+        left = (soonest - datetime.datetime.now(datetime.UTC)).total_seconds()
+        return min(resync_s, max(0.05, left + 0.05))
+
     def agent_beats(self, ref: JobRef) -> list[AgentBeat]:
         """The newest heartbeat of each of this job's registered agents, by worker index."""
         plane = self.ctx.control_plane
@@ -119,10 +180,23 @@ class JobSupervisor:
         pods = await self.ctx.cluster.list_worker_pods(ref.namespace, ref.name, ref.uid)
         observed = [w for w in (observe_pod(p) for p in pods) if w is not None]
         observed = mark_lost_agents(observed, self.agent_beats(ref), time.monotonic(), self.ctx.agent_timeout_s)
+        nodes = self.ctx.nodes
+        self.ctx.job_nodes[ref.uid] = frozenset(w.node for w in observed if w.node)
+        self.stranded = tuple(stranded(observed, nodes))
+        observed = mark_failed_nodes(observed, nodes)
+        self.on_failed_nodes = frozenset(w.index for w in observed
+                                         if w.node in nodes and nodes[w.node].failed and not w.deleting)
         progress = None
         if self.ctx.rendezvous is not None:
             progress = await asyncio.to_thread(self.ctx.rendezvous.read_progress, ref.uid)
-        plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC))
+        incidents = []
+        if isinstance(spec, TrainingJobSpec):
+            health = self.ctx.health.get((ref.namespace, ref.name))
+            if health is None or health.job.uid != ref.uid:
+                health = self.ctx.health[(ref.namespace, ref.name)] = JobHealth(ref, spec)
+            health.sync(spec, self.status)
+            incidents = health.drain()
+        plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC), incidents)
         await self.apply(ref, spec, plan, body, logger)
         return plan
 
@@ -133,17 +207,24 @@ class JobSupervisor:
         if live and not self.credential_ready:  # also after an operator restart, with no pod to create
             await self.ensure_credential(ref)
         for index in plan.delete:
-            if await cluster.delete("Pod", ref.namespace, worker_name(ref, index)):
-                logger.info("deleted worker %d", index)
+            # On a failed node no kubelet will confirm a graceful deletion: remove the pod at once,
+            # or it stays Terminating and holds the name its replacement needs.
+            force = index in self.on_failed_nodes
+            if await cluster.delete("Pod", ref.namespace, worker_name(ref, index), grace_period_s=0 if force else None):
+                logger.info("deleted worker %d%s", index, " (on a failed node, without grace)" if force else "")
             if self.ctx.control_plane is not None:  # its replacement's agent registers anew
                 self.ctx.control_plane.forget(ref.namespace, ref.name, worker_name(ref, index))
+        for index in self.stranded:
+            if await cluster.delete("Pod", ref.namespace, worker_name(ref, index), grace_period_s=0):
+                logger.info("removed worker %d, stuck terminating on a failed node", index)
         if plan.create and isinstance(spec, TrainingJobSpec):
             if not self.service_ready:
                 await cluster.create(build_worker_service(ref))
                 self.service_ready = True
+            avoid = {q.node for q in plan.status.quarantined_nodes}
             for index in plan.create:
                 if await cluster.create(build_worker_pod(ref, spec, index, self.ctx.rdzv_endpoint,
-                                                         self.ctx.control_endpoint)):
+                                                         self.ctx.control_endpoint, avoid_nodes=avoid)):
                     logger.info("created worker %d", index)
         for event in plan.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -152,6 +233,36 @@ class JobSupervisor:
             if plan.status.phase.terminal and not self.status.phase.terminal and self.ctx.rendezvous is not None:
                 await asyncio.to_thread(self.ctx.rendezvous.forget, ref.uid)
             self.status = plan.status
+        await self.label_nodes(ref, plan.status, logger)
+
+    async def label_nodes(self, ref: JobRef, status: TrainingJobStatus,
+                          logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """Mark the job's quarantined nodes with labels, and unmark the released ones: the
+        difference between ``status.quarantinedNodes`` and what this supervisor has labelled.
+        A failed patch is logged and tried again on a later pass; it never fails the pass. A
+        node another job has labelled since keeps that job's labels."""
+        wanted = {q.node: q.until for q in status.quarantined_nodes}
+        mine = quarantined_by(ref.namespace, ref.name)
+        changes: list[tuple[str, datetime.datetime | None]] = [
+            (node, until) for node, until in wanted.items() if self.node_labels.get(node, ...) != until]
+        changes += [(node, None) for node in self.node_labels if node not in wanted]
+        for node, until in changes:
+            if until is None and self.ctx.node_quarantined_by.get(node, mine) not in (mine, ""):
+                self.node_labels.pop(node, None)  # re-quarantined by another job: its labels now
+                continue
+            try:
+                present = await self.ctx.cluster.label_node(node, quarantine_labels(ref.namespace, ref.name, until))
+            except Exception as exc:  # noqa: BLE001 - labels inform; the affinity is what keeps the job off
+                logger.warning("could not %s node %s: %s; trying again on a later pass",
+                               "label" if until is not None else "unlabel", node, exc)
+                continue
+            if until is None:
+                self.node_labels.pop(node, None)
+            else:
+                self.node_labels[node] = until
+            if present:
+                logger.info("%s node %s", f"labelled quarantined until {until:%Y-%m-%dT%H:%M:%SZ}"
+                            if until is not None else "removed the quarantine labels of", node)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -171,6 +282,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def start_control_plane(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
         ctx: OperatorContext = memo.context
         if ctx.control_plane is not None:
+            ctx.control_plane.servicer.on_failure = ctx.on_agent_failure
             port = await ctx.control_plane.start()
             ctx.control_endpoint = f"{ctx.control_host}:{port}" if ctx.control_host else ""
             logger.info("control plane listening on port %d", port)
@@ -179,18 +291,28 @@ def register(registry: kopf.OperatorRegistry) -> None:
                  when=lambda memo, **_: memo.context.control_plane is not None)
     async def watch_liveness(uid: str, namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                              **_: Any) -> None:
-        """Wake the job's reconcile as soon as one of its agents falls silent: an in-memory scan
-        of the control plane's sessions twice a second, with no API calls."""
+        """Wake the job's reconcile as soon as one of its agents falls silent, and restart its
+        processes as soon as it hangs: an in-memory scan of the control plane's sessions twice
+        a second, with no API calls."""
         ctx: OperatorContext = memo.context
-        assert ctx.control_plane is not None
+        plane = ctx.control_plane
+        assert plane is not None
         reported: set[str] = set()
         while not stopped:
             now = time.monotonic()
-            silent = {s.session_id for s in ctx.control_plane.job_sessions(namespace, name)
+            sessions = plane.job_sessions(namespace, name)
+            silent = {s.session_id for s in sessions
                       if is_silent(s.last_heartbeat, s.connected, now, ctx.agent_timeout_s)}
             if silent - reported:
                 ctx.wake(uid)
             reported = silent
+            health = ctx.health.get((namespace, name))
+            if health is not None:
+                hang = health.check_hang([(s.step, s.step_time_s, s.step_at) for s in sessions if s.connected], now)
+                if hang is not None:
+                    if hang.decision.restarts_processes and hang.decision.charged:
+                        plane.restart_processes(namespace, name, hang.classification.evidence)
+                    ctx.wake(uid)
             await stopped.wait(LIVENESS_SCAN_S)
 
     @kopf.on.cleanup(registry=registry)
@@ -218,7 +340,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 ref = JobRef(name=name, namespace=namespace, uid=uid, generation=int(meta.get("generation") or 0))
                 try:
                     await supervisor.reconcile_once(ref, spec, body, logger)
-                    delay = RESYNC_S
+                    delay = supervisor.next_pass_in(RESYNC_S)
                 except Exception as exc:  # noqa: BLE001 - a bad pass must never kill the job's loop
                     logger.exception("reconcile pass failed: %s", exc)
                     delay = ERROR_BACKOFF_S
@@ -228,6 +350,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
                     pass
         finally:
             ctx.triggers.pop(uid, None)
+            ctx.job_nodes.pop(uid, None)
 
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
     async def spec_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
@@ -238,16 +361,38 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for ref in body.get("metadata", {}).get("ownerReferences") or []:
             memo.context.wake(ref.get("uid", ""))
 
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    async def node_changed(name: str, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """The node channel: keep every node's readiness (a tombstone once deleted) and wake the
+        jobs with a worker on a node that just failed. Their reconcile fails those workers."""
+        ctx: OperatorContext = memo.context
+        if type == "DELETED":
+            ctx.observe_node(name, NodeState(ready=None, deleted=True, reason="Deleted",
+                                             since=datetime.datetime.now(datetime.UTC)))
+        else:
+            labels = body.get("metadata", {}).get("labels") or {}
+            ctx.observe_node(name, node_state(body), labels.get(LABEL_QUARANTINED_BY) or "")
+
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    async def cleanup(name: str, namespace: str, uid: str, memo: kopf.Memo, logger: logging.Logger,
-                      **_: Any) -> None:
+    async def cleanup(name: str, namespace: str, uid: str, status: kopf.Status, memo: kopf.Memo,
+                      logger: logging.Logger, **_: Any) -> None:
         ctx: OperatorContext = memo.context
         ref = JobRef(name=name, namespace=namespace, uid=uid)
+        mine = quarantined_by(namespace, name)
+        for q in _status_of(status, logger).quarantined_nodes:  # nodes it still kept out: unmark them
+            if ctx.node_quarantined_by.get(q.node, mine) not in (mine, ""):
+                continue  # another job's labels now
+            try:
+                await ctx.cluster.label_node(q.node, quarantine_labels(namespace, name, None))
+            except Exception as exc:  # noqa: BLE001 - labels inform; never block the job's deletion
+                logger.warning("could not remove the quarantine labels of node %s: %s", q.node, exc)
+        ctx.job_nodes.pop(uid, None)
         for pod in await ctx.cluster.list_worker_pods(namespace, name, uid):
             await ctx.cluster.delete("Pod", namespace, pod["metadata"]["name"])
         await ctx.cluster.delete("Service", namespace, service_name(ref))
         await ctx.cluster.delete("Secret", namespace, credential_secret_name(ref))
         ctx.credentials.forget(namespace, name)
+        ctx.health.pop((namespace, name), None)
         if ctx.rendezvous is not None:
             await asyncio.to_thread(ctx.rendezvous.forget, uid)
         logger.info("removed the pods and service of %s/%s", namespace, name)

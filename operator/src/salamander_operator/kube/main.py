@@ -1,4 +1,5 @@
-"""``salamander operator``: host the rendezvous store and run the kopf handlers."""
+"""``salamander operator``: host the rendezvous store (or use one run by ``salamander rendezvous``)
+and run the kopf handlers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import kubernetes
 from salamander_operator.kube.cluster import KubeCluster, api_client_from_environment
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.kube.handlers import OperatorContext, register
-from salamander_operator.rendezvous import RendezvousError, RendezvousHost
+from salamander_operator.rendezvous import RendezvousClient, RendezvousError, RendezvousHost, RendezvousStore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,23 @@ def parse_advertise(explicit: str | None) -> tuple[str, int | None]:
     return host, int(port)
 
 
-def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None, control_port: int | None = None,
+def open_rendezvous(rendezvous_port: int, advertise: str | None, rendezvous_endpoint: str | None = None,
+                    rendezvous_advertise: str | None = None) -> tuple[RendezvousStore, str]:
+    """The operator's rendezvous store and the host workers reach this operator at (for the control
+    plane). Without ``rendezvous_endpoint`` the operator hosts the store on ``rendezvous_port`` and
+    advertises it as :func:`parse_advertise` says. With it, the operator is a client of that store
+    (run by ``salamander rendezvous``) and tells workers ``rendezvous_advertise`` or the same
+    endpoint; ``advertise`` then only names this operator's host. Raises ValueError for a malformed
+    address, :class:`RendezvousError` when the store cannot be hosted. Never waits for a remote store."""
+    host, port = parse_advertise(advertise)
+    if rendezvous_endpoint is None:
+        if rendezvous_advertise is not None:
+            raise ValueError("--rendezvous-advertise needs --rendezvous-endpoint")
+        return RendezvousHost(advertise_host=host, port=rendezvous_port, advertise_port=port), host
+    return RendezvousClient(rendezvous_endpoint, advertise=rendezvous_advertise), host
+
+
+def build_memo(cluster: KubeCluster, rendezvous: RendezvousStore | None, control_port: int | None = None,
                control_host: str = "") -> kopf.Memo:
     """The handlers' shared context. With ``control_port`` the operator also serves the control
     plane there (0 picks a port), and tells agents ``control_host:<port>``."""
@@ -49,14 +66,19 @@ def build_memo(cluster: KubeCluster, rendezvous: RendezvousHost | None, control_
 
 
 def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: int, advertise: str | None,
-                 liveness: str | None, verbose: bool, control_port: int = 29401) -> int:
+                 liveness: str | None, verbose: bool, control_port: int = 29401,
+                 rendezvous_endpoint: str | None = None, rendezvous_advertise: str | None = None) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
     try:
-        host, port = parse_advertise(advertise)
-        rendezvous = RendezvousHost(advertise_host=host, port=rendezvous_port, advertise_port=port)
+        rendezvous, host = open_rendezvous(rendezvous_port, advertise, rendezvous_endpoint, rendezvous_advertise)
     except (ValueError, RendezvousError) as exc:
         log.error("%s", exc)
         return 2
+    if isinstance(rendezvous, RendezvousClient):
+        try:  # only to say so early: the operator starts anyway and reconnects when the store is up
+            rendezvous.connect()
+        except RendezvousError as exc:
+            log.warning("%s; starting anyway, progress stays unknown until it is reachable", exc)
     try:
         api_client = api_client_from_environment()
     except kubernetes.config.ConfigException as exc:
@@ -66,7 +88,8 @@ def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: i
     register(registry)
     kopf.configure(verbose=verbose)
     memo = build_memo(KubeCluster(api_client), rendezvous, control_port, host)
-    log.warning("salamander operator: rendezvous store at %s", rendezvous.endpoint)
+    log.warning("salamander operator: rendezvous store at %s (%s)", rendezvous.endpoint,
+                f"run elsewhere, reached at {rendezvous.target}" if isinstance(rendezvous, RendezvousClient) else "hosted here")
     kopf.run(registry=registry, memo=memo, clusterwide=all_namespaces or not namespaces,
              namespaces=namespaces, liveness_endpoint=liveness or None, standalone=True)
     return 0

@@ -8,6 +8,7 @@ and no worker process is left.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import signal
 import threading
@@ -15,19 +16,29 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from salamander.api import Phase, TrainingJob, TrainingJobStatus
-from salamander_operator.desired import JobRef
+from salamander import wire
+from salamander.api import FailureAction, FaultKind, Phase, Reason, TrainingJob, TrainingJobStatus
+from salamander.controlplane.v1 import controlplane_pb2 as pb
+from salamander_operator.controlplane import JobCredentials
+from salamander_operator.controlplane.server import AgentSession
+from salamander_operator.desired import JobRef, worker_name
+from salamander_operator.health import JobHealth, verdict, worker_index
+from salamander_operator.incidents import Incident
+from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents
+from salamander_operator.local.plane import ControlPlaneThread
 from salamander_operator.local.view import RunView
 from salamander_operator.local.workers import LocalWorkers
 from salamander_operator.observed import WorkerPhase
-from salamander_operator.reconcile import Plan, reconcile
+from salamander_operator.reconcile import Event, Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
 
 log = logging.getLogger(__name__)
 
 
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long workers get to reach their next should_stop()
+NODE_STARTUP_S = 15.0  # how long a replacement node takes to come up (see LocalRun)
 
 
 @dataclass(frozen=True)
@@ -49,34 +60,113 @@ class LocalRun:
     """One job run locally. ``step()`` is one reconcile pass; ``run()`` loops to the end."""
 
     def __init__(self, job: TrainingJob, log_dir: Path, view: RunView | None = None,
-                 poll_s: float = 0.5, extra_env: dict[str, str] | None = None) -> None:
+                 poll_s: float = 0.2, extra_env: dict[str, str] | None = None,
+                 node_startup_s: float = NODE_STARTUP_S) -> None:
+        """``node_startup_s``: how long a replacement *node* takes to come up. A worker replaced
+        with its node (``ReplaceNode``) is started only after it, as a real new node would be, so
+        the survivors first train on without it (shrink) and it joins later (grow)."""
         self.job = job
         self.ref = JobRef(name=job.metadata.name, namespace=job.metadata.namespace,
                           uid=job.metadata.uid or uuid.uuid4().hex, generation=1)
         self.host = RendezvousHost(advertise_host="127.0.0.1", port=0, bind_host="127.0.0.1")
-        self.workers = LocalWorkers(self.ref, job.spec, self.host.endpoint, log_dir, extra_env)
+        self.health = JobHealth(self.ref, job.spec)
+        credentials = JobCredentials()
+        token = credentials.issue(self.ref.namespace, self.ref.name)
+        self.plane = ControlPlaneThread(credentials, on_failure=self._on_failure_report)
+        port = self.plane.start()
+        control_env = {wire.ENV_CONTROL_ENDPOINT: f"127.0.0.1:{port}", wire.ENV_CONTROL_TOKEN: token}
+        self.workers = LocalWorkers(self.ref, job.spec, self.host.endpoint, log_dir,
+                                    {**control_env, **(extra_env or {})})
         self.view = view or RunView(job.metadata.name)
         self.status = TrainingJobStatus()
         self.log_dir = log_dir
         self.poll_s = poll_s
         self.stop_requested = threading.Event()
+        self.agent_timeout_s = DEFAULT_AGENT_TIMEOUT_S
+        self._fired: dict[int, float] = {}  # KillWorker fault index -> when it fired (epoch seconds)
+        self._journaled: set[int] = set()
+        self.node_startup_s = node_startup_s
+        self._node_ready_at: dict[int, float] = {}  # worker -> when its replacement node is up
+        self._wake = threading.Event()
+
+    def _on_failure_report(self, session: AgentSession, report: pb.FailureReport) -> pb.Verdict | None:
+        """Called on the control plane's thread: decide at once, reconcile soon."""
+        if (session.identity.namespace, session.identity.job) != (self.ref.namespace, self.ref.name):
+            return None
+        decision = self.health.on_report(session.identity, report)
+        self._wake.set()
+        return verdict(decision)
+
+    def _sessions(self) -> list[AgentSession]:
+        return self.plane.server.job_sessions(self.ref.namespace, self.ref.name)
 
     def step(self) -> Plan:
         """One pass: observe, reconcile, apply. Once a stop is requested nothing new is started."""
-        observed = self.workers.observe()
+        mono = time.monotonic()
+        sessions = self._sessions()
+        beats = [AgentBeat(i, s.last_heartbeat, s.connected) for s in sessions
+                 if (i := worker_index(self.ref, s.identity.pod)) is not None]
+        observed = mark_lost_agents(self.workers.observe(), beats, mono, self.agent_timeout_s)
         progress = self.host.read_progress(self.ref.uid)
+        self._inject_worker_faults(progress)
+        self.health.sync(self.job.spec, self.status)
+        hang = self.health.check_hang([(s.step, s.step_time_s, s.step_at) for s in sessions if s.connected], mono)
+        if hang is not None and hang.decision.restarts_processes and hang.decision.charged:
+            self.plane.server.restart_processes(self.ref.namespace, self.ref.name, hang.classification.evidence)
+        incidents = self.health.drain()
         now = datetime.datetime.now(datetime.UTC)
-        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now)
+        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents)
         for index in plan.delete:
             self.workers.delete(index)
+            self.plane.server.forget(self.ref.namespace, self.ref.name, worker_name(self.ref, index))
+        for incident in plan.incidents:
+            if incident.decision.action is FailureAction.REPLACE_NODE and incident.worker is not None:
+                self._node_ready_at[incident.worker] = mono + self.node_startup_s
         if not self.stop_requested.is_set():
+            avoid = frozenset(q.node for q in plan.status.quarantined_nodes)
             for index in plan.create:
-                self.workers.create(index)
+                if self._node_ready_at.get(index, 0.0) <= mono:
+                    self._node_ready_at.pop(index, None)
+                    self.workers.create(index, avoid)
         for event in plan.events:
             self.view.event(event)
+        self._journal(plan)
         self.status = plan.status
         self.view.update(self.status, progress)
         return plan
+
+    def _inject_worker_faults(self, progress: wire.Progress | None) -> None:
+        """KillWorker faults are the runtime's to inject (the others fire inside the processes)."""
+        for n, fault in enumerate(self.job.spec.faults):
+            if (fault.kind is FaultKind.KILL_WORKER and n not in self._fired and progress is not None
+                    and progress.step >= fault.at_step):
+                self._fired[n] = time.time()
+                self.workers.kill(fault.worker)
+                self.view.event(Event("Warning", Reason.FAULT_INJECTED,
+                                      f"killed worker {fault.worker} at step {progress.step} (fault {n + 1})"))
+
+    def _journal(self, plan: Plan) -> None:
+        """Append this pass's incidents and newly fired faults to ``incidents.jsonl``."""
+        records: list[dict[str, Any]] = []
+        for n, fault in enumerate(self.job.spec.faults):
+            if n in self._journaled:
+                continue
+            at = self._fired.get(n) if fault.kind is FaultKind.KILL_WORKER else self.host.fault_fired_at(self.ref.uid, n)
+            if at is not None:
+                self._journaled.add(n)
+                records.append({"type": "fault", "fault": n, "kind": fault.kind.value, "rank": fault.rank,
+                                "worker": fault.worker, "at_step": fault.at_step, "fired_at": at})
+        records.extend(incident_record(i) for i in plan.incidents)
+        healed = plan.status.last_failure
+        if healed is not None and healed.recovered_at is not None and (
+                self.status.last_failure is None or self.status.last_failure.recovered_at is None
+                or self.status.last_failure.detected_at != healed.detected_at):
+            records.append({"type": "recovered", "kind": healed.kind, "action": healed.action,
+                            "detected_at": healed.detected_at.timestamp(),
+                            "recovered_at": healed.recovered_at.timestamp()})
+        if records:
+            with (self.log_dir / "incidents.jsonl").open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
 
     def finished(self) -> bool:
         """The job is terminal (or stopping) and no worker process is left running; finished
@@ -108,7 +198,8 @@ class LocalRun:
                         if stop_by is not None and now > stop_by:
                             self.view.note("the workers did not stop in time; killing them")
                             break
-                        time.sleep(self.poll_s)
+                        self._wake.wait(self.poll_s)  # a failure report wakes the loop at once
+                        self._wake.clear()
                     except KeyboardInterrupt:
                         if interrupted:
                             break
@@ -121,9 +212,21 @@ class LocalRun:
                     self.workers.shutdown(grace_s=2.0 if interrupted else 10.0)
                 except KeyboardInterrupt:
                     self.workers.shutdown(grace_s=0.0)
+                finally:
+                    self.plane.stop()
         wall = time.monotonic() - started
         self.view.summary(self.status, wall, str(self.log_dir))
         return RunOutcome(self.status, wall, self.view.first_loss, self.log_dir, interrupted)
+
+
+def incident_record(incident: Incident) -> dict[str, Any]:
+    """One incident as a JSON object (times in epoch seconds)."""
+    c, d = incident.classification, incident.decision
+    return {"type": "incident", "kind": c.kind, "severity": c.severity.name, "source": c.source.value,
+            "worker": incident.worker, "pod": incident.pod, "node": incident.node, "action": d.action.value,
+            "charged": d.charged, "why": d.why, "evidence": c.evidence[:300],
+            "occurred_at": incident.occurred_at.timestamp() if incident.occurred_at else None,
+            "detected_at": incident.detected_at.timestamp()}
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -73,10 +74,10 @@ class RunView:
 
     def event(self, event: Event) -> None:
         style = "yellow" if event.type == "Warning" else "cyan"
-        self.console.print(f"[{style}]{event.reason}[/]: {event.message}")
+        self.console.print(f"[{style}]{event.reason}[/]: {escape(event.message)}", soft_wrap=True)
 
     def note(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(escape(message), soft_wrap=True)
 
     def update(self, status: TrainingJobStatus, report: Report | None) -> None:
         if report is not None:
@@ -105,7 +106,7 @@ class RunView:
         failed = status.condition("Failed")
         outcome = status.phase.value
         if failed is not None and failed.status == "True":
-            outcome += f" ({failed.reason}: {failed.message})"
+            outcome += f" ({failed.reason}: {escape(failed.message)})"
         samples = self.last.samples if self.last is not None else 0
         table.add_row("outcome", outcome)
         table.add_row("steps", str(status.step))
@@ -117,7 +118,8 @@ class RunView:
         if failure is not None:
             healed = (f"recovered in {(failure.recovered_at - failure.detected_at).total_seconds():.1f} s"
                       if failure.recovered_at else "not recovered")
-            table.add_row("last failure", f"{failure.kind} ({failure.severity}) on worker {failure.worker}: "
+            where = f"worker {failure.worker}" if failure.worker >= 0 else "the job"
+            table.add_row("last failure", f"{failure.kind} ({failure.severity}) in {where}: "
                                           f"{failure.action}, {healed}")
         table.add_row("logs", log_dir)
         self.console.print(table)

@@ -1,0 +1,150 @@
+"""A job's in-band health: agent reports decided at once, hangs judged from the job's own steps,
+and the incidents folded into status with their events."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+
+from salamander.api import FailureAction, Phase, Reason, TrainingJobStatus, parse_spec
+from salamander.controlplane import AgentIdentity
+from salamander.controlplane.v1 import controlplane_pb2 as pb
+from salamander_operator.desired import JobRef
+from salamander_operator.health import JobHealth, StepWatch, verdict, worker_index
+from salamander_operator.incidents import fold_incidents, release_expired
+from salamander_operator.observed import ObservedWorker, WorkerPhase
+from salamander_operator.reconcile import reconcile
+
+JOB = JobRef(name="llm", namespace="ns", uid="u", generation=1)
+SPEC = parse_spec({"replicas": {"min": 2, "max": 2}, "failurePolicy": {"hang": {"floorSeconds": 5}},
+                   "worker": {"image": "i", "command": ["python", "train.py"]}})
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+AGENT = AgentIdentity("ns", "llm", "llm-worker-1", "gpu-7", 8, 8)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+
+def killed_report() -> pb.FailureReport:
+    report = pb.FailureReport(seq=1, rank=9, observed_unix_ns=int((T0.timestamp() - 0.2) * 1e9),
+                              log_tail=["step 41", "step 42"])
+    report.exit.CopyFrom(pb.ProcessExit(exit_code=0, signal=signal.SIGKILL))
+    return report
+
+
+def test_worker_index_reads_only_this_jobs_pod_names() -> None:
+    assert worker_index(JOB, "llm-worker-3") == 3
+    assert worker_index(JOB, "other-worker-3") is None and worker_index(JOB, "llm-worker-x") is None
+
+
+def test_a_report_is_decided_at_once_and_queued_once() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    decision = health.on_report(AGENT, killed_report())
+    assert decision.action is FailureAction.RESTART_PROCESSES and decision.charged
+    assert verdict(decision).action == pb.RESTART_PROCESSES
+    (incident,) = health.drain()
+    assert health.drain() == []
+    assert (incident.worker, incident.pod, incident.node) == (1, "llm-worker-1", "gpu-7")
+    assert incident.classification.kind == "Killed"
+    assert incident.detection_s is not None and abs(incident.detection_s - 0.2) < 1e-3
+
+
+def test_a_second_report_of_the_same_recovery_is_not_charged() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    health.on_report(AGENT, killed_report())
+    exc = pb.FailureReport(seq=2, rank=0)
+    exc.exception.CopyFrom(pb.TrainingException(type="RuntimeError", message="Connection closed by peer"))
+    second = health.on_report(AgentIdentity("ns", "llm", "llm-worker-0", "gpu-1", 0, 8), exc)
+    assert second.action is FailureAction.RETRY_IN_PLACE and not second.charged
+
+
+def test_exhausting_the_window_turns_reports_into_fail_job() -> None:
+    spec = parse_spec({"failurePolicy": {"maxRestartsPerWindow": 1},
+                       "worker": {"image": "i", "command": ["c"]}})
+    clock = Clock()
+    health = JobHealth(JOB, spec, clock=clock)
+    assert health.on_report(AGENT, killed_report()).charged
+    clock.now = T0 + datetime.timedelta(seconds=60)
+    decision = health.on_report(AGENT, killed_report())
+    assert decision.action is FailureAction.FAIL_JOB and decision.fail_reason == Reason.RESTART_STORM
+    assert verdict(decision).action == pb.FAIL_JOB
+
+
+def test_a_step_watch_arms_only_after_progress() -> None:
+    watch = StepWatch()
+    watch.observe(10, 0.5, now=100.0)
+    assert not watch.armed  # the first sight of a step is not progress
+    watch.observe(11, 0.5, now=101.0, age_s=0.3)
+    assert watch.armed and abs(watch.since - 100.7) < 1e-9
+    watch.reset(200.0)
+    assert not watch.armed
+
+
+def test_a_hang_is_judged_from_the_jobs_own_step_times_and_only_once() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    assert health.check_hang([(1, 0.2, 0.0)], 0.0) is None
+    for n in range(2, 12):
+        assert health.check_hang([(n, 0.2, 0.0), (n - 1, 0.2, 0.0)], float(n)) is None
+    assert health.check_hang([(11, 0.2, 0.0)], 11.0 + 4.9) is None  # floor 5 s beats 3 x 0.2 s
+    incident = health.check_hang([(11, 0.2, 0.0)], 11.0 + 5.1)
+    assert incident is not None and incident.worker is None
+    assert incident.classification.kind == "Hang" and incident.decision.action is FailureAction.RESTART_PROCESSES
+    assert health.check_hang([(11, 0.2, 0.0)], 30.0) is None  # disarmed until the job makes progress again
+
+
+def test_a_disabled_hang_policy_never_fires() -> None:
+    spec = parse_spec({"failurePolicy": {"hang": {"enabled": False}}, "worker": {"image": "i", "command": ["c"]}})
+    health = JobHealth(JOB, spec)
+    health.check_hang([(1, 0.1, 0.0)], 0.0)
+    health.check_hang([(2, 0.1, 0.0)], 1.0)
+    assert health.check_hang([(2, 0.1, 0.0)], 10_000.0) is None
+
+
+def test_sync_adopts_a_status_that_knows_more_restarts() -> None:
+    spec = parse_spec({"failurePolicy": {"maxRestartsPerWindow": 2}, "worker": {"image": "i", "command": ["c"]}})
+    clock = Clock()
+    health = JobHealth(JOB, spec, clock=clock)
+    health.sync(spec, TrainingJobStatus(restarts=2, restart_times=[T0, T0]))
+    clock.now = T0 + datetime.timedelta(seconds=30)
+    assert health.on_report(AGENT, killed_report()).fail_reason == Reason.RESTART_STORM
+
+
+def test_incidents_reach_status_and_events_and_a_replace_node_quarantines() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    health.on_report(AGENT, killed_report())
+    ready = [ObservedWorker(0, WorkerPhase.RUNNING, ready=True, node="gpu-1"),
+             ObservedWorker(1, WorkerPhase.RUNNING, ready=True, node="gpu-7")]
+    plan = reconcile(JOB, SPEC, ready, TrainingJobStatus(phase=Phase.RUNNING), None, T0, health.drain())
+    assert plan.delete == () and plan.create == ()  # restarted in place: the pod stays
+    assert plan.status.restarts == 1 and plan.status.failure_counts == {"Killed": 1}
+    assert plan.status.last_failure.action == "RestartProcesses"
+    assert [e.reason for e in plan.events] == [Reason.FAILURE_DETECTED, Reason.PROCESSES_RESTARTED]
+
+    lost = [ready[0], ObservedWorker(1, WorkerPhase.FAILED, reason="NodeLost", node="gpu-7")]
+    later = T0 + datetime.timedelta(minutes=5)
+    plan = reconcile(JOB, SPEC, lost, plan.status, None, later)
+    assert plan.delete == (1,)
+    assert [(q.node, q.reason) for q in plan.status.quarantined_nodes] == [("gpu-7", "NodeLost")]
+    assert Reason.NODE_QUARANTINED in [e.reason for e in plan.events]
+
+    expired = later + datetime.timedelta(seconds=SPEC.failure_policy.quarantine_seconds + 1)
+    kept, released = release_expired(plan.status.quarantined_nodes, expired)
+    assert kept == [] and released == ["gpu-7"]
+    healed = reconcile(JOB, SPEC, ready, plan.status, None, expired)
+    assert healed.status.quarantined_nodes == [] and Reason.NODE_RELEASED in [e.reason for e in healed.events]
+
+
+def test_coalesced_incidents_are_events_but_not_counts() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    health.on_report(AGENT, killed_report())
+    exc = pb.FailureReport(seq=2, rank=0)
+    exc.exception.CopyFrom(pb.TrainingException(type="RuntimeError", message="Connection closed by peer"))
+    health.on_report(AgentIdentity("ns", "llm", "llm-worker-0", "gpu-1", 0, 8), exc)
+    folded = fold_incidents(TrainingJobStatus(), health.drain(), SPEC.failure_policy, 100, T0)
+    assert folded.status.failure_counts == {"Killed": 1} and folded.status.restarts == 1
+    assert sum(1 for e in folded.events if e[1] == Reason.FAILURE_DETECTED) == 2
