@@ -109,7 +109,7 @@ def _pairs(starts: list[float], ends: list[float]) -> list[tuple[float, float]]:
     return out
 
 
-def run_torchrun(repeats: int, workdir: Path) -> dict[str, Any]:
+def run_torchrun(repeats: int, workdir: Path, share_store_off: bool = True) -> dict[str, Any]:
     """torchrun with the same faults; the progress record in a store of our own tells when
     training resumed."""
     import torch.distributed as dist
@@ -123,6 +123,8 @@ def run_torchrun(repeats: int, workdir: Path) -> dict[str, Any]:
     env = {**os.environ, wire.ENV_RDZV_ENDPOINT: f"127.0.0.1:{store.port}", wire.ENV_RUN_ID: run_id,
            wire.ENV_FAULTS: json.dumps(spec["faults"]), wire.ENV_CHECKPOINT_DIR: spec["checkpoint"]["directory"],
            wire.ENV_CHECKPOINT_INTERVAL: "5", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    if share_store_off:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # as salamander-worker sets it
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--max-restarts", str(3 * repeats), "--monitor-interval", "0.1",
                "examples/gpt/train.py", *spec["worker"]["args"]]
@@ -158,22 +160,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=8, help="faults per channel")
     parser.add_argument("--hang-repeats", type=int, default=4, help="hangs (each takes >= 10 s)")
+    parser.add_argument("--torchrun-as-shipped", action="store_true",
+                        help="leave torch's shared rendezvous store on in the baseline (its restarts may not re-form)")
+    parser.add_argument("--only-torchrun", action="store_true", help="run only the torchrun baseline")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/detection_recovery.json"))
     args = parser.parse_args()
     if args.repeats < 1 or args.hang_repeats < 1:
         parser.error("--repeats and --hang-repeats must be >= 1")
+    out = Path(args.out)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "repeats": args.repeats,
                                "hang_repeats": args.hang_repeats}
+    if args.only_torchrun and out.exists():
+        results = json.loads(out.read_text())  # keep the local runtime's figures, redo the baseline
     with tempfile.TemporaryDirectory(prefix="salamander-bench-") as tmp:
         workdir = Path(tmp)
-        print("[1/4] crash (KillProcess) on the local runtime", flush=True)
-        results["crash"] = run_local("KillProcess", args.repeats, workdir)
-        print("[2/4] exception (RaiseException) on the local runtime", flush=True)
-        results["exception"] = run_local("RaiseException", args.repeats, workdir)
-        print("[3/4] hang (HangRank) on the local runtime", flush=True)
-        results["hang"] = run_local("HangRank", args.hang_repeats, workdir)
+        if not args.only_torchrun:
+            print("[1/4] crash (KillProcess) on the local runtime", flush=True)
+            results["crash"] = run_local("KillProcess", args.repeats, workdir)
+            print("[2/4] exception (RaiseException) on the local runtime", flush=True)
+            results["exception"] = run_local("RaiseException", args.repeats, workdir)
+            print("[3/4] hang (HangRank) on the local runtime", flush=True)
+            results["hang"] = run_local("HangRank", args.hang_repeats, workdir)
         print("[4/4] the same crashes under plain torchrun", flush=True)
-        results["torchrun_crash"] = run_torchrun(args.repeats, workdir)
+        results["torchrun_crash"] = run_torchrun(args.repeats, workdir, share_store_off=not args.torchrun_as_shipped)
+        results["torchrun_crash"]["shared_store"] = "as shipped" if args.torchrun_as_shipped else "off"
     table = [("crash: detection", results["crash"]["detection_s"]),
              ("exception: detection", results["exception"]["detection_s"]),
              ("hang: detection", results["hang"]["detection_s"]),
@@ -193,7 +203,7 @@ def main() -> int:
         results["summary"]["crash: fault to resumed step (torchrun)"]
     if ours.get("n") and theirs.get("n"):
         print(f"\nfault to resumed step, median: Salamander / torchrun = {ours['median'] / theirs['median']:.2f}x")
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
