@@ -148,3 +148,13 @@ def test_coalesced_incidents_are_events_but_not_counts() -> None:
     folded = fold_incidents(TrainingJobStatus(), health.drain(), SPEC.failure_policy, 100, T0)
     assert folded.status.failure_counts == {"Killed": 1} and folded.status.restarts == 1
     assert sum(1 for e in folded.events if e[1] == Reason.FAILURE_DETECTED) == 2
+
+
+def test_the_scanner_is_told_when_the_hang_threshold_falls_due() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    health.check_hang([(1, 0.2, 0.0)], 0.0)
+    assert health.seconds_to_hang(0.5) is None  # not armed: no progress seen yet
+    health.check_hang([(2, 0.2, 0.0)], 1.0)
+    assert health.seconds_to_hang(3.0) == 3.0  # floor 5 s from the step at t=1
+    assert health.check_hang([(2, 0.2, 0.0)], 6.0) is not None  # exactly at the threshold
+    assert health.seconds_to_hang(6.0) is None

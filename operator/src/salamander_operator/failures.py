@@ -160,7 +160,8 @@ def hang_threshold(step_times_s: list[float], factor: float = 3.0, floor_s: floa
 
 
 def classify_hang(since_progress_s: float, threshold_s: float) -> Classification | None:
-    if since_progress_s <= threshold_s:
+    """A hang once the job has made no progress for ``threshold_s`` (or longer)."""
+    if since_progress_s < threshold_s:
         return None
     return Classification(Source.HANG, "Hang", Severity.SEV2,
                           f"no progress for {since_progress_s:.1f} s (threshold {threshold_s:.1f} s)")

@@ -146,6 +146,16 @@ class JobHealth:
             self.watch.reset(monotonic_now)
             return incident
 
+    def seconds_to_hang(self, monotonic_now: float) -> float | None:
+        """How long until the job counts as hung if it makes no step meanwhile (None: it cannot
+        hang now), so a scanner can wake exactly then instead of a scan interval late."""
+        hang = self.spec.failure_policy.hang
+        with self._lock:
+            if not (hang.enabled and self.watch.armed):
+                return None
+            threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
+            return max(0.0, self.watch.since + threshold - monotonic_now)
+
     def _decide(self, evidence: FailureEvidence, now: datetime.datetime) -> Decision:
         """Under the lock: decide, then account for it."""
         spec = self.spec

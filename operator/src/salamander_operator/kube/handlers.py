@@ -313,7 +313,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
                     if hang.decision.restarts_processes and hang.decision.charged:
                         plane.restart_processes(namespace, name, hang.classification.evidence)
                     ctx.wake(uid)
-            await stopped.wait(LIVENESS_SCAN_S)
+            due = health.seconds_to_hang(time.monotonic()) if health is not None else None
+            await stopped.wait(LIVENESS_SCAN_S if due is None else min(LIVENESS_SCAN_S, due + 0.001))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_control_plane(memo: kopf.Memo, **_: Any) -> None:

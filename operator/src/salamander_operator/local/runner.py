@@ -198,7 +198,9 @@ class LocalRun:
                         if stop_by is not None and now > stop_by:
                             self.view.note("the workers did not stop in time; killing them")
                             break
-                        self._wake.wait(self.poll_s)  # a failure report wakes the loop at once
+                        due = self.health.seconds_to_hang(time.monotonic())
+                        # a failure report wakes the loop at once; a hang is judged on time
+                        self._wake.wait(self.poll_s if due is None else min(self.poll_s, due + 0.001))
                         self._wake.clear()
                     except KeyboardInterrupt:
                         if interrupted:
