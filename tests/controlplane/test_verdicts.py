@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.desired import JobRef
-from salamander_operator.health import JobHealth, verdict
+from salamander_operator.health import JobHealth, StepBeat, verdict
 from salamander.api import parse_spec
 from salamander_worker.controlplane import AgentClient
 
@@ -42,11 +43,12 @@ async def test_each_report_gets_the_policys_verdict_and_a_storm_fails_the_job() 
         first = await client.report_failure(0, signal=signal.SIGKILL)
         assert first.action == pb.RESTART_PROCESSES and "SEV2" in first.reason
         await client.heartbeat(5, 0.1)  # the restart made progress: the next failure is a new one
-        health.check_hang([(4, 0.1, 0.0)], 0.0)
-        health.check_hang([(5, 0.1, 0.0)], 1.0)
+        now = time.monotonic()
+        health.check_hang([StepBeat(4, 0.1)], now)
+        health.check_hang([StepBeat(5, 0.1)], now + 1.0)
         second = await client.report_failure(0, exception=("ValueError", "bad batch", "Traceback ..."))
         assert second.action == pb.FAIL_JOB and "restart storm" in second.reason
-        assert [i.decision.action.value for i in health.drain()] == ["RestartProcesses", "FailJob"]
+        assert [i.decision.action.value for i in health.drain(settle_s=0)] == ["RestartProcesses", "FailJob"]
     finally:
         await client.close()
         await server.stop(0)

@@ -17,18 +17,18 @@ from tests.e2e.test_local_run import gpt_manifest, local_run
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 90
+STEPS = 120
 
 
 def rehearsal(tmp_path: Path) -> dict:
-    manifest = gpt_manifest("rehearse", steps=STEPS, replicas=(2, 3))
+    manifest = gpt_manifest("rehearse", steps=STEPS, replicas=(2, 3), budget=10)
     manifest["spec"].update({
         "checkpoint": {"directory": str(tmp_path / "checkpoints"), "intervalSteps": 5},
         "failurePolicy": {"hang": {"floorSeconds": 4}},
         "faults": [
             {"kind": "KillProcess", "atStep": 15, "rank": 1},
-            {"kind": "KillWorker", "atStep": 35, "worker": 2},
-            {"kind": "HangRank", "atStep": 60, "rank": 0},
+            {"kind": "HangRank", "atStep": 30, "rank": 0},
+            {"kind": "KillWorker", "atStep": 45, "worker": 2},
         ],
     })
     return manifest
@@ -71,17 +71,19 @@ def test_a_three_worker_job_survives_a_killed_process_a_killed_worker_and_a_hang
         original_shutdown(grace_s)
     run.workers.shutdown = shutdown  # type: ignore[method-assign]
 
-    outcome = run.run(timeout_s=400)
+    outcome = run.run(timeout_s=240)
     text = out.getvalue()
     status = outcome.status
     assert status.phase is Phase.SUCCEEDED, text
     assert status.step == STEPS
 
     # Each failure was detected by its channel, classified, and healed by its action.
+    # (A peer's broken connection while the group re-forms can also show up as a cheap SEV3 retry.)
     assert status.failure_counts.get("Killed") == 1, status.failure_counts
     assert status.failure_counts.get("NodeLost") == 1, status.failure_counts
     assert status.failure_counts.get("Hang") == 1, status.failure_counts
-    assert status.restarts == 3, text
+    assert set(status.failure_counts) <= {"Killed", "NodeLost", "Hang", "ConnectionError"}, status.failure_counts
+    assert status.restarts == 3 + status.failure_counts.get("ConnectionError", 0), text
 
     # The killed process was restarted in place: worker 1's agent (its "pod") is the one it started with.
     assert pids_at_end[1] == first_pid[1]
@@ -98,7 +100,8 @@ def test_a_three_worker_job_survives_a_killed_process_a_killed_worker_and_a_hang
     records = [json.loads(line) for line in (run.log_dir / "incidents.jsonl").read_text().splitlines()]
     faults = [r for r in records if r["type"] == "fault"]
     assert sorted(r["kind"] for r in faults) == ["HangRank", "KillProcess", "KillWorker"]
-    incidents = {r["kind"]: r for r in records if r["type"] == "incident" and r["charged"]}
+    incidents = {r["kind"]: r for r in records
+                 if r["type"] == "incident" and r["charged"] and r["kind"] != "ConnectionError"}
     assert set(incidents) == {"Killed", "NodeLost", "Hang"}
     assert incidents["Killed"]["action"] == "RestartProcesses"
     assert incidents["NodeLost"]["action"] == "ReplaceNode"

@@ -10,7 +10,7 @@ from salamander.api import FailureAction, Phase, Reason, TrainingJobStatus, pars
 from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.desired import JobRef
-from salamander_operator.health import JobHealth, StepWatch, verdict, worker_index
+from salamander_operator.health import JobHealth, StepBeat, StepWatch, verdict, worker_index
 from salamander_operator.incidents import fold_incidents, release_expired
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 from salamander_operator.reconcile import reconcile
@@ -47,8 +47,8 @@ def test_a_report_is_decided_at_once_and_queued_once() -> None:
     decision = health.on_report(AGENT, killed_report())
     assert decision.action is FailureAction.RESTART_PROCESSES and decision.charged
     assert verdict(decision).action == pb.RESTART_PROCESSES
-    (incident,) = health.drain()
-    assert health.drain() == []
+    (incident,) = health.drain(settle_s=0)
+    assert health.drain(settle_s=0) == []
     assert (incident.worker, incident.pod, incident.node) == (1, "llm-worker-1", "gpu-7")
     assert incident.classification.kind == "Killed"
     assert incident.detection_s is not None and abs(incident.detection_s - 0.2) < 1e-3
@@ -87,22 +87,22 @@ def test_a_step_watch_arms_only_after_progress() -> None:
 
 def test_a_hang_is_judged_from_the_jobs_own_step_times_and_only_once() -> None:
     health = JobHealth(JOB, SPEC, clock=Clock())
-    assert health.check_hang([(1, 0.2, 0.0)], 0.0) is None
+    assert health.check_hang([StepBeat(1, 0.2)], 0.0) is None
     for n in range(2, 12):
-        assert health.check_hang([(n, 0.2, 0.0), (n - 1, 0.2, 0.0)], float(n)) is None
-    assert health.check_hang([(11, 0.2, 0.0)], 11.0 + 4.9) is None  # floor 5 s beats 3 x 0.2 s
-    incident = health.check_hang([(11, 0.2, 0.0)], 11.0 + 5.1)
+        assert health.check_hang([StepBeat(n, 0.2), StepBeat(n - 1, 0.2)], float(n)) is None
+    assert health.check_hang([StepBeat(11, 0.2)], 11.0 + 4.9) is None  # floor 5 s beats 3 x 0.2 s
+    incident = health.check_hang([StepBeat(11, 0.2)], 11.0 + 5.1)
     assert incident is not None and incident.worker is None
     assert incident.classification.kind == "Hang" and incident.decision.action is FailureAction.RESTART_PROCESSES
-    assert health.check_hang([(11, 0.2, 0.0)], 30.0) is None  # disarmed until the job makes progress again
+    assert health.check_hang([StepBeat(11, 0.2)], 30.0) is None  # disarmed until the job makes progress again
 
 
 def test_a_disabled_hang_policy_never_fires() -> None:
     spec = parse_spec({"failurePolicy": {"hang": {"enabled": False}}, "worker": {"image": "i", "command": ["c"]}})
     health = JobHealth(JOB, spec)
-    health.check_hang([(1, 0.1, 0.0)], 0.0)
-    health.check_hang([(2, 0.1, 0.0)], 1.0)
-    assert health.check_hang([(2, 0.1, 0.0)], 10_000.0) is None
+    health.check_hang([StepBeat(1, 0.1)], 0.0)
+    health.check_hang([StepBeat(2, 0.1)], 1.0)
+    assert health.check_hang([StepBeat(2, 0.1)], 10_000.0) is None
 
 
 def test_sync_adopts_a_status_that_knows_more_restarts() -> None:
@@ -119,7 +119,7 @@ def test_incidents_reach_status_and_events_and_a_replace_node_quarantines() -> N
     health.on_report(AGENT, killed_report())
     ready = [ObservedWorker(0, WorkerPhase.RUNNING, ready=True, node="gpu-1"),
              ObservedWorker(1, WorkerPhase.RUNNING, ready=True, node="gpu-7")]
-    plan = reconcile(JOB, SPEC, ready, TrainingJobStatus(phase=Phase.RUNNING), None, T0, health.drain())
+    plan = reconcile(JOB, SPEC, ready, TrainingJobStatus(phase=Phase.RUNNING), None, T0, health.drain(settle_s=0))
     assert plan.delete == () and plan.create == ()  # restarted in place: the pod stays
     assert plan.status.restarts == 1 and plan.status.failure_counts == {"Killed": 1}
     assert plan.status.last_failure.action == "RestartProcesses"
@@ -145,16 +145,52 @@ def test_coalesced_incidents_are_events_but_not_counts() -> None:
     exc = pb.FailureReport(seq=2, rank=0)
     exc.exception.CopyFrom(pb.TrainingException(type="RuntimeError", message="Connection closed by peer"))
     health.on_report(AgentIdentity("ns", "llm", "llm-worker-0", "gpu-1", 0, 8), exc)
-    folded = fold_incidents(TrainingJobStatus(), health.drain(), SPEC.failure_policy, 100, T0)
+    folded = fold_incidents(TrainingJobStatus(), health.drain(settle_s=0), SPEC.failure_policy, 100, T0)
     assert folded.status.failure_counts == {"Killed": 1} and folded.status.restarts == 1
     assert sum(1 for e in folded.events if e[1] == Reason.FAILURE_DETECTED) == 2
 
 
 def test_the_scanner_is_told_when_the_hang_threshold_falls_due() -> None:
     health = JobHealth(JOB, SPEC, clock=Clock())
-    health.check_hang([(1, 0.2, 0.0)], 0.0)
+    health.check_hang([StepBeat(1, 0.2)], 0.0)
     assert health.seconds_to_hang(0.5) is None  # not armed: no progress seen yet
-    health.check_hang([(2, 0.2, 0.0)], 1.0)
+    health.check_hang([StepBeat(2, 0.2)], 1.0)
     assert health.seconds_to_hang(3.0) == 3.0  # floor 5 s from the step at t=1
-    assert health.check_hang([(2, 0.2, 0.0)], 6.0) is not None  # exactly at the threshold
+    assert health.check_hang([StepBeat(2, 0.2)], 6.0) is not None  # exactly at the threshold
     assert health.seconds_to_hang(6.0) is None
+
+
+def test_the_root_cause_takes_the_charge_from_a_symptom_reported_first() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    symptom = pb.FailureReport(seq=1, rank=0)
+    symptom.exception.CopyFrom(pb.TrainingException(type="RuntimeError", message="Connection closed by peer"))
+    assert health.on_report(AgentIdentity("ns", "llm", "llm-worker-0", "gpu-1", 0, 8), symptom).charged
+    cause = health.on_report(AGENT, killed_report())
+    assert not cause.charged  # the agent was told to restart either way
+    first, second = health.drain(settle_s=0)
+    assert not first.decision.charged and "a symptom of Killed" in first.decision.why
+    assert second.decision.charged and second.classification.kind == "Killed"
+    folded = fold_incidents(TrainingJobStatus(), [first, second], SPEC.failure_policy, 100, T0)
+    assert folded.status.restarts == 1 and folded.status.failure_counts == {"Killed": 1}
+    assert folded.status.last_failure.kind == "Killed"
+
+
+def test_incidents_settle_before_they_are_drained() -> None:
+    clock = Clock()
+    health = JobHealth(JOB, SPEC, clock=clock)
+    health.on_report(AGENT, killed_report())
+    assert health.drain() == []
+    clock.now = T0 + datetime.timedelta(seconds=1.5)
+    assert len(health.drain()) == 1
+
+
+def test_a_regrouping_agent_or_a_lower_step_never_arms_the_hang_watch() -> None:
+    health = JobHealth(JOB, SPEC, clock=Clock())
+    health.check_hang([StepBeat(40, 0.2)], 0.0)
+    health.check_hang([StepBeat(41, 0.2)], 1.0)  # progress: armed
+    assert health.check_hang([StepBeat(41, 0.2, regrouping=True)], 2.0) is None  # a new round is forming
+    assert health.seconds_to_hang(2.0) is None
+    health.check_hang([StepBeat(35, 0.2)], 3.0)  # resumed from a checkpoint: not progress yet
+    assert health.check_hang([StepBeat(35, 0.2)], 100.0) is None
+    health.check_hang([StepBeat(36, 0.2)], 101.0)
+    assert health.check_hang([StepBeat(36, 0.2)], 106.5) is not None

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass, field
 
 from salamander.api import TrainingJobSpec, TrainingJobStatus
@@ -28,6 +29,21 @@ from salamander_operator.incidents import Incident
 from salamander_operator.policy import Decision, FailureEvidence, RestartHistory, decide, history_of
 
 Clock = Callable[[], datetime.datetime]
+
+#: Incidents reach status this long after detection, so a failure's root cause can still take
+#: the charge from a symptom reported a moment before it (a peer's broken connection reported
+#: before the killed process itself). Decisions reach agents at once regardless.
+SETTLE_S = 1.0
+
+
+@dataclass(frozen=True)
+class StepBeat:
+    """What the hang detector needs of one agent's newest heartbeat."""
+
+    step: int
+    step_time_s: float = 0.0
+    step_at: float = 0.0  # wall-clock time of the step, 0 if unknown
+    regrouping: bool = False
 
 
 def utc_now() -> datetime.datetime:
@@ -47,20 +63,26 @@ class StepWatch:
     step: int | None = None
     since: float = 0.0
     armed: bool = False
+    reset_at: float = float("-inf")
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
 
     def observe(self, step: int, step_time_s: float, now: float, age_s: float | None = None) -> None:
-        """``age_s``: how long ago the step was reported, when known (else: now)."""
+        """``age_s``: how long ago the step was reported, when known (else: now). Only a higher
+        step arms the watch: a lower one is a resume from a checkpoint, or a stale report
+        leaving with its agent, not progress."""
         if step != self.step:
-            self.armed = self.step is not None
+            reported_at = now - min(max(age_s or 0.0, 0.0), 60.0)  # a skewed clock cannot fake a hang
+            # progress: a higher step, reported after the last restart (not a late report of
+            # a step made before it)
+            self.armed = self.armed or (self.step is not None and step > self.step and reported_at >= self.reset_at)
             self.step = step
-            self.since = now - min(max(age_s or 0.0, 0.0), 60.0)  # a skewed clock cannot fake a hang
+            self.since = max(reported_at, self.reset_at)
             if step_time_s > 0:
                 self.step_times.append(step_time_s)
 
     def reset(self, now: float) -> None:
         """After a restart: wait for new progress before judging again."""
-        self.armed, self.since = False, now
+        self.armed, self.since, self.reset_at = False, now, now
 
 
 class JobHealth:
@@ -76,20 +98,30 @@ class JobHealth:
 
     def sync(self, spec: TrainingJobSpec, status: TrainingJobStatus) -> None:
         """Adopt the newest spec, and the status's restart history when it knows more (after an
-        operator restart; or restarts the reconcile itself charged for failed pods)."""
+        operator restart; or restarts the reconcile itself charged for failed pods). Call it
+        before each reconcile pass and again with the status the pass produced."""
         with self._lock:
             self.spec = spec
-            if status.restarts >= self._history.restarts:
-                self._history = history_of(status.restarts, status.restart_times)
+            # the status's history, plus the restarts decided here that it does not hold yet
+            history = history_of(status.restarts, status.restart_times)
+            for incident in self._pending:
+                if incident.decision.charged:
+                    history = history.charged(incident.detected_at, spec.failure_policy.window_seconds)
+            self._history = history
             if status.restart_times and (self._recovering_since is None
                                          or status.restart_times[-1] > self._recovering_since):
+                # a restart the reconcile charged (a replaced worker): its recovery is under way
                 self._recovering_since = status.restart_times[-1]
+                self.watch.reset(time.monotonic())
 
-    def drain(self) -> list[Incident]:
-        """The incidents since the last drain, oldest first; each is handed out once."""
+    def drain(self, settle_s: float = SETTLE_S) -> list[Incident]:
+        """The incidents detected at least ``settle_s`` ago, oldest first; each is handed out
+        once. The newer ones wait for the next drain (see :data:`SETTLE_S`)."""
         with self._lock:
-            pending, self._pending = self._pending, []
-        return pending
+            cutoff = self._clock() - datetime.timedelta(seconds=settle_s)
+            ready = [i for i in self._pending if i.detected_at <= cutoff]
+            self._pending = [i for i in self._pending if i.detected_at > cutoff]
+        return ready
 
     def on_report(self, identity: AgentIdentity, report: pb.FailureReport) -> Decision:
         """An agent's failure report: classify, decide, queue. The agent acts on the decision."""
@@ -113,22 +145,43 @@ class JobHealth:
             decision = self._decide(evidence, now)
             if occurred is not None and occurred > now:
                 occurred = now  # the agent's clock runs ahead: no negative latencies
-            self._pending.append(Incident(classification, decision, now, worker=index, pod=identity.pod,
-                                          node=identity.node, occurred_at=occurred))
+            incident = Incident(classification, decision, now, worker=index, pod=identity.pod,
+                                node=identity.node, occurred_at=occurred)
+            self._pending.append(self._take_the_charge(incident))
         return decision
 
-    def check_hang(self, steps: Iterable[tuple[int, float, float]], monotonic_now: float) -> Incident | None:
-        """Feed the agents' latest (step, step time, wall-clock time of the step or 0); an
-        incident when the job has hung. The job's step is the highest any agent reports (they
-        read the same record at slightly different times, so taking each in turn would look like
-        movement); it is timed from when it was reported, where known."""
+    def _take_the_charge(self, incident: Incident) -> Incident:
+        """Under the lock. A failure more severe than the one its recovery was charged to (still
+        pending) is the root cause: it takes the charge, the other becomes its symptom."""
+        if incident.decision.charged or not incident.decision.restarts_processes:
+            return incident
+        for n, other in enumerate(self._pending):
+            if (other.decision.charged and other.decision.restarts_processes
+                    and incident.classification.severity < other.classification.severity):
+                symptom = f"{other.decision.why}; a symptom of {incident.classification.kind}"
+                self._pending[n] = dataclasses.replace(
+                    other, decision=dataclasses.replace(other.decision, charged=False, why=symptom))
+                root = dataclasses.replace(incident.decision, charged=True, delay_s=other.decision.delay_s,
+                                           why=incident.decision.why.split("; part of")[0])
+                return dataclasses.replace(incident, decision=root)
+        return incident
+
+    def check_hang(self, beats: Iterable[StepBeat], monotonic_now: float) -> Incident | None:
+        """Feed the agents' latest heartbeats; an incident when the job has hung. The job's step
+        is the highest any agent reports (they read the same record at slightly different times,
+        so taking each in turn would look like movement), timed from when it was reported where
+        known. While any agent is regrouping (restarting its processes for a new round), no step
+        is due and the watch waits for the new round's progress."""
         spec = self.spec
-        reported = list(steps)
+        reported = list(beats)
         with self._lock:
+            if any(b.regrouping for b in reported):
+                self.watch.reset(monotonic_now)
+                return None
             if reported:
-                step = max(s for s, _, _ in reported)
-                step_time_s = max((t for s, t, _ in reported if s == step), default=0.0)
-                step_at = max((a for s, _, a in reported if s == step), default=0.0)
+                step = max(b.step for b in reported)
+                step_time_s = max((b.step_time_s for b in reported if b.step == step), default=0.0)
+                step_at = max((b.step_at for b in reported if b.step == step), default=0.0)
                 self.watch.observe(step, step_time_s, monotonic_now, time.time() - step_at if step_at > 0 else None)
             if not (spec.failure_policy.hang.enabled and self.watch.armed):
                 return None

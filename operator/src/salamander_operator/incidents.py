@@ -13,6 +13,7 @@ one into the status is pure and does the bookkeeping the same way for all:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from salamander.api import FailureAction, FailurePolicy, Reason, TrainingJobStatus
 from salamander.api.models import FailureRecord, QuarantinedNode
 from salamander_operator.failures import Classification
-from salamander_operator.policy import Decision
+from salamander_operator.policy import COALESCE_S, Decision
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def fold_incidents(status: TrainingJobStatus, incidents: Iterable[Incident], pol
     failure: tuple[str, str] | None = None
     events: list[tuple[str, str, str]] = []
     for incident in incidents:
+        incident = _as_symptom(incident, times)
         c, d = incident.classification, incident.decision
         message = incident.describe()
         events.append(("Warning", Reason.FAILURE_DETECTED, message))
@@ -107,6 +109,18 @@ def fold_incidents(status: TrainingJobStatus, incidents: Iterable[Incident], pol
     status = status.model_copy(update={"failure_counts": counts, "restarts": restarts, "restart_times": times,
                                        "last_failure": record, "quarantined_nodes": quarantined})
     return Folded(status, frozenset(replace), failure, tuple(events))
+
+
+def _as_symptom(incident: Incident, restart_times: Sequence[datetime.datetime]) -> Incident:
+    """A transient retry (SEV3: a broken connection) next to another restart of the job is a
+    symptom of that failure, whichever was reported first: healed by it, not charged again."""
+    d = incident.decision
+    if not (d.charged and d.action is FailureAction.RETRY_IN_PLACE):
+        return incident
+    if any(abs((incident.detected_at - t).total_seconds()) < COALESCE_S for t in restart_times):
+        return dataclasses.replace(incident, decision=dataclasses.replace(
+            d, charged=False, why=f"{d.why}; a symptom of the restart under way"))
+    return incident
 
 
 def quarantine(nodes: Sequence[QuarantinedNode], node: str, now: datetime.datetime, seconds: int,

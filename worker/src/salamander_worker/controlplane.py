@@ -64,11 +64,12 @@ class AgentClient:
         self.heartbeat_interval_s = reply.welcome.heartbeat_interval_s or 1.0
         self._reader = asyncio.create_task(self._read_acks())
 
-    async def heartbeat(self, step: int, step_time_s: float, step_at: float = 0.0) -> None:
-        """``step_at``: when ``step`` was reported (seconds since the epoch; 0 if unknown)."""
+    async def heartbeat(self, step: int, step_time_s: float, step_at: float = 0.0, regrouping: bool = False) -> None:
+        """``step_at``: when ``step`` was reported (seconds since the epoch; 0 if unknown);
+        ``regrouping``: the agent is restarting its processes."""
         await self._write(pb.AgentMessage(heartbeat=pb.Heartbeat(
             seq=next(self._seq), step=step, step_time_s=step_time_s, sent_unix_ns=time.time_ns(),
-            step_unix_ns=int(step_at * 1e9) if step_at > 0 else 0)))
+            step_unix_ns=int(step_at * 1e9) if step_at > 0 else 0, regrouping=regrouping)))
 
     async def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                              exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,

@@ -88,8 +88,32 @@ class SalamanderAgent(LocalElasticAgent):
             return RunResult(state=WorkerState.UNHEALTHY)
         result = super()._monitor_workers(worker_group)
         if result.state is WorkerState.FAILED and result.failures and link is not None:
+            if self._regrouping(worker_group):
+                # Other agents are already re-forming the group for a node that joined, and
+                # stopping their processes broke ours: a membership change, not a failure.
+                log.info("the training processes stopped while the group re-forms; restarting them")
+                self._remaining_restarts = max(self._remaining_restarts, 1)
+                return result
             self._obey(self._report(link, worker_group, result.failures))
         return result
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        """Tell the operator a new round is forming (no steps are due) until it has started."""
+        link = self.link
+        if link is not None:
+            link.regrouping.set()
+        try:
+            super()._restart_workers(worker_group)
+        finally:
+            if link is not None:
+                link.regrouping.clear()
+
+    @staticmethod
+    def _regrouping(worker_group: WorkerGroup) -> bool:
+        try:
+            return worker_group.spec.rdzv_handler.num_nodes_waiting() > 0
+        except Exception:  # noqa: BLE001 - the store is unreachable: report the failure as usual
+            return False
 
     def _report(self, link: Heartbeat, worker_group: WorkerGroup,
                 failures: dict[int, ProcessFailure]) -> pb.Verdict | None:

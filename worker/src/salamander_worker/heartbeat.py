@@ -94,6 +94,7 @@ class Heartbeat(threading.Thread):
         self.clock = StepClock()
         self.sent = 0
         self.restart_requested = threading.Event()
+        self.regrouping = threading.Event()  # set by the agent while it restarts its processes
         self.restart_reason = ""
 
     def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
@@ -137,7 +138,8 @@ class Heartbeat(threading.Thread):
                 backoff = 1.0
                 while not self._stopped.is_set():
                     self.clock.update(await asyncio.to_thread(self._read_progress))
-                    await client.heartbeat(self.clock.step, self.clock.step_time_s, self.clock.step_at)
+                    await client.heartbeat(self.clock.step, self.clock.step_time_s, self.clock.step_at,
+                                           regrouping=self.regrouping.is_set())
                     self.sent += 1
                     await asyncio.to_thread(self._stopped.wait, client.heartbeat_interval_s)
             except (ControlPlaneError, asyncio.TimeoutError) as exc:

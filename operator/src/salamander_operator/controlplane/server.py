@@ -52,6 +52,7 @@ class AgentSession:
     step: int = 0
     step_time_s: float = 0.0
     step_at: float = 0.0  # wall-clock time the step was reported (0: unknown)
+    regrouping: bool = False  # the agent is restarting its processes
     connected: bool = True
     outbox: asyncio.Queue[pb.OperatorMessage | None] = field(default_factory=asyncio.Queue, repr=False)
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
@@ -185,6 +186,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             session.last_heartbeat = time.monotonic()
             session.step, session.step_time_s = hb.step, hb.step_time_s
             session.step_at = hb.step_unix_ns / 1e9 if hb.step_unix_ns > 0 else 0.0
+            session.regrouping = hb.regrouping
             self.stats.heartbeats += 1
             if hb.sent_unix_ns > 0:
                 self.stats.latencies_s.append(max(0.0, (time.time_ns() - hb.sent_unix_ns) / 1e9))

@@ -29,7 +29,7 @@ from salamander_operator.controlplane.server import AgentSession
 from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
                                          credential_secret_name, service_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
-from salamander_operator.health import JobHealth, verdict
+from salamander_operator.health import SETTLE_S, JobHealth, StepBeat, verdict
 from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
 from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_failed_nodes, node_state,
                                        quarantine_labels, quarantined_by, stranded)
@@ -70,6 +70,8 @@ class OperatorContext:
             return None
         decision = health.on_report(session.identity, report)
         self.wake(health.job.uid)
+        # and again once the incident has settled (root cause vs symptoms), to record it
+        asyncio.get_running_loop().call_later(SETTLE_S + 0.05, self.wake, health.job.uid)
         return verdict(decision)
 
     @property
@@ -197,6 +199,8 @@ class JobSupervisor:
             health.sync(spec, self.status)
             incidents = health.drain()
         plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC), incidents)
+        if isinstance(spec, TrainingJobSpec):
+            health.sync(spec, plan.status)  # restarts this pass charged start their recovery
         await self.apply(ref, spec, plan, body, logger)
         return plan
 
@@ -308,7 +312,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
             reported = silent
             health = ctx.health.get((namespace, name))
             if health is not None:
-                hang = health.check_hang([(s.step, s.step_time_s, s.step_at) for s in sessions if s.connected], now)
+                steps = [StepBeat(s.step, s.step_time_s, s.step_at, s.regrouping) for s in sessions if s.connected]
+                hang = health.check_hang(steps, now)
                 if hang is not None:
                     if hang.decision.restarts_processes and hang.decision.charged:
                         plane.restart_processes(namespace, name, hang.classification.evidence)

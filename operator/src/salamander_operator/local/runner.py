@@ -24,7 +24,7 @@ from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import JobCredentials
 from salamander_operator.controlplane.server import AgentSession
 from salamander_operator.desired import JobRef, worker_name
-from salamander_operator.health import JobHealth, verdict, worker_index
+from salamander_operator.health import JobHealth, StepBeat, verdict, worker_index
 from salamander_operator.incidents import Incident
 from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents
 from salamander_operator.local.plane import ControlPlaneThread
@@ -110,12 +110,14 @@ class LocalRun:
         progress = self.host.read_progress(self.ref.uid)
         self._inject_worker_faults(progress)
         self.health.sync(self.job.spec, self.status)
-        hang = self.health.check_hang([(s.step, s.step_time_s, s.step_at) for s in sessions if s.connected], mono)
+        steps = [StepBeat(s.step, s.step_time_s, s.step_at, s.regrouping) for s in sessions if s.connected]
+        hang = self.health.check_hang(steps, mono)
         if hang is not None and hang.decision.restarts_processes and hang.decision.charged:
             self.plane.server.restart_processes(self.ref.namespace, self.ref.name, hang.classification.evidence)
         incidents = self.health.drain()
         now = datetime.datetime.now(datetime.UTC)
         plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents)
+        self.health.sync(self.job.spec, plan.status)  # restarts this pass charged start their recovery
         for index in plan.delete:
             self.workers.delete(index)
             self.plane.server.forget(self.ref.namespace, self.ref.name, worker_name(self.ref, index))

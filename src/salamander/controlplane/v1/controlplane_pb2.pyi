@@ -51,18 +51,20 @@ class Hello(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., job: _Optional[str] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ..., first_rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "step", "step_time_s", "sent_unix_ns", "step_unix_ns")
+    __slots__ = ("seq", "step", "step_time_s", "sent_unix_ns", "step_unix_ns", "regrouping")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     STEP_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    REGROUPING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     step: int
     step_time_s: float
     sent_unix_ns: int
     step_unix_ns: int
-    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., step_unix_ns: _Optional[int] = ...) -> None: ...
+    regrouping: bool
+    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., step_unix_ns: _Optional[int] = ..., regrouping: _Optional[bool] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
     __slots__ = ("exit_code", "signal")
