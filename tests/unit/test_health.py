@@ -194,3 +194,16 @@ def test_a_regrouping_agent_or_a_lower_step_never_arms_the_hang_watch() -> None:
     assert health.check_hang([StepBeat(35, 0.2)], 100.0) is None
     health.check_hang([StepBeat(36, 0.2)], 101.0)
     assert health.check_hang([StepBeat(36, 0.2)], 106.5) is not None
+
+
+def test_a_failure_in_the_new_round_is_new_even_before_its_first_step_is_seen() -> None:
+    clock = Clock()
+    health = JobHealth(JOB, SPEC, clock=clock)
+    assert health.on_report(AGENT, killed_report()).charged
+    clock.now = T0 + datetime.timedelta(seconds=5)
+    old_round = killed_report()
+    old_round.round_started_unix_ns = int((T0.timestamp() - 60) * 1e9)  # a process of the broken round
+    assert not health.on_report(AGENT, old_round).charged
+    new_round = killed_report()
+    new_round.round_started_unix_ns = int((T0.timestamp() + 3) * 1e9)  # started after the restart
+    assert health.on_report(AGENT, new_round).charged

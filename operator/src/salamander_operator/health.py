@@ -140,9 +140,11 @@ class JobHealth:
         occurred = (datetime.datetime.fromtimestamp(report.observed_unix_ns / 1e9, datetime.UTC)
                     if report.observed_unix_ns > 0 else None)
         index = worker_index(self.job, identity.pod)
+        round_started = (datetime.datetime.fromtimestamp(report.round_started_unix_ns / 1e9, datetime.UTC)
+                         if report.round_started_unix_ns > 0 else None)
         with self._lock:
             now = self._clock()
-            decision = self._decide(evidence, now)
+            decision = self._decide(evidence, now, round_started)
             if occurred is not None and occurred > now:
                 occurred = now  # the agent's clock runs ahead: no negative latencies
             incident = Incident(classification, decision, now, worker=index, pod=identity.pod,
@@ -209,11 +211,16 @@ class JobHealth:
             threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
             return max(0.0, self.watch.since + threshold - monotonic_now)
 
-    def _decide(self, evidence: FailureEvidence, now: datetime.datetime) -> Decision:
-        """Under the lock: decide, then account for it."""
+    def _decide(self, evidence: FailureEvidence, now: datetime.datetime,
+                round_started: datetime.datetime | None = None) -> Decision:
+        """Under the lock: decide, then account for it. ``round_started``: when the failed
+        process's round began, if known."""
         spec = self.spec
-        # Coalesce only while the recovery is still under way: no step since the restart.
+        # Coalesce only while the recovery is still under way (no step since the restart) and
+        # the failed process belongs to a round from before it.
         recovering = self._recovering_since if not self.watch.armed else None
+        if recovering is not None and round_started is not None and round_started > recovering:
+            recovering = None
         decision = decide(spec.failure_policy, spec.restart_budget, evidence, self._history, now, recovering)
         if decision.charged:
             self._history = self._history.charged(now, spec.failure_policy.window_seconds)

@@ -73,11 +73,12 @@ class AgentClient:
 
     async def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                              exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,
-                             timeout_s: float = 10.0) -> pb.Verdict:
+                             round_started: float = 0.0, timeout_s: float = 10.0) -> pb.Verdict:
         """Send a failure report and wait for the operator's ack; returns its verdict (action
         ``ACTION_UNSPECIFIED`` when the operator gave none)."""
         seq = next(self._seq)
         report = pb.FailureReport(seq=seq, rank=rank, observed_unix_ns=time.time_ns(),
+                                  round_started_unix_ns=int(round_started * 1e9) if round_started > 0 else 0,
                                   log_tail=[line[:MAX_LOG_LINE] for line in (log_tail or [])[-MAX_LOG_LINES:]])
         if exception is not None:
             report.exception.CopyFrom(pb.TrainingException(type=exception[0], message=exception[1],

@@ -97,6 +97,12 @@ class SalamanderAgent(LocalElasticAgent):
             self._obey(self._report(link, worker_group, result.failures))
         return result
 
+    _round_started: float = 0.0
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        type(self)._round_started = time.time()
+        return super()._start_workers(worker_group)
+
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         """Tell the operator a new round is forming (no steps are due) until it has started."""
         link = self.link
@@ -125,7 +131,7 @@ class SalamanderAgent(LocalElasticAgent):
         log.error("rank %d failed (%s); reporting it to the operator", rank,
                   f"{exception[0]}: {exception[1][:200]}" if exception else f"exit code {code}")
         return link.report_failure(rank, exit_code=max(code, 0), signal=-code if code < 0 else 0,
-                                   exception=exception, log_tail=tail(stderr))
+                                   exception=exception, log_tail=tail(stderr), round_started=self._round_started)
 
     def _obey(self, verdict: pb.Verdict | None) -> None:
         if verdict is None or verdict.action == pb.ACTION_UNSPECIFIED:

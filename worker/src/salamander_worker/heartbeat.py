@@ -99,7 +99,7 @@ class Heartbeat(threading.Thread):
 
     def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                        exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,
-                       timeout_s: float = 10.0) -> pb.Verdict | None:
+                       round_started: float = 0.0, timeout_s: float = 10.0) -> pb.Verdict | None:
         """Report a failure and wait for the operator's verdict; None when the operator cannot
         be reached in time (the agent then falls back to its own restart budget)."""
         loop, client = self._loop, self._client
@@ -107,7 +107,7 @@ class Heartbeat(threading.Thread):
             return None
         future = asyncio.run_coroutine_threadsafe(client.report_failure(
             rank, exit_code=exit_code, signal=signal, exception=exception, log_tail=log_tail,
-            timeout_s=timeout_s), loop)
+            round_started=round_started, timeout_s=timeout_s), loop)
         try:
             return future.result(timeout_s + 1.0)
         except (ControlPlaneError, TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError) as exc:

@@ -85,20 +85,22 @@ class TrainingException(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("seq", "rank", "exit", "exception", "log_tail", "observed_unix_ns")
+    __slots__ = ("seq", "rank", "exit", "exception", "log_tail", "observed_unix_ns", "round_started_unix_ns")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
     EXCEPTION_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STARTED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     rank: int
     exit: ProcessExit
     exception: TrainingException
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     observed_unix_ns: int
-    def __init__(self, seq: _Optional[int] = ..., rank: _Optional[int] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., exception: _Optional[_Union[TrainingException, _Mapping]] = ..., log_tail: _Optional[_Iterable[str]] = ..., observed_unix_ns: _Optional[int] = ...) -> None: ...
+    round_started_unix_ns: int
+    def __init__(self, seq: _Optional[int] = ..., rank: _Optional[int] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., exception: _Optional[_Union[TrainingException, _Mapping]] = ..., log_tail: _Optional[_Iterable[str]] = ..., observed_unix_ns: _Optional[int] = ..., round_started_unix_ns: _Optional[int] = ...) -> None: ...
 
 class OperatorMessage(_message.Message):
     __slots__ = ("welcome", "ack", "command")
