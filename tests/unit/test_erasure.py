@@ -66,3 +66,13 @@ def test_rebuild_needs_exactly_one_loss_and_matching_parities() -> None:
         rebuild([None, buffers[1], buffers[2]], [None, parities[1][:-8], parities[2]])
     with pytest.raises(ErasureError, match="3 buffers but 2"):
         rebuild([None, buffers[1], buffers[2]], [None, parities[1]])
+
+
+def test_encode_into_preallocated_parities() -> None:
+    buffers = group(4, 1000)
+    out = [np.zeros(buffers[0].size // 3, np.uint8) for _ in range(4)]
+    parities = encode(buffers, out=out)
+    assert all(p is o for p, o in zip(parities, out))
+    assert all(np.array_equal(p, q) for p, q in zip(parities, encode(buffers)))
+    with pytest.raises(ErasureError, match="out must be 4 uint8 arrays"):
+        encode(buffers, out=out[:3])

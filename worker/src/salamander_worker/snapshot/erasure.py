@@ -39,15 +39,19 @@ def block_of(node: int, stripe: int) -> int:
     return stripe if stripe < node else stripe - 1
 
 
-def encode(buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The parity each node stores: ``result[s]`` is the XOR of stripe ``s``'s blocks."""
+def encode(buffers: Sequence[np.ndarray], out: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The parity each node stores: ``result[s]`` is the XOR of stripe ``s``'s blocks. With
+    ``out`` (one pre-allocated uint8 array of the block size per node) nothing is allocated."""
     k = len(buffers)
     blocks = _blocks(buffers, k)
     size = blocks[0][0].size
+    if out is not None and (len(out) != k or any(o.dtype != np.uint8 or o.size != size for o in out)):
+        raise ErasureError(f"out must be {k} uint8 arrays of {size} bytes")
     parities = []
     for stripe in range(k):
         members = [blocks[node][block_of(node, stripe)] for node in range(k) if node != stripe]
-        parities.append(_xor(members, np.empty(size, dtype=np.uint8)))
+        target = out[stripe] if out is not None else np.empty(size, dtype=np.uint8)
+        parities.append(_xor(members, target))
     return parities
 
 
