@@ -17,7 +17,7 @@ from tests.e2e.test_local_run import gpt_manifest, local_run
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 120
+STEPS = 200
 
 
 def rehearsal(tmp_path: Path) -> dict:
