@@ -28,7 +28,7 @@ ENV_POD_NAME = "SALAMANDER_POD_NAME"          # from the downward API
 ENV_NODE_NAME = "SALAMANDER_NODE_NAME"        # from the downward API
 ENV_CHECKPOINT_DIR = "SALAMANDER_CHECKPOINT_DIR"  # spec.checkpoint.directory, when set
 ENV_CHECKPOINT_INTERVAL = "SALAMANDER_CHECKPOINT_INTERVAL"  # spec.checkpoint.intervalSteps
-ENV_FAULTS = "SALAMANDER_FAULTS"              # spec.faults as JSON (process faults only)
+ENV_FAULTS = "SALAMANDER_FAULTS"              # spec.faults as JSON; processes run only the process faults
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"

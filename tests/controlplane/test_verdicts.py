@@ -14,20 +14,13 @@ from salamander_operator.desired import JobRef
 from salamander_operator.health import JobHealth, StepBeat, verdict
 from salamander.api import parse_spec
 from salamander_worker.controlplane import AgentClient
+from tests.controlplane.test_controlplane import _eventually
 
 SPEC = parse_spec({"failurePolicy": {"maxRestartsPerWindow": 1}, "worker": {"image": "i", "command": ["c"]}})
 
 
 def me(pod: str) -> AgentIdentity:
     return AgentIdentity(namespace="ns", job="llm", pod=pod, node="node-a", first_rank=0, rank_count=1)
-
-
-async def _eventually(predicate, what: str) -> None:
-    for _ in range(250):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_each_report_gets_the_policys_verdict_and_a_storm_fails_the_job() -> None:

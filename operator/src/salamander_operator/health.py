@@ -26,7 +26,7 @@ from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.desired import JobRef
 from salamander_operator.failures import classify_exception, classify_exit, classify_hang, hang_threshold
 from salamander_operator.incidents import Incident
-from salamander_operator.policy import Decision, FailureEvidence, RestartHistory, decide, history_of
+from salamander_operator.policy import Decision, FailureEvidence, RestartHistory, decide
 
 Clock = Callable[[], datetime.datetime]
 
@@ -103,7 +103,7 @@ class JobHealth:
         with self._lock:
             self.spec = spec
             # the status's history, plus the restarts decided here that it does not hold yet
-            history = history_of(status.restarts, status.restart_times)
+            history = RestartHistory(status.restarts, tuple(status.restart_times))
             for incident in self._pending:
                 if incident.decision.charged:
                     history = history.charged(incident.detected_at, spec.failure_policy.window_seconds)

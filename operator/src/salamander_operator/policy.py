@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import re
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from salamander.api import FailureAction, FailurePolicy, FailureRule, Reason
@@ -149,7 +148,3 @@ def decide(policy: FailurePolicy, restart_budget: int, evidence: FailureEvidence
     if action is not FailureAction.RETRY_IN_PLACE and policy.backoff_seconds > 0:
         delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** len(recent))
     return Decision(action, charged=True, delay_s=delay, why=why)
-
-
-def history_of(restarts: int, times: Sequence[datetime.datetime]) -> RestartHistory:
-    return RestartHistory(restarts, tuple(times))

@@ -33,7 +33,7 @@ from salamander_operator.desired import JobRef, worker_name
 from salamander_operator.failures import classify_worker
 from salamander_operator.incidents import Incident, fold_incidents, release_expired
 from salamander_operator.observed import ObservedWorker, WorkerPhase
-from salamander_operator.policy import FailureEvidence, decide, history_of
+from salamander_operator.policy import FailureEvidence, RestartHistory, decide
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def decide_failed_workers(job: JobRef, spec: TrainingJobSpec, failed: Sequence[O
                           status: TrainingJobStatus, now: datetime.datetime) -> list[Incident]:
     """One incident per failed worker (a failed pod, a lost agent), decided in index order so
     each sees the restarts charged before it."""
-    history = history_of(status.restarts, status.restart_times)
+    history = RestartHistory(status.restarts, tuple(status.restart_times))
     incidents = []
     for w in failed:
         c = classify_worker(w.reason, w.exit_code, w.describe_failure())
