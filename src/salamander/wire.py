@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 GROUP = "salamander.dev"
 
@@ -29,6 +29,10 @@ ENV_NODE_NAME = "SALAMANDER_NODE_NAME"        # from the downward API
 ENV_CHECKPOINT_DIR = "SALAMANDER_CHECKPOINT_DIR"  # spec.checkpoint.directory, when set
 ENV_CHECKPOINT_INTERVAL = "SALAMANDER_CHECKPOINT_INTERVAL"  # spec.checkpoint.intervalSteps
 ENV_FAULTS = "SALAMANDER_FAULTS"              # spec.faults as JSON; processes run only the process faults
+ENV_SNAPSHOT = "SALAMANDER_SNAPSHOT"          # spec.snapshot as SnapshotConfig.encode() JSON, when set
+# The node's shared-memory directory for snapshots. Set by the Salamander agent for its
+# training processes (it owns that memory), never by the operator.
+ENV_SNAPSHOT_MEMORY = "SALAMANDER_SNAPSHOT_MEMORY"
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"
@@ -72,12 +76,113 @@ class WireError(ValueError):
     """A record read from the wire is malformed; the message names what is wrong."""
 
 
+#: Where a training process restored its state from, nearest first; ``none``: nothing to
+#: restore (a fresh start, or every tier missed), so training started from step 0.
+RestoreTier = Literal["memory", "peers", "persistent", "none"]
+RESTORE_TIERS: tuple[str, ...] = get_args(RestoreTier)
+
+
+def _json_object(raw: str | bytes, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; raises :class:`WireError` (naming ``what``), never anything else."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, huge integers
+        raise WireError(f"{what} is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise WireError(f"{what} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise WireError(f"{what} is not a JSON object")
+    return data
+
+
+def _check_fields(data: dict[str, Any], fields: dict[str, Any], required: set[str], what: str) -> None:
+    """No unknown field, every ``required`` one present, each present one of its type
+    (``fields``: name -> type or tuple of types; a boolean is never an integer)."""
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise WireError(f"{what} has unknown fields: {sorted(unknown)}")
+    for name, kind in fields.items():
+        if name not in data:
+            if name in required:
+                raise WireError(f"{what} lacks field {name!r}")
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise WireError(f"{what} field {name!r} has the wrong type: {str(value)[:80]!r}")
+
+
+#: Bounds of :class:`SnapshotConfig`, the same as ``spec.snapshot``'s (``salamander.api.models``).
+MIN_GROUP_SIZE, MAX_GROUP_SIZE = 2, 64
+PARITIES = (1, 2)
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """How the training processes snapshot their state in memory (``$SALAMANDER_SNAPSHOT``).
+
+    A snapshot every ``interval`` optimizer steps, erasure coded across groups of ``group_size``
+    nodes with ``parity`` parity blocks per group (1: XOR, 2: Reed-Solomon P+Q), so a group
+    survives ``parity`` lost nodes; every ``persist_every`` snapshots (0: never) one is also
+    written as a torch.distributed.checkpoint under ``persist_directory``.
+
+    Invariants (checked by :meth:`decode` and :meth:`check`): ``interval >= 1``,
+    ``2 <= group_size <= 64``, ``parity in (1, 2)``, ``group_size >= parity + 1``,
+    ``persist_every >= 0``, ``persist_directory`` non-empty when given and given when
+    ``persist_every > 0``.
+    """
+
+    interval: int = 10
+    group_size: int = 4
+    parity: int = 1
+    persist_every: int = 0
+    persist_directory: str | None = None
+
+    def encode(self) -> str:
+        """Compact JSON text for the environment variable; :meth:`decode` reads it back equal."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> SnapshotConfig:
+        """Parse ``$SALAMANDER_SNAPSHOT``. Every field is optional (its default then); raises
+        :class:`WireError` naming the bad field, never anything else."""
+        what = "snapshot config"
+        data = _json_object(raw, what)
+        _check_fields(data, {"interval": int, "group_size": int, "parity": int, "persist_every": int,
+                             "persist_directory": (str, type(None))}, set(), what)
+        return cls(**data).check()
+
+    def check(self) -> SnapshotConfig:
+        """``self`` if it holds the invariants; raises :class:`WireError` naming the bad field."""
+        if self.interval < 1:
+            raise WireError(f"snapshot config field 'interval' must be >= 1, got {self.interval}")
+        if not MIN_GROUP_SIZE <= self.group_size <= MAX_GROUP_SIZE:
+            raise WireError(f"snapshot config field 'group_size' must be from {MIN_GROUP_SIZE} to "
+                            f"{MAX_GROUP_SIZE}, got {self.group_size}")
+        if self.parity not in PARITIES:
+            raise WireError(f"snapshot config field 'parity' must be 1 (XOR) or 2 (Reed-Solomon), got {self.parity}")
+        if self.group_size < self.parity + 1:
+            raise WireError(f"snapshot config field 'group_size' must be at least parity + 1 = {self.parity + 1}, "
+                            f"got {self.group_size}")
+        if self.persist_every < 0:
+            raise WireError(f"snapshot config field 'persist_every' must be >= 0, got {self.persist_every}")
+        if self.persist_directory == "":
+            raise WireError("snapshot config field 'persist_directory' must not be empty")
+        if self.persist_every > 0 and self.persist_directory is None:
+            raise WireError("snapshot config field 'persist_directory' is required when persist_every > 0")
+        return self
+
+
 @dataclass(frozen=True)
 class Progress:
     """What a training script last reported: the step reached, its loss, and throughput inputs.
 
     Invariants: ``step >= 0``, ``samples >= 0``, ``world_size >= 1``; ``loss`` is finite or None;
     ``time`` is the reporter's wall clock (seconds since the epoch).
+
+    ``restore_tier`` and ``restore_step`` say where this process life (``restart_count``)
+    restored its state from: a tier of :data:`RESTORE_TIERS` and the step restored (``>= 0``).
+    A restored tier (not ``none``) comes with its step; ``none`` with step 0 or None, and an
+    unset tier with no step. Records from before these fields still decode, with both None.
     """
 
     step: int
@@ -87,6 +192,8 @@ class Progress:
     loss: float | None = None
     restart_count: int = 0
     total_steps: int | None = None
+    restore_tier: str | None = None
+    restore_step: int | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -94,29 +201,13 @@ class Progress:
     @classmethod
     def decode(cls, raw: bytes) -> Progress:
         """Parse a record; raises :class:`WireError` naming the bad field, never anything else."""
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, huge integers
-            raise WireError(f"progress record is not JSON: {str(exc)[:200]}") from None
-        except RecursionError:
-            raise WireError("progress record is nested too deeply") from None
-        if not isinstance(data, dict):
-            raise WireError("progress record is not a JSON object")
+        data = _json_object(raw, "progress record")
         fields = {
             "step": int, "samples": int, "world_size": int, "time": (int, float),
             "loss": (int, float, type(None)), "restart_count": int, "total_steps": (int, type(None)),
+            "restore_tier": (str, type(None)), "restore_step": (int, type(None)),
         }
-        unknown = set(data) - set(fields)
-        if unknown:
-            raise WireError(f"progress record has unknown fields: {sorted(unknown)}")
-        for name, kind in fields.items():
-            if name not in data:
-                if name in ("loss", "restart_count", "total_steps"):
-                    continue
-                raise WireError(f"progress record lacks field {name!r}")
-            value = data[name]
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise WireError(f"progress field {name!r} has the wrong type: {value!r}")
+        _check_fields(data, fields, {"step", "samples", "world_size", "time"}, "progress record")
         if data["step"] < 0 or data["samples"] < 0 or data["world_size"] < 1 or data.get("restart_count", 0) < 0:
             raise WireError("progress fields step, samples and restart_count must be >= 0, world_size >= 1")
         try:
@@ -135,6 +226,23 @@ class Progress:
             loss = None
         if loss is not None and not math.isfinite(loss):
             loss = None  # a diverged loss is reported as unknown rather than breaking JSON/status
+        tier, restored = _restore(data.get("restore_tier"), data.get("restore_step"))
         return cls(step=data["step"], samples=data["samples"], world_size=data["world_size"],
                    time=when, loss=loss, restart_count=data.get("restart_count", 0),
-                   total_steps=total)
+                   total_steps=total, restore_tier=tier, restore_step=restored)
+
+
+def _restore(tier: str | None, step: int | None) -> tuple[str | None, int | None]:
+    """The checked restore fields of a progress record (see :class:`Progress`)."""
+    if tier is not None and tier not in RESTORE_TIERS:
+        raise WireError(f"progress field 'restore_tier' must be one of {list(RESTORE_TIERS)}, got {tier[:40]!r}")
+    if step is not None and step < 0:
+        raise WireError(f"progress field 'restore_step' must be >= 0, got {step}")
+    if step is not None and tier is None:
+        raise WireError("progress field 'restore_step' is given without a restore_tier")
+    if tier == "none" and step not in (None, 0):
+        raise WireError(f"progress field 'restore_step' must be 0 or unset with restore_tier 'none' "
+                        f"(nothing was restored), got {step}")
+    if step is None and tier not in (None, "none"):
+        raise WireError(f"progress field 'restore_step' is required with restore_tier {tier!r}")
+    return tier, step

@@ -30,6 +30,8 @@ VALID_SPEC: dict[str, Any] = {
         "nodeSelector": {"pool": "gpu"},
         "serviceAccountName": "trainer",
     },
+    "snapshot": {"intervalSteps": 5, "groupSize": 4, "parity": 2, "persistEverySnapshots": 10,
+                 "persistDirectory": "/shared/snapshots"},
 }
 
 
@@ -93,6 +95,7 @@ def test_spec_defaults() -> None:
     assert w.args == [] and w.env == [] and w.node_selector == {}
     assert w.resources.requests == {} and w.resources.limits == {}
     assert w.image_pull_policy is None and w.working_dir is None and w.service_account_name is None
+    assert spec.snapshot is None and spec.persist_directory() is None
 
 
 def test_a_full_spec_parses_with_snake_case_attributes() -> None:
@@ -317,7 +320,9 @@ ANY_VALUES = json_like(any_keys, max_leaves=4)
 
 FIELD_NAMES = ["replicas", "min", "max", "procsPerNode", "restartBudget", "worker", "image", "imagePullPolicy",
                "command", "args", "env", "name", "value", "resources", "requests", "limits", "workingDir",
-               "nodeSelector", "serviceAccountName", "cpu", "nvidia.com/gpu"]
+               "nodeSelector", "serviceAccountName", "cpu", "nvidia.com/gpu", "snapshot", "intervalSteps",
+               "groupSize", "parity", "persistEverySnapshots", "persistDirectory", "checkpoint", "directory",
+               "claimName"]
 
 
 def _containers(node: Any) -> list[Any]:
@@ -369,6 +374,11 @@ def _parse_spec_outcome(value: Any) -> None:
     assert 1 <= result.replicas.min <= result.replicas.max
     assert result.procs_per_node >= 1 and result.restart_budget >= 0
     assert result.worker.image and result.worker.command and all(result.worker.command)
+    snap = result.snapshot
+    if snap is not None:
+        assert snap.interval_steps >= 1 and 2 <= snap.group_size <= 64 and snap.parity in (1, 2)
+        assert snap.group_size >= snap.parity + 1 and snap.persist_every_snapshots >= 0
+        assert snap.persist_every_snapshots == 0 or result.persist_directory()
 
 
 @QUICK
@@ -455,3 +465,79 @@ def test_job_names_that_would_break_pod_or_service_names_are_rejected(name: str)
     with pytest.raises(InvalidSpec) as err:
         check_name(name)
     assert err.value.field == "metadata.name" and "\n" not in str(err.value)
+
+
+# --- in-memory snapshots (spec.snapshot) ------------------------------------------------------------
+
+def test_snapshot_defaults() -> None:
+    spec = parse_spec(with_("snapshot", {}))
+    assert spec.snapshot is not None
+    assert (spec.snapshot.interval_steps, spec.snapshot.group_size, spec.snapshot.parity) == (10, 4, 1)
+    assert spec.snapshot.persist_every_snapshots == 0 and spec.snapshot.persist_directory is None
+    assert spec.persist_directory() is None  # no directory anywhere, and none needed
+
+
+def test_a_full_snapshot_parses_with_snake_case_attributes() -> None:
+    spec = parse_spec(VALID_SPEC)
+    assert spec.snapshot is not None
+    assert (spec.snapshot.interval_steps, spec.snapshot.group_size, spec.snapshot.parity) == (5, 4, 2)
+    assert spec.snapshot.persist_every_snapshots == 10
+    assert spec.persist_directory() == "/shared/snapshots"
+    assert spec.model_dump(by_alias=True)["snapshot"]["persistEverySnapshots"] == 10
+    assert parse_spec(spec.model_dump(by_alias=True)) == spec
+
+
+@pytest.mark.parametrize("group_size, parity", [(2, 1), (3, 2), (64, 1), (64, 2)])
+def test_the_smallest_and_largest_groups(group_size: int, parity: int) -> None:
+    spec = parse_spec(with_("snapshot", {"groupSize": group_size, "parity": parity}))
+    assert spec.snapshot is not None and (spec.snapshot.group_size, spec.snapshot.parity) == (group_size, parity)
+
+
+def test_snapshots_persist_to_the_checkpoint_directory_when_theirs_is_unset() -> None:
+    raw = {**with_("snapshot", {"persistEverySnapshots": 3}), "checkpoint": {"directory": "/ckpt"}}
+    assert parse_spec(raw).persist_directory() == "/ckpt"
+    raw["snapshot"]["persistDirectory"] = "/elsewhere"
+    assert parse_spec(raw).persist_directory() == "/elsewhere"  # its own directory wins
+
+
+@pytest.mark.parametrize("persist", ["ckpt", "ckpt/snapshots", "/w/ckpt/s", "./ckpt/x/../y"])
+def test_with_a_claim_the_persistent_directory_may_be_on_it(persist: str) -> None:
+    raw = {**with_("snapshot", {"persistEverySnapshots": 1, "persistDirectory": persist}),
+           "checkpoint": {"directory": "ckpt", "claimName": "pvc"}}  # workingDir /w
+    assert parse_spec(raw).persist_directory() == persist
+
+
+@pytest.mark.parametrize("spec, field, problem", [
+    (with_("snapshot", {"intervalSteps": 0}), "spec.snapshot.intervalSteps", "greater than or equal to 1"),
+    (with_("snapshot", {"intervalSteps": "5"}), "spec.snapshot.intervalSteps", "integer"),
+    (with_("snapshot", {"groupSize": 1}), "spec.snapshot.groupSize", "greater than or equal to 2"),
+    (with_("snapshot", {"groupSize": 65}), "spec.snapshot.groupSize", "less than or equal to 64"),
+    (with_("snapshot", {"groupSize": True}), "spec.snapshot.groupSize", "integer"),
+    (with_("snapshot", {"parity": 0}), "spec.snapshot.parity", "greater than or equal to 1"),
+    (with_("snapshot", {"parity": 3}), "spec.snapshot.parity", "less than or equal to 2"),
+    (with_("snapshot", {"groupSize": 2, "parity": 2}), "spec.snapshot", "must be at least parity + 1 (3)"),
+    (with_("snapshot", {"persistEverySnapshots": -1}), "spec.snapshot.persistEverySnapshots",
+     "greater than or equal to 0"),
+    (with_("snapshot", {"persistEverySnapshots": 2}), "spec.snapshot",
+     "set snapshot.persistDirectory or spec.checkpoint.directory"),
+    (with_("snapshot", {"persistDirectory": ""}), "spec.snapshot.persistDirectory", "at least 1 character"),
+    (with_("snapshot", {"interval": 5}), "spec.snapshot.interval", "unknown field"),
+    (with_("snapshot", "often"), "spec.snapshot", "valid dictionary"),
+    ({**with_("snapshot", {"persistDirectory": "/elsewhere"}), "checkpoint": {"directory": "ckpt", "claimName": "pvc"}},
+     "spec.snapshot", "is not on checkpoint claim pvc (mounted at /w/ckpt)"),
+    ({**with_("snapshot", {"persistDirectory": "ckpt-other"}), "checkpoint": {"directory": "ckpt", "claimName": "pvc"}},
+     "spec.snapshot", "is not on checkpoint claim"),
+    ({**with_("snapshot", {"persistDirectory": "ckpt/../x"}), "checkpoint": {"directory": "ckpt", "claimName": "pvc"}},
+     "spec.snapshot", "is not on checkpoint claim"),
+])
+def test_bad_snapshot_names_the_field(spec: dict[str, Any], field: str, problem: str) -> None:
+    err = invalid(parse_spec, spec)
+    assert err.field == field, str(err)
+    assert problem in err.problem, str(err)
+    assert invalid(parse_manifest, manifest(spec)).field == field
+
+
+def test_an_invalid_checkpoint_is_reported_not_the_snapshot_that_falls_back_to_it() -> None:
+    raw = {**with_("snapshot", {"persistEverySnapshots": 2}), "checkpoint": {"directory": ""}}
+    err = invalid(parse_spec, raw)
+    assert err.field == "spec.checkpoint.directory" and "more problem" not in err.problem

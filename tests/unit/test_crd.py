@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hypothesis import given
 
-from salamander.api import (GROUP, KIND, PLURAL, SHORT_NAME, VERSION, Condition, InvalidSpec, Phase,
+from salamander.api import (GROUP, KIND, PLURAL, SHORT_NAME, VERSION, Condition, InvalidSpec, Phase, RestoreRecord,
                             TrainingJobSpec, TrainingJobStatus, parse_manifest, parse_spec)
 from salamander.api.crd import CRD_FILE, build_crd, render_crd
 from tests.unit._support import CRD_PATH, EXAMPLE, QUICK
@@ -231,6 +231,30 @@ def test_status_phase_is_an_enum_of_the_phases() -> None:
     assert set(STATUS_SCHEMA["properties"]["phase"]["enum"]) == {p.value for p in Phase}
 
 
+def test_snapshot_carries_the_cel_rule_that_pydantic_also_enforces() -> None:
+    snapshot = SPEC_SCHEMA["properties"]["snapshot"]
+    assert snapshot["nullable"] is True and "default" not in snapshot  # no snapshots unless asked for
+    (rule,) = snapshot["x-kubernetes-validations"]
+    assert rule["rule"] == "self.groupSize >= self.parity + 1"
+    props = snapshot["properties"]
+    assert {name: props[name].get("default") for name in props} == {
+        "intervalSteps": 10, "groupSize": 4, "parity": 1, "persistEverySnapshots": 0, "persistDirectory": None}
+    assert (props["groupSize"]["minimum"], props["groupSize"]["maximum"]) == (2, 64)
+    assert (props["parity"]["minimum"], props["parity"]["maximum"]) == (1, 2)
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec({**VALID_SPEC, "snapshot": {"groupSize": 2, "parity": 2}})
+    assert info.value.field == "spec.snapshot"
+    # what the API server defaults an empty snapshot to parses to the model's defaults
+    assert parse_spec(k8s_default(SPEC_SCHEMA, {**VALID_SPEC, "snapshot": {}})) == \
+        parse_spec({**VALID_SPEC, "snapshot": {}})
+
+
+def test_the_restore_tier_is_an_enum_of_the_wire_tiers() -> None:
+    from salamander.wire import RESTORE_TIERS
+    tier = STATUS_SCHEMA["properties"]["lastRestore"]["properties"]["tier"]
+    assert tier["enum"] == list(RESTORE_TIERS) == ["memory", "peers", "persistent", "none"]
+
+
 def test_replicas_carry_the_cel_rule_that_pydantic_also_enforces() -> None:
     rules = SPEC_SCHEMA["properties"]["replicas"]["x-kubernetes-validations"]
     assert {"rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max"} in rules
@@ -274,6 +298,9 @@ def test_the_status_the_operator_writes_is_accepted_by_the_crd() -> None:
                                                 message="2 of 2..4 workers ready", last_transition_time=now,
                                                 observed_generation=3)]),
         TrainingJobStatus(phase=Phase.FAILED, completion_time=now, loss=None),
+        TrainingJobStatus(phase=Phase.RUNNING, step=40, restarts=2,
+                          last_restore=RestoreRecord(tier="peers", step=30, at=now, restart_count=2)),
+        TrainingJobStatus(last_restore=RestoreRecord(tier="none", at=now)),
     ]
     for status in statuses:
         body = status.model_dump(mode="json", by_alias=True)  # as the operator patches it

@@ -45,6 +45,14 @@ def env_of(pod: dict) -> dict[str, object]:
     return {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in container(pod)["env"]}
 
 
+def claim_volumes(pod: dict) -> list[dict]:
+    return [v for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v]
+
+
+def mount_paths(pod: dict) -> list[str]:
+    return [m["mountPath"] for m in container(pod).get("volumeMounts", [])]
+
+
 def test_names_are_stable() -> None:
     assert worker_name(JOB, 0) == "llm-worker-0"
     assert worker_name(JOB, 12) == "llm-worker-12"
@@ -239,9 +247,11 @@ def test_checkpoint_env_and_claim_mount() -> None:
     assert env[wire.ENV_CHECKPOINT_DIR] == "/ckpt/llm"
     assert env[wire.ENV_CHECKPOINT_INTERVAL] == "50"
     assert checkpoint_env(spec) == {wire.ENV_CHECKPOINT_DIR: "/ckpt/llm", wire.ENV_CHECKPOINT_INTERVAL: "50"}
-    (volume,) = pod["spec"]["volumes"]
+    shm, volume = pod["spec"]["volumes"]
+    assert shm["emptyDir"] == {"medium": "Memory"}
     assert volume["persistentVolumeClaim"] == {"claimName": "llm-checkpoints"}
-    assert container(pod)["volumeMounts"] == [{"name": volume["name"], "mountPath": "/ckpt/llm"}]
+    assert container(pod)["volumeMounts"] == [{"name": shm["name"], "mountPath": "/dev/shm"},
+                                              {"name": volume["name"], "mountPath": "/ckpt/llm"}]
     names = [e["name"] for e in container(pod)["env"]]
     assert names.index(wire.ENV_CHECKPOINT_DIR) < names.index("NCCL_DEBUG")  # the user env still wins
 
@@ -249,7 +259,7 @@ def test_checkpoint_env_and_claim_mount() -> None:
 def test_a_relative_checkpoint_directory_is_mounted_under_the_working_directory() -> None:
     spec = parse_spec({**FULL, "checkpoint": {"directory": "runs/ckpt", "claimName": "pvc"}})
     pod = build_worker_pod(JOB, spec, 0, ENDPOINT)
-    assert container(pod)["volumeMounts"][0]["mountPath"] == "/workspace/runs/ckpt"
+    assert container(pod)["volumeMounts"][1]["mountPath"] == "/workspace/runs/ckpt"
     assert env_of(pod)[wire.ENV_CHECKPOINT_DIR] == "/workspace/runs/ckpt"  # the same place
     assert env_of(pod)[wire.ENV_CHECKPOINT_INTERVAL] == "100"  # the spec's default
 
@@ -259,14 +269,14 @@ def test_a_checkpoint_without_a_claim_sets_the_env_but_mounts_nothing() -> None:
     pod = build_worker_pod(JOB, spec, 0, ENDPOINT)
     assert env_of(pod)[wire.ENV_CHECKPOINT_DIR] == "/shared/ckpt"
     assert env_of(pod)[wire.ENV_CHECKPOINT_INTERVAL] == "7"
-    assert "volumes" not in pod["spec"] and "volumeMounts" not in container(pod)
+    assert not claim_volumes(pod) and mount_paths(pod) == ["/dev/shm"]
 
 
 def test_no_checkpoint_no_checkpoint_env_or_volume() -> None:
     from salamander_operator.desired import checkpoint_env
     pod = build_worker_pod(JOB, parse_spec(FULL), 0, ENDPOINT)
     assert wire.ENV_CHECKPOINT_DIR not in env_of(pod) and wire.ENV_CHECKPOINT_INTERVAL not in env_of(pod)
-    assert "volumes" not in pod["spec"] and "volumeMounts" not in container(pod)
+    assert not claim_volumes(pod) and mount_paths(pod) == ["/dev/shm"]
     assert checkpoint_env(parse_spec(FULL)) == {}
 
 
@@ -290,3 +300,120 @@ def test_local_workers_get_the_checkpoint_env(tmp_path, monkeypatch: pytest.Monk
     (env,) = started
     assert env[wire.ENV_CHECKPOINT_DIR] == "ckpt" and env[wire.ENV_CHECKPOINT_INTERVAL] == "3"
     table.delete(0)
+
+
+# --- in-memory snapshots: /dev/shm and $SALAMANDER_SNAPSHOT -----------------------------------------
+
+SNAPSHOT = {"intervalSteps": 5, "groupSize": 3, "parity": 2, "persistEverySnapshots": 4}
+
+
+def snapshot_of(pod: dict) -> wire.SnapshotConfig:
+    raw = env_of(pod)[wire.ENV_SNAPSHOT]
+    assert isinstance(raw, str)
+    return wire.SnapshotConfig.decode(raw)
+
+
+def as_kubernetes_reads_it(pod: dict) -> dict:
+    """``pod`` through the Kubernetes client's V1Pod model and back: a key the Pod API does not
+    have (a typo, a field at the wrong level) is dropped, a wrong type or a missing required
+    field raises, so an unchanged round trip means the manifest is a well-formed Pod."""
+    import json
+
+    from kubernetes.client import ApiClient
+    client = ApiClient()
+    model = client._ApiClient__deserialize(json.loads(json.dumps(pod)), "V1Pod")  # type: ignore[attr-defined]
+    return client.sanitize_for_serialization(model)
+
+
+@pytest.mark.parametrize("raw", [MINIMAL, FULL, {**FULL, "snapshot": {}},
+                                 {**FULL, "checkpoint": {"directory": "ckpt", "claimName": "pvc"}}])
+def test_every_pod_mounts_a_memory_backed_dev_shm(raw: dict) -> None:
+    pod = build_worker_pod(JOB, parse_spec(raw), 0, ENDPOINT)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert len(volumes) == len(pod["spec"]["volumes"]), "volume names must be unique"
+    (shm,) = [m for m in container(pod)["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm["name"]] == {"name": shm["name"], "emptyDir": {"medium": "Memory"}}
+    assert all(m["name"] in volumes for m in container(pod)["volumeMounts"])
+
+
+@pytest.mark.parametrize("raw", [MINIMAL, FULL,
+                                 {**FULL, "snapshot": SNAPSHOT,
+                                  "checkpoint": {"directory": "ckpt", "claimName": "pvc", "intervalSteps": 9}}])
+def test_rendered_pods_are_well_formed_kubernetes_pods(raw: dict) -> None:
+    pod = build_worker_pod(JOB, parse_spec(raw), 3, ENDPOINT, "operator.ns:29401", avoid_nodes={"gpu-1"})
+    assert as_kubernetes_reads_it(pod) == pod
+
+
+def test_the_pod_validation_catches_a_misplaced_field() -> None:
+    pod = build_worker_pod(JOB, parse_spec(MINIMAL), 0, ENDPOINT)
+    pod["spec"]["containers"][0]["volumes"] = pod["spec"]["volumes"]  # volumes belong to the pod spec
+    assert as_kubernetes_reads_it(pod) != pod
+
+
+def test_no_snapshot_no_snapshot_env() -> None:
+    from salamander_operator.desired import snapshot_config, snapshot_env
+    spec = parse_spec(FULL)
+    assert wire.ENV_SNAPSHOT not in env_of(build_worker_pod(JOB, spec, 0, ENDPOINT))
+    assert snapshot_config(spec) is None and snapshot_env(spec) == {} and snapshot_env(spec, in_pod=True) == {}
+
+
+def test_snapshot_env_carries_the_spec() -> None:
+    spec = parse_spec({**FULL, "snapshot": {**SNAPSHOT, "persistDirectory": "/shared/snap"}})
+    pod = build_worker_pod(JOB, spec, 1, ENDPOINT)
+    assert snapshot_of(pod) == wire.SnapshotConfig(interval=5, group_size=3, parity=2, persist_every=4,
+                                                   persist_directory="/shared/snap")
+    names = [e["name"] for e in container(pod)["env"]]
+    assert names.index(wire.ENV_SNAPSHOT) < names.index("NCCL_DEBUG")  # the user env still wins
+    assert wire.ENV_SNAPSHOT_MEMORY not in names  # the agent sets that one, not the operator
+
+
+def test_snapshot_defaults_reach_the_workers() -> None:
+    pod = build_worker_pod(JOB, parse_spec({**MINIMAL, "snapshot": {}}), 0, ENDPOINT)
+    assert snapshot_of(pod) == wire.SnapshotConfig()
+
+
+def test_snapshots_persist_to_the_checkpoint_directory_by_default() -> None:
+    spec = parse_spec({**MINIMAL, "snapshot": SNAPSHOT, "checkpoint": {"directory": "/shared/ckpt"}})
+    assert snapshot_of(build_worker_pod(JOB, spec, 0, ENDPOINT)).persist_directory == "/shared/ckpt"
+
+
+@pytest.mark.parametrize("persist, expected", [(None, "/workspace/runs/ckpt"),
+                                               ("runs/ckpt/snapshots", "/workspace/runs/ckpt/snapshots"),
+                                               ("/workspace/runs/ckpt/s", "/workspace/runs/ckpt/s")])
+def test_with_a_claim_snapshots_persist_on_it(persist: str | None, expected: str) -> None:
+    snapshot = {**SNAPSHOT, **({} if persist is None else {"persistDirectory": persist})}
+    spec = parse_spec({**FULL, "snapshot": snapshot, "checkpoint": {"directory": "runs/ckpt", "claimName": "pvc"}})
+    pod = build_worker_pod(JOB, spec, 0, ENDPOINT)
+    assert snapshot_of(pod).persist_directory == expected
+    claim_mount = next(m["mountPath"] for m in container(pod)["volumeMounts"] if m["name"] == "checkpoints")
+    assert expected == claim_mount or expected.startswith(claim_mount + "/")
+    assert env_of(pod)[wire.ENV_CHECKPOINT_DIR] == claim_mount
+
+
+def test_local_workers_get_the_snapshot_env(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from salamander_operator.local import workers as local_workers
+    started: list[dict] = []
+
+    class FakePopen:
+        pid = 4242
+
+        def __init__(self, command, env, **kwargs) -> None:
+            started.append(env)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(local_workers.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv(wire.ENV_SNAPSHOT, raising=False)
+    spec = parse_spec({**MINIMAL, "snapshot": SNAPSHOT, "checkpoint": {"directory": "ckpt", "claimName": "pvc"}})
+    table = local_workers.LocalWorkers(JOB, spec, "127.0.0.1:1", tmp_path)
+    table.create(0)
+    plain = local_workers.LocalWorkers(JOB, parse_spec(MINIMAL), "127.0.0.1:1", tmp_path / "plain")
+    plain.create(0)
+    with_snapshot, without = started
+    # locally the directory stays as written (relative to the worker's working directory): no claim is mounted
+    assert wire.SnapshotConfig.decode(with_snapshot[wire.ENV_SNAPSHOT]) == wire.SnapshotConfig(
+        interval=5, group_size=3, parity=2, persist_every=4, persist_directory="ckpt")
+    assert wire.ENV_SNAPSHOT not in without
+    table.delete(0)
+    plain.delete(0)

@@ -12,7 +12,7 @@ from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJo
 from salamander.wire import Progress
 from salamander_operator.desired import JobRef
 from salamander_operator.observed import ObservedWorker, WorkerPhase
-from salamander_operator.reconcile import Plan, reconcile, set_condition
+from salamander_operator.reconcile import Plan, reconcile, set_condition, with_restore
 from tests.unit._support import FAST, QUICK
 
 T0 = datetime.datetime(2025, 1, 1, 12, 0, tzinfo=datetime.UTC)
@@ -442,6 +442,99 @@ def test_no_progress_keeps_the_last_reported_step() -> None:
     assert (later.status.step, later.status.loss) == (9, 0.5)
 
 
+# --- restores: status.lastRestore and the SnapshotRestored event ------------------------------------
+
+def restored(step: int = 50, tier: str | None = "memory", restore_step: int | None = 40,
+             restart_count: int = 1) -> Progress:
+    return Progress(step=step, samples=step, world_size=2, time=1.0, restart_count=restart_count,
+                    restore_tier=tier, restore_step=restore_step)
+
+
+def restore_events(plan: Plan) -> list:
+    return [e for e in plan.events if e.reason == Reason.SNAPSHOT_RESTORED]
+
+
+def test_a_restore_is_recorded_with_when_it_was_first_seen_and_announced() -> None:
+    plan = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], running_status(), restored(), T1)
+    record = plan.status.last_restore
+    assert record is not None
+    assert (record.tier, record.step, record.at, record.restart_count) == ("memory", 40, T1, 1)
+    (event,) = restore_events(plan)
+    assert (event.type, event.message) == ("Normal", "restored step 40 from memory")
+    assert plan.status.model_dump(mode="json", by_alias=True)["lastRestore"] == {
+        "tier": "memory", "step": 40, "at": "2025-01-01T12:01:00Z", "restartCount": 1}
+
+
+def test_the_same_restore_seen_again_changes_nothing() -> None:
+    first = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], running_status(), restored(step=50), T1)
+    later = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], first.status, restored(step=90), T2)
+    assert later.status.last_restore == first.status.last_restore  # at stays when first seen
+    assert later.status.step == 90
+    assert restore_events(later) == []
+
+
+def test_a_progress_record_without_a_restore_keeps_the_last_one() -> None:
+    first = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], running_status(), restored(), T1)
+    later = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], first.status, restored(tier=None, restore_step=None), T2)
+    assert later.status.last_restore == first.status.last_restore and restore_events(later) == []
+    assert reconcile(JOB, spec(2, 2), [ready(0), ready(1)], first.status, None, T2).status.last_restore == \
+        first.status.last_restore
+
+
+@pytest.mark.parametrize("tier, restore_step, restart_count", [
+    ("peers", 40, 1),       # another tier in the same process life
+    ("memory", 60, 1),      # another restore at the same restart count (a replaced worker's new round)
+    ("persistent", 20, 2),  # the next restart
+])
+def test_a_new_restore_replaces_the_last(tier: str, restore_step: int, restart_count: int) -> None:
+    first = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], running_status(), restored(), T1)
+    later = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], first.status,
+                      restored(tier=tier, restore_step=restore_step, restart_count=restart_count), T2)
+    record = later.status.last_restore
+    assert record is not None
+    assert (record.tier, record.step, record.at, record.restart_count) == (tier, restore_step, T2, restart_count)
+    (event,) = restore_events(later)
+    assert event.message == f"restored step {restore_step} from {tier}"
+
+
+def test_a_fresh_start_with_nothing_to_restore_is_recorded_quietly() -> None:
+    plan = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], FRESH, restored(tier="none", restore_step=None,
+                                                                            restart_count=0), T0)
+    assert plan.status.last_restore is not None and plan.status.last_restore.tier == "none"
+    assert restore_events(plan) == []
+
+
+def test_nothing_to_restore_after_a_restart_is_a_warning() -> None:
+    plan = reconcile(JOB, spec(2, 2), [ready(0), ready(1)], running_status(),
+                     restored(tier="none", restore_step=0, restart_count=3), T1)
+    (event,) = restore_events(plan)
+    assert event.type == "Warning" and "restart 3" in event.message and "started over" in event.message
+    assert plan.status.last_restore is not None and plan.status.last_restore.step == 0
+
+
+def test_a_restore_is_announced_beside_the_completion() -> None:
+    plan = reconcile(JOB, spec(2, 2), [succeeded(0), succeeded(1)], running_status(), restored(), T1)
+    assert plan.status.phase is Phase.SUCCEEDED
+    assert [e.reason for e in plan.events] == [Reason.SNAPSHOT_RESTORED, Reason.COMPLETED]
+    assert plan.status.last_restore is not None
+
+
+def test_a_finished_job_records_no_restore() -> None:
+    done = reconcile(JOB, spec(1, 1), [succeeded(0)], running_status(), None, T1).status
+    assert done.phase.terminal
+    plan = reconcile(JOB, spec(1, 1), [succeeded(0)], done, restored(), T2)
+    assert plan.status == done and plan.events == ()
+
+
+def test_with_restore_is_pure_and_ignores_no_progress() -> None:
+    status = running_status()
+    assert with_restore(status, None, T1) == (status, ())
+    assert with_restore(status, restored(tier=None, restore_step=None), T1) == (status, ())
+    new, events = with_restore(status, restored(), T1)
+    assert status.last_restore is None and new.last_restore is not None and len(events) == 1
+    assert with_restore(new, restored(step=99), T2) == (new, ())
+
+
 # --- properties -----------------------------------------------------------------------------------
 
 PHASES = list(WorkerPhase)
@@ -488,9 +581,12 @@ def previous_statuses(draw: st.DrawFn) -> TrainingJobStatus:
     return status
 
 
-progresses = st.none() | st.builds(Progress, step=st.integers(0, 10**6), samples=st.integers(0, 10**9),
-                                   world_size=st.integers(1, 64), time=st.floats(0, 2e9),
-                                   loss=st.none() | st.floats(0, 100))
+restores = (st.tuples(st.none(), st.none()) | st.tuples(st.just("none"), st.none() | st.just(0))
+            | st.tuples(st.sampled_from(["memory", "peers", "persistent"]), st.integers(0, 10**6)))
+progresses = st.none() | st.builds(
+    lambda restore, **fields: Progress(**fields, restore_tier=restore[0], restore_step=restore[1]), restores,
+    step=st.integers(0, 10**6), samples=st.integers(0, 10**9), world_size=st.integers(1, 64), time=st.floats(0, 2e9),
+    loss=st.none() | st.floats(0, 100), restart_count=st.integers(0, 3))
 
 
 def _starts_over(job: JobRef, spec_: object, previous: TrainingJobStatus) -> bool:
@@ -569,3 +665,6 @@ def test_reconcile_reaches_a_fixed_point_on_a_stable_observation(spec_: Training
     assert third.status == second.status
     assert third.create == second.create and third.delete == second.delete
     assert second.status.restarts == first.status.restarts == 0
+    # a restore is recorded when first seen and announced once
+    assert second.status.last_restore == first.status.last_restore
+    assert not any(e.reason == Reason.SNAPSHOT_RESTORED for e in (*second.events, *third.events))

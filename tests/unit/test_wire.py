@@ -1,7 +1,9 @@
-"""The Progress record that rank 0 publishes in the rendezvous store."""
+"""The Progress record that rank 0 publishes in the rendezvous store, and the snapshot config
+the workers read from ``$SALAMANDER_SNAPSHOT``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -11,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from salamander import wire
-from salamander.wire import Progress, WireError
+from salamander.wire import RESTORE_TIERS, Progress, SnapshotConfig, WireError
 from tests.unit._support import FAST
 
 BASE: dict[str, Any] = {"step": 10, "samples": 640, "world_size": 4, "time": 1700000000.5}
@@ -31,6 +33,9 @@ def test_keys_are_per_run() -> None:
     Progress(step=0, samples=0, world_size=1, time=0.0),
     Progress(step=10, samples=640, world_size=4, time=1.5, loss=2.25, restart_count=2, total_steps=100),
     Progress(step=10, samples=640, world_size=4, time=1.5, loss=None, restart_count=0, total_steps=None),
+    Progress(step=30, samples=640, world_size=4, time=1.5, restart_count=1, restore_tier="peers", restore_step=20),
+    Progress(step=3, samples=6, world_size=4, time=1.5, restore_tier="none"),
+    Progress(step=3, samples=6, world_size=4, time=1.5, restore_tier="none", restore_step=0),
 ])
 def test_round_trip(progress: Progress) -> None:
     raw = progress.encode()
@@ -41,6 +46,7 @@ def test_round_trip(progress: Progress) -> None:
 def test_optional_fields_default() -> None:
     p = Progress.decode(encode())
     assert (p.loss, p.restart_count, p.total_steps) == (None, 0, None)
+    assert (p.restore_tier, p.restore_step) == (None, None)  # records from before restores still decode
     assert p.time == 1700000000.5
 
 
@@ -84,6 +90,8 @@ def test_required_fields(missing: str) -> None:
     ("loss", "low"), ("loss", True), ("loss", [0.1]),
     ("restart_count", 1.0), ("restart_count", False), ("restart_count", None),
     ("total_steps", "100"), ("total_steps", 10.0), ("total_steps", True),
+    ("restore_tier", 1), ("restore_tier", True), ("restore_tier", ["memory"]),
+    ("restore_step", "5"), ("restore_step", 5.0), ("restore_step", False),
 ])
 def test_wrong_types_are_rejected(field: str, value: Any) -> None:
     with pytest.raises(WireError, match=field):
@@ -142,6 +150,11 @@ def _decode_outcome(raw: bytes) -> None:
     assert p.step >= 0 and p.samples >= 0 and p.world_size >= 1
     assert p.loss is None or math.isfinite(p.loss)
     assert p.total_steps is None or p.total_steps >= 0
+    assert p.restore_tier is None or p.restore_tier in RESTORE_TIERS
+    if p.restore_tier in ("memory", "peers", "persistent"):
+        assert p.restore_step is not None and p.restore_step >= 0
+    else:  # nothing restored: no step, or step 0 with tier "none"
+        assert p.restore_step is None or (p.restore_tier, p.restore_step) == ("none", 0)
     assert Progress.decode(p.encode()) == p or math.isnan(p.time)
 
 
@@ -164,15 +177,167 @@ def test_arbitrary_json_gives_progress_or_wire_error(value: Any) -> None:
     optional={"loss": st.none() | st.floats() | st.integers(-5, 5) | st.booleans(),
               "restart_count": st.integers(0, 100) | st.booleans() | st.floats(),
               "total_steps": st.none() | st.integers(-3, 10**9) | st.text(max_size=3),
+              "restore_tier": st.none() | st.sampled_from([*RESTORE_TIERS, "disk", "Memory", ""]) | json_scalars,
+              "restore_step": st.none() | st.integers(-3, 10**9) | st.booleans() | st.floats(),
               "extra": json_scalars}))
 def test_near_valid_records_give_progress_or_wire_error(record: dict[str, Any]) -> None:
     _decode_outcome(json.dumps(record).encode())
+
+
+restores = (st.tuples(st.none(), st.none()) | st.tuples(st.just("none"), st.none() | st.just(0))
+            | st.tuples(st.sampled_from(["memory", "peers", "persistent"]), st.integers(0, 10**12)))
 
 
 @FAST
 @given(st.builds(Progress, step=st.integers(0, 10**12), samples=st.integers(0, 10**15),
                  world_size=st.integers(1, 10**5), time=st.floats(allow_nan=False, allow_infinity=False),
                  loss=st.none() | st.floats(allow_nan=False, allow_infinity=False),
-                 restart_count=st.integers(0, 1000), total_steps=st.none() | st.integers(0, 10**12)))
-def test_every_valid_progress_round_trips(progress: Progress) -> None:
+                 restart_count=st.integers(0, 1000), total_steps=st.none() | st.integers(0, 10**12)), restores)
+def test_every_valid_progress_round_trips(progress: Progress, restore: tuple[str | None, int | None]) -> None:
+    tier, step = restore
+    progress = dataclasses.replace(progress, restore_tier=tier, restore_step=step)
     assert Progress.decode(progress.encode()) == progress
+
+
+# --- restores in progress records -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tier", ["memory", "peers", "persistent"])
+def test_a_restored_tier_decodes_with_its_step(tier: str) -> None:
+    p = Progress.decode(encode(restart_count=2, restore_tier=tier, restore_step=7))
+    assert (p.restart_count, p.restore_tier, p.restore_step) == (2, tier, 7)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"restore_tier": "disk", "restore_step": 3}, "restore_tier"),
+    ({"restore_tier": "Memory", "restore_step": 3}, "restore_tier"),
+    ({"restore_tier": "", "restore_step": 3}, "restore_tier"),
+    ({"restore_tier": "memory"}, "restore_step"),
+    ({"restore_tier": "peers", "restore_step": None}, "restore_step"),
+    ({"restore_tier": "memory", "restore_step": -1}, "restore_step"),
+    ({"restore_step": 4}, "restore_step"),
+    ({"restore_tier": None, "restore_step": 4}, "restore_step"),
+    ({"restore_tier": "none", "restore_step": 4}, "restore_step"),
+])
+def test_malformed_restores_are_rejected(fields: dict[str, Any], needle: str) -> None:
+    with pytest.raises(WireError, match=needle):
+        Progress.decode(encode(**fields))
+
+
+# --- the snapshot config ($SALAMANDER_SNAPSHOT) -----------------------------------------------------
+
+def test_snapshot_env_names() -> None:
+    assert wire.ENV_SNAPSHOT == "SALAMANDER_SNAPSHOT"
+    assert wire.ENV_SNAPSHOT_MEMORY == "SALAMANDER_SNAPSHOT_MEMORY"
+
+
+@pytest.mark.parametrize("config", [
+    SnapshotConfig(),
+    SnapshotConfig(interval=1, group_size=2, parity=1),
+    SnapshotConfig(interval=100, group_size=64, parity=2, persist_every=5, persist_directory="/ckpt/snap"),
+    SnapshotConfig(group_size=3, parity=2, persist_every=0, persist_directory="relative/dir"),
+])
+def test_snapshot_config_round_trip(config: SnapshotConfig) -> None:
+    raw = config.encode()
+    assert isinstance(raw, str) and " " not in raw and "\n" not in raw  # compact, one line for the env
+    assert SnapshotConfig.decode(raw) == config
+    assert SnapshotConfig.decode(raw.encode()) == config
+
+
+def test_snapshot_config_fields_default() -> None:
+    assert SnapshotConfig.decode("{}") == SnapshotConfig() == SnapshotConfig(
+        interval=10, group_size=4, parity=1, persist_every=0, persist_directory=None)
+    assert SnapshotConfig.decode('{"parity": 2}') == SnapshotConfig(parity=2)
+
+
+@pytest.mark.parametrize("raw", ["", "not json", "{", b"\xff\xfe", "{'interval': 1}"])
+def test_snapshot_config_that_is_not_json(raw: str | bytes) -> None:
+    with pytest.raises(WireError, match="snapshot config is not JSON"):
+        SnapshotConfig.decode(raw)
+
+
+@pytest.mark.parametrize("raw", ["[]", "1", '"text"', "null", "true"])
+def test_snapshot_config_that_is_not_an_object(raw: str) -> None:
+    with pytest.raises(WireError, match="not a JSON object"):
+        SnapshotConfig.decode(raw)
+
+
+def test_snapshot_config_with_unknown_fields() -> None:
+    with pytest.raises(WireError, match="unknown fields.*intervalSteps"):
+        SnapshotConfig.decode('{"intervalSteps": 5}')  # the spec's name, not the wire's
+
+
+@pytest.mark.parametrize("field, value", [
+    ("interval", "10"), ("interval", 10.0), ("interval", True), ("interval", None),
+    ("group_size", "4"), ("group_size", 4.5), ("group_size", False), ("group_size", [4]),
+    ("parity", 1.0), ("parity", True), ("parity", None),
+    ("persist_every", "3"), ("persist_every", 2.0), ("persist_every", None),
+    ("persist_directory", 3), ("persist_directory", ["/x"]), ("persist_directory", True),
+])
+def test_snapshot_config_wrong_types(field: str, value: Any) -> None:
+    with pytest.raises(WireError, match=field):
+        SnapshotConfig.decode(json.dumps({field: value}))
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"interval": 0}, "interval"), ({"interval": -5}, "interval"),
+    ({"group_size": 1}, "group_size"), ({"group_size": 65}, "group_size"), ({"group_size": -4}, "group_size"),
+    ({"parity": 0}, "parity"), ({"parity": 3}, "parity"), ({"parity": -1}, "parity"),
+    ({"group_size": 2, "parity": 2}, "group_size"),
+    ({"persist_every": -1}, "persist_every"),
+    ({"persist_every": 1}, "persist_directory"), ({"persist_every": 3, "persist_directory": None}, "persist_directory"),
+    ({"persist_directory": ""}, "persist_directory"),
+])
+def test_snapshot_config_out_of_range(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(WireError, match=field):
+        SnapshotConfig.decode(json.dumps(fields))
+    with pytest.raises(WireError, match=field):
+        SnapshotConfig(**fields).check()
+
+
+def test_snapshot_config_group_size_error_names_the_parity_rule() -> None:
+    with pytest.raises(WireError, match=r"at least parity \+ 1 = 3"):
+        SnapshotConfig.decode('{"group_size": 2, "parity": 2}')
+
+
+@pytest.mark.parametrize("raw", [
+    '{"interval":1' + "0" * 5000 + "}",
+    "[" * 100_000,
+    '{"persist_directory":"' + "x" * 10 + '"' + ", " * 3 + "}",
+], ids=["int-over-4300-digits", "deep-nesting", "trailing-commas"])
+def test_hostile_snapshot_config_raises_only_wire_error(raw: str) -> None:
+    with pytest.raises(WireError):
+        SnapshotConfig.decode(raw)
+
+
+def _snapshot_outcome(raw: str | bytes) -> None:
+    try:
+        c = SnapshotConfig.decode(raw)
+    except WireError as exc:
+        assert str(exc)
+        return
+    assert c.interval >= 1 and 2 <= c.group_size <= 64 and c.parity in (1, 2) and c.group_size >= c.parity + 1
+    assert c.persist_every >= 0 and (c.persist_every == 0 or c.persist_directory)
+    assert SnapshotConfig.decode(c.encode()) == c
+
+
+@FAST
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_give_a_snapshot_config_or_wire_error(raw: bytes) -> None:
+    _snapshot_outcome(raw)
+
+
+@FAST
+@given(st.fixed_dictionaries({}, optional={
+    "interval": st.integers(-2, 10**6) | json_scalars, "group_size": st.integers(-1, 70) | json_scalars,
+    "parity": st.integers(-1, 3) | json_scalars, "persist_every": st.integers(-2, 50) | json_scalars,
+    "persist_directory": st.none() | st.text(max_size=6) | json_scalars, "extra": json_scalars}))
+def test_near_valid_snapshot_configs_give_a_config_or_wire_error(record: dict[str, Any]) -> None:
+    _snapshot_outcome(json.dumps(record))
+
+
+@FAST
+@given(st.builds(SnapshotConfig, interval=st.integers(1, 10**9), group_size=st.integers(3, 64),
+                 parity=st.sampled_from([1, 2]), persist_every=st.integers(0, 10**6),
+                 persist_directory=st.text(min_size=1, max_size=20)))
+def test_every_valid_snapshot_config_round_trips(config: SnapshotConfig) -> None:
+    assert SnapshotConfig.decode(config.encode()) == config

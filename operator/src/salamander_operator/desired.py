@@ -8,7 +8,6 @@ labels and an owner reference, so Kubernetes' garbage collector removes it with 
 from __future__ import annotations
 
 import base64
-import posixpath
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 from salamander import wire
 from salamander.api import API_VERSION, KIND, TrainingJobSpec
 from salamander.api.faults import PROCESS_FAULT_KINDS
+from salamander.api.models import pod_path
 from salamander_operator.observed import WORKER_CONTAINER
 
 AGENT_COMMAND = "salamander-worker"
@@ -99,7 +99,41 @@ def checkpoint_mount_path(spec: TrainingJobSpec) -> str | None:
     ckpt = spec.checkpoint
     if ckpt is None or not ckpt.claim_name:
         return None
-    return posixpath.normpath(posixpath.join("/", spec.worker.working_dir or "/", ckpt.directory))
+    return pod_path(ckpt.directory, spec.worker.working_dir)
+
+
+def snapshot_config(spec: TrainingJobSpec, in_pod: bool = False) -> wire.SnapshotConfig | None:
+    """``spec.snapshot`` as the workers read it, None when unset. The persistent directory is
+    resolved (``persistDirectory``, else ``checkpoint.directory``); ``in_pod`` with a checkpoint
+    claim makes it the absolute path on the claim's mount, as ``$SALAMANDER_CHECKPOINT_DIR`` is
+    (the spec's validation keeps ``persistDirectory`` on the claim)."""
+    snap = spec.snapshot
+    if snap is None:
+        return None
+    directory = spec.persist_directory()
+    if in_pod and directory is not None and checkpoint_mount_path(spec) is not None:
+        directory = pod_path(directory, spec.worker.working_dir)
+    return wire.SnapshotConfig(interval=snap.interval_steps, group_size=snap.group_size, parity=snap.parity,
+                               persist_every=snap.persist_every_snapshots, persist_directory=directory).check()
+
+
+def snapshot_env(spec: TrainingJobSpec, in_pod: bool = False) -> dict[str, str]:
+    """``$SALAMANDER_SNAPSHOT`` for the training processes when ``spec.snapshot`` is set (empty
+    otherwise); ``in_pod`` as for :func:`snapshot_config`."""
+    config = snapshot_config(spec, in_pod)
+    return {} if config is None else {wire.ENV_SNAPSHOT: config.encode()}
+
+
+SHM_VOLUME = "dshm"
+SHM_PATH = "/dev/shm"
+
+
+def shm_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The memory-backed ``emptyDir`` every worker pod mounts at ``/dev/shm`` (volume, mount):
+    container runtimes give ``/dev/shm`` 64 MiB, far too small for snapshots (and for data
+    loaders' shared tensors). Its pages count against the container's memory limit."""
+    return ({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+            {"name": SHM_VOLUME, "mountPath": SHM_PATH})
 
 
 def fault_env(spec: TrainingJobSpec) -> dict[str, str]:
@@ -117,9 +151,10 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
                      control_endpoint: str = "", avoid_nodes: Collection[str] = ()) -> dict[str, Any]:
     """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
     decides how a failed worker is replaced and counts it against the restart budget. The
-    job's control-plane token comes from its Secret, never from the pod spec itself.
-    ``avoid_nodes`` (the job's quarantined nodes) become a required node affinity, so the pod
-    is never scheduled there."""
+    job's control-plane token comes from its Secret, never from the pod spec itself. Every
+    pod mounts a memory-backed ``/dev/shm`` (:func:`shm_volume`), and the checkpoint claim
+    when the spec has one. ``avoid_nodes`` (the job's quarantined nodes) become a required
+    node affinity, so the pod is never scheduled there."""
     worker = spec.worker
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in agent_env(job, index, rdzv_endpoint).items()]
@@ -129,6 +164,7 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         ckpt_env[wire.ENV_CHECKPOINT_DIR] = mount_path  # the claim's mount, as an absolute path
     env += [{"name": k, "value": v} for k, v in ckpt_env.items()]
     env += [{"name": k, "value": v} for k, v in fault_env(spec).items()]
+    env += [{"name": k, "value": v} for k, v in snapshot_env(spec, in_pod=True).items()]
     if control_endpoint:
         env.append({"name": wire.ENV_CONTROL_ENDPOINT, "value": control_endpoint})
     env.append({"name": wire.ENV_CONTROL_TOKEN, "valueFrom": {"secretKeyRef": {
@@ -151,14 +187,19 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
                                                ("limits", worker.resources.limits)) if v}
     if worker.working_dir:
         container["workingDir"] = worker.working_dir
-    if mount_path:
-        container.setdefault("volumeMounts", []).append(
-            {"name": CHECKPOINT_VOLUME, "mountPath": mount_path})
+    shm, shm_mount = shm_volume()
+    container["volumeMounts"] = [shm_mount]
+    volumes = [shm]
+    if mount_path and spec.checkpoint is not None and spec.checkpoint.claim_name:
+        container["volumeMounts"].append({"name": CHECKPOINT_VOLUME, "mountPath": mount_path})
+        volumes.append({"name": CHECKPOINT_VOLUME,
+                        "persistentVolumeClaim": {"claimName": spec.checkpoint.claim_name}})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": worker_name(job, index),
         "subdomain": service_name(job),
         "containers": [container],
+        "volumes": volumes,
     }
     if worker.node_selector:
         pod_spec["nodeSelector"] = dict(worker.node_selector)
@@ -166,10 +207,6 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         pod_spec["serviceAccountName"] = worker.service_account_name
     if avoid_nodes:
         pod_spec["affinity"] = avoid_nodes_affinity(avoid_nodes)
-    if mount_path and spec.checkpoint is not None and spec.checkpoint.claim_name:
-        pod_spec.setdefault("volumes", []).append(
-            {"name": CHECKPOINT_VOLUME,
-             "persistentVolumeClaim": {"claimName": spec.checkpoint.claim_name}})
     return {
         "apiVersion": "v1",
         "kind": "Pod",

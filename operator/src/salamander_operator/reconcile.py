@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJobSpec, TrainingJobStatus
-from salamander.api.models import Condition
+from salamander.api.models import Condition, RestoreRecord
 from salamander.wire import Progress
 from salamander_operator.desired import JobRef, worker_name
 from salamander_operator.failures import classify_worker
@@ -109,30 +109,30 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
     failed = [w for w in live if w.phase is WorkerPhase.FAILED]
     succeeded = [w for w in live if w.phase is WorkerPhase.SUCCEEDED]
     running = [w for w in live if w.phase is WorkerPhase.RUNNING]
-    status = _with_progress(previous, progress)
+    status, restored = with_restore(_with_progress(previous, progress), progress, now)
 
     if succeeded:
         waiting = tuple(sorted(w.index for w in live if w.phase is WorkerPhase.PENDING))
         if running:
             return Plan(delete=waiting, status=_running_status(status, job, spec, running, progress, now,
-                                                               completing=True))
+                                                               completing=True), events=restored)
         if failed:
             names = ", ".join(f"worker {w.index} ({w.describe_failure()})" for w in failed)
             message = f"training finished but {names} failed"
             return Plan(delete=waiting, status=_ended(status, job, Phase.FAILED, Reason.WORKERS_FAILED_AT_END,
                                                       message, now),
-                        events=(Event("Warning", Reason.WORKERS_FAILED_AT_END, message),))
+                        events=(*restored, Event("Warning", Reason.WORKERS_FAILED_AT_END, message)))
         message = f"all {len(succeeded)} workers exited 0"
         return Plan(delete=waiting,
                     status=_ended(status, job, Phase.SUCCEEDED, Reason.ALL_WORKERS_SUCCEEDED, message, now),
-                    events=(Event("Normal", Reason.COMPLETED, message),))
+                    events=(*restored, Event("Normal", Reason.COMPLETED, message)))
 
     # Failures: first those the channels already decided (agent reports, hangs), then failed pods.
     folded = fold_incidents(status, incidents, spec.failure_policy, spec.restart_budget, now)
     pod_incidents = decide_failed_workers(job, spec, failed, folded.status, now)
     folded_pods = fold_incidents(folded.status, pod_incidents, spec.failure_policy, spec.restart_budget, now)
     status = folded_pods.status
-    events = [Event(*e) for e in (*folded.events, *folded_pods.events)]
+    events = [*restored, *(Event(*e) for e in (*folded.events, *folded_pods.events))]
     failure = folded.failure or folded_pods.failure
     if failure is not None:
         reason, message = failure
@@ -198,6 +198,33 @@ def _with_progress(status: TrainingJobStatus, progress: Progress | None) -> Trai
     if progress is None:
         return status
     return status.model_copy(update={"step": progress.step, "loss": progress.loss})
+
+
+def with_restore(status: TrainingJobStatus, progress: Progress | None,
+                 now: datetime.datetime) -> tuple[TrainingJobStatus, tuple[Event, ...]]:
+    """``status.lastRestore`` brought up to date with the restore ``progress`` reports, and the
+    ``SnapshotRestored`` event when it is news: a restore tier (or step) other than the one
+    status has for that ``restart_count``, whose ``at`` is then ``now`` (when first seen).
+    A record without a restore tier changes nothing; nor does the same restore seen again, so
+    each restore is recorded and announced once. A fresh start with nothing to restore
+    (tier ``none``, restart 0) is recorded without an event; ``none`` after a restart is a
+    Warning, since training started over."""
+    if progress is None or progress.restore_tier is None:
+        return status, ()
+    last = status.last_restore
+    if last is not None and (last.restart_count, last.tier, last.step) == (
+            progress.restart_count, progress.restore_tier, progress.restore_step):
+        return status, ()
+    record = RestoreRecord(tier=progress.restore_tier, step=progress.restore_step, at=now,
+                           restart_count=progress.restart_count)
+    status = status.model_copy(update={"last_restore": record})
+    if record.tier != "none":
+        return status, (Event("Normal", Reason.SNAPSHOT_RESTORED, f"restored step {record.step} from {record.tier}"),)
+    if record.restart_count > 0:
+        return status, (Event("Warning", Reason.SNAPSHOT_RESTORED,
+                              f"restart {record.restart_count} found no snapshot or checkpoint to restore: "
+                              "training started over"),)
+    return status, ()
 
 
 def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpec,

@@ -8,11 +8,13 @@ from salamander.api.manifest import InvalidSpec, check_name, parse_manifest, par
 from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, CheckpointSpec,
                                    Condition, ConditionType, FailureAction, FailurePolicy, FailureRecord,
                                    FailureRule, Fault, FaultKind, HangPolicy, Phase, QuarantinedNode, Reason,
-                                   Replicas, TrainingJob, TrainingJobSpec, TrainingJobStatus, WorkerTemplate)
+                                   Replicas, RestoreRecord, SnapshotSpec, TrainingJob, TrainingJobSpec,
+                                   TrainingJobStatus, WorkerTemplate)
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
     "CheckpointSpec", "Condition", "ConditionType", "FailureAction", "FailurePolicy", "FailureRecord",
-    "FailureRule", "Fault", "FaultKind", "HangPolicy", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas", "TrainingJob",
-    "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate", "check_name", "parse_manifest", "parse_spec",
+    "FailureRule", "Fault", "FaultKind", "HangPolicy", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas",
+    "RestoreRecord", "SnapshotSpec", "TrainingJob", "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate",
+    "check_name", "parse_manifest", "parse_spec",
 ]

@@ -7,15 +7,16 @@ Unknown fields are rejected, so a typo in a manifest is an error rather than sil
 from __future__ import annotations
 
 import datetime
+import posixpath
 import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StringConstraints, WithJsonSchema,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StringConstraints, ValidationInfo,
+                      WithJsonSchema, field_validator, model_validator)
 from pydantic.alias_generators import to_camel
 
-from salamander.wire import GROUP
+from salamander.wire import GROUP, MAX_GROUP_SIZE, MIN_GROUP_SIZE, RestoreTier
 
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -178,6 +179,46 @@ class CheckpointSpec(ApiModel):
         "A PersistentVolumeClaim mounted at directory in every worker pod."))
 
 
+def pod_path(directory: str, working_dir: str | None) -> str:
+    """``directory`` as an absolute, normalized path in a worker pod: a relative one is relative
+    to the worker's ``workingDir`` (or ``/``)."""
+    return posixpath.normpath(posixpath.join("/", working_dir or "/", directory))
+
+
+class SnapshotSpec(ApiModel):
+    """In-memory snapshots of the whole training state, erasure coded across nodes.
+
+    Every ``intervalSteps`` optimizer steps each process copies its state into shared memory;
+    the nodes form groups of ``groupSize`` that hold ``parity`` parity blocks each, so a group
+    survives ``parity`` lost nodes. Every ``persistEverySnapshots`` snapshots one is also written
+    as a torch.distributed.checkpoint. Invariant: ``groupSize >= parity + 1``.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.groupSize >= self.parity + 1",
+         "message": "snapshot.groupSize must be at least parity + 1 (a group needs a data node beside its parity)"}]})
+
+    interval_steps: Annotated[Count, Field(ge=1, le=10_000_000)] = Field(10, description=(
+        "Snapshot every this many optimizer steps; a failure loses at most this many steps."))
+    group_size: Annotated[Count, Field(ge=MIN_GROUP_SIZE, le=MAX_GROUP_SIZE)] = Field(4, description=(
+        "k: worker nodes per erasure-coding group. Parity costs parity/(k-parity) extra memory per node."))
+    parity: Annotated[Count, Field(ge=1, le=2)] = Field(1, description=(
+        "m: lost nodes a group survives. 1: XOR parity; 2: Reed-Solomon (P+Q)."))
+    persist_every_snapshots: Annotated[Count, Field(ge=0, le=10_000_000)] = Field(0, description=(
+        "Also write every N-th snapshot as a persistent torch.distributed.checkpoint, in the background "
+        "(0: never)."))
+    persist_directory: NonEmpty | None = Field(None, description=(
+        "Where persistent checkpoints go, a directory every worker can reach; checkpoint.directory when "
+        "unset. With checkpoint.claimName it must be on that claim."))
+
+    @model_validator(mode="after")
+    def _parity_fits_the_group(self) -> SnapshotSpec:
+        if self.group_size < self.parity + 1:
+            raise ValueError(f"groupSize ({self.group_size}) must be at least parity + 1 ({self.parity + 1}): "
+                             "a group needs at least one node of data beside its parity")
+        return self
+
+
 class FaultKind(StrEnum):
     KILL_PROCESS = "KillProcess"    # SIGKILL one training process
     RAISE_EXCEPTION = "RaiseException"  # raise inside one training process
@@ -212,7 +253,40 @@ class TrainingJobSpec(ApiModel):
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy,
                                           description="How failures are classified and healed.")
     checkpoint: CheckpointSpec | None = Field(None, description="Persistent checkpoints to resume from.")
+    snapshot: SnapshotSpec | None = Field(None, description=(
+        "In-memory, erasure-coded snapshots of the training state, restored from the nearest copy."))
     faults: list[Fault] = Field(default_factory=list, description="Faults to inject, for rehearsal and tests.")
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_persists_somewhere(cls, snapshot: SnapshotSpec | None, info: ValidationInfo) -> SnapshotSpec | None:
+        """Persistent checkpoints need a directory (``persistDirectory``, else ``checkpoint.directory``),
+        and with a checkpoint claim that directory must be on the claim, the only shared volume
+        a worker pod has. Skipped when ``worker`` or ``checkpoint`` is itself invalid (reported
+        on its own)."""
+        if snapshot is None or "checkpoint" not in info.data or "worker" not in info.data:
+            return snapshot
+        checkpoint: CheckpointSpec | None = info.data["checkpoint"]
+        if snapshot.persist_every_snapshots > 0 and snapshot.persist_directory is None and checkpoint is None:
+            raise ValueError(f"persistEverySnapshots is {snapshot.persist_every_snapshots} but there is nowhere to "
+                             "persist: set snapshot.persistDirectory or spec.checkpoint.directory")
+        if snapshot.persist_directory is not None and checkpoint is not None and checkpoint.claim_name:
+            working_dir = info.data["worker"].working_dir
+            claim = pod_path(checkpoint.directory, working_dir)
+            persist = pod_path(snapshot.persist_directory, working_dir)
+            if persist != claim and not persist.startswith(claim.rstrip("/") + "/"):
+                raise ValueError(f"persistDirectory {persist} is not on checkpoint claim {checkpoint.claim_name} "
+                                 f"(mounted at {claim}); use a directory under it or leave it unset")
+        return snapshot
+
+    def persist_directory(self) -> str | None:
+        """Where snapshots are persisted, as written in the spec: ``snapshot.persistDirectory``,
+        else ``checkpoint.directory``; None without ``snapshot`` or without either directory."""
+        if self.snapshot is None:
+            return None
+        if self.snapshot.persist_directory is not None:
+            return self.snapshot.persist_directory
+        return self.checkpoint.directory if self.checkpoint is not None else None
 
 
 class Phase(StrEnum):
@@ -256,6 +330,7 @@ class Reason(StrEnum):
     SHRUNK = "Shrunk"
     GREW = "Grew"
     FAULT_INJECTED = "FaultInjected"
+    SNAPSHOT_RESTORED = "SnapshotRestored"
 
 
 class Condition(ApiModel):
@@ -306,6 +381,20 @@ class QuarantinedNode(ApiModel):
     reason: str = ""
 
 
+class RestoreRecord(ApiModel):
+    """The newest restore of the training state: from which tier, to which step, when the
+    operator first saw it, and in which process life (the agent's ``restartCount``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tier: RestoreTier = Field(description=(
+        "memory (this node's shared memory), peers (rebuilt from the group's data and parity), "
+        "persistent (a checkpoint), or none (nothing to restore: training started over)."))
+    step: int | None = Field(None, description="The step restored (0 or unset with tier none).")
+    at: datetime.datetime
+    restart_count: int = 0
+
+
 class TrainingJobStatus(ApiModel):
     """What is. Written only by the operator; unknown fields are ignored when read back."""
 
@@ -322,6 +411,7 @@ class TrainingJobStatus(ApiModel):
     restarts: int = 0
     last_failure: FailureRecord | None = None
     failure_counts: dict[str, int] = Field(default_factory=dict)
+    last_restore: RestoreRecord | None = None
     restart_times: list[datetime.datetime] = Field(default_factory=list, description=(
         "When the restarts of the newest policy window happened (for the storm guard)."))
     quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)

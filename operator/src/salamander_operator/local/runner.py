@@ -148,7 +148,7 @@ class LocalRun:
                                       f"killed worker {fault.worker} at step {progress.step} (fault {n + 1})"))
 
     def _journal(self, plan: Plan) -> None:
-        """Append this pass's incidents and newly fired faults to ``incidents.jsonl``."""
+        """Append this pass's incidents, newly fired faults, recoveries and restores to ``incidents.jsonl``."""
         records: list[dict[str, Any]] = []
         for n, fault in enumerate(self.job.spec.faults):
             if n in self._journaled:
@@ -166,6 +166,10 @@ class LocalRun:
             records.append({"type": "recovered", "kind": healed.kind, "action": healed.action,
                             "detected_at": healed.detected_at.timestamp(),
                             "recovered_at": healed.recovered_at.timestamp()})
+        restore = plan.status.last_restore
+        if restore is not None and restore != self.status.last_restore:
+            records.append({"type": "restore", "tier": restore.tier, "step": restore.step,
+                            "restart_count": restore.restart_count, "seen_at": restore.at.timestamp()})
         if records:
             with (self.log_dir / "incidents.jsonl").open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)

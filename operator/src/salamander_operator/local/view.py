@@ -121,5 +121,9 @@ class RunView:
             where = f"worker {failure.worker}" if failure.worker >= 0 else "the job"
             table.add_row("last failure", f"{failure.kind} ({failure.severity}) in {where}: "
                                           f"{failure.action}, {healed}")
+        restore = status.last_restore
+        if restore is not None:
+            step = "" if restore.step is None else f"step {restore.step} "
+            table.add_row("last restore", f"{step}from {restore.tier} (restart {restore.restart_count})")
         table.add_row("logs", log_dir)
         self.console.print(table)

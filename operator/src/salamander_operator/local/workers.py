@@ -25,7 +25,8 @@ import psutil
 
 from salamander.api import TrainingJobSpec
 from salamander import wire
-from salamander_operator.desired import JobRef, agent_command, agent_env, checkpoint_env, fault_env, worker_name
+from salamander_operator.desired import (JobRef, agent_command, agent_env, checkpoint_env, fault_env, snapshot_env,
+                                         worker_name)
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class LocalWorkers:
         command = agent_command(self._spec)
         command[0:1] = [sys.executable, "-m", "salamander_worker.agent", "--local-addr", node]
         env = {**os.environ, **agent_env(self._job, index, self._endpoint), **fault_env(self._spec),
-               **checkpoint_env(self._spec),
+               **checkpoint_env(self._spec), **snapshot_env(self._spec),
                **{e.name: e.value for e in self._spec.worker.env},
                wire.ENV_POD_NAME: worker_name(self._job, index), wire.ENV_NODE_NAME: node,
                "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1", **self._extra_env}
