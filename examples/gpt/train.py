@@ -50,6 +50,7 @@ from salamander import wire  # noqa: E402
 from salamander_worker import WorkerContext  # noqa: E402
 from salamander_worker import progress as sw_progress  # noqa: E402
 from salamander_worker.checkpoint import CheckpointError, Checkpointer, ModelState  # noqa: E402
+from salamander_worker.snapshot.snapshotter import Snapshotter  # noqa: E402
 
 CORPUS_CHARS = 200_000
 CORPUS_SEED = 1234
@@ -169,7 +170,15 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
     # A Stateful: model and optimizer state are read (and the optimizer's state created) only
     # when a checkpoint is saved or loaded, so a fresh start trains exactly as without one.
     state = {"train": ModelState(model, optimizer)}
-    if checkpointer is not None:
+    # In-memory snapshots (spec.snapshot): restored first; they fall back to their own
+    # persistent copies, and to the plain checkpoint below only when they have nothing.
+    snapshots = Snapshotter(model, optimizer) if os.environ.get(wire.ENV_SNAPSHOT) else None
+    if snapshots is not None:
+        start, _ = snapshots.restore()
+        if start:
+            result.start_step = result.steps_done = start
+            say(f"resumed from step {start} (snapshot, {snapshots.stats.restore_tier})")
+    if checkpointer is not None and not result.start_step:
         restored = checkpointer.load(state)
         if restored is not None:
             result.start_step = result.steps_done = restored
@@ -196,6 +205,8 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
                                  samples=(step + 1) * cfg.batch_size * ctx.world_size)
         if (step + 1) % cfg.log_every == 0 or step == result.start_step:
             say(f"step {step + 1}/{cfg.steps} loss {mean_loss:.4f}")
+        if snapshots is not None:
+            snapshots.step(step + 1, data={"step": step + 1})  # batches derive from the step
         stop = salamander_worker.should_stop(step)  # the same answer on every rank
         if checkpointer is not None and (checkpointer.due(step + 1) or stop
                                          or step + 1 == cfg.steps):
@@ -206,6 +217,8 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
             if result.stopped_early:
                 say(f"stop requested; leaving after step {step + 1}")
             break
+    if snapshots is not None:
+        snapshots.close()
     return result
 
 

@@ -15,10 +15,12 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from salamander import wire
 
@@ -131,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
     heartbeat = _start_heartbeat(args.nproc_per_node, args.rdzv_endpoint, run_id)
     agent_class = elastic_agent.install(heartbeat)
+    memory = snapshot_memory(run_id)
     try:
         elastic_launch(config, command[0])(*command[1:])
     except ChildFailedError as exc:
@@ -145,7 +148,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+        if memory is not None:
+            shutil.rmtree(memory, ignore_errors=True)
     return 0
+
+
+SHM_ROOT = Path("/dev/shm/salamander")
+
+
+def snapshot_memory(run_id: str, root: Path = SHM_ROOT) -> Path | None:
+    """Create this agent's snapshot directory and hand it to its workers (through
+    ``SALAMANDER_SNAPSHOT_MEMORY``); the agent removes it when it exits.
+
+    One directory per agent *process* (``<root>/<run>/<host>-<pid>``): workers the agent
+    restarts find their snapshots there, while a new agent (a replacement node) starts empty,
+    as it would on a new machine. Directories of agents of the same run on this host that are
+    no longer alive (killed without cleanup) are removed. Returns None, leaving the variable
+    alone, if it was set already or the directory cannot be made (snapshots then fall back to
+    the worker library's default)."""
+    if os.environ.get(wire.ENV_SNAPSHOT_MEMORY):
+        return None
+    host = socket.gethostname()
+    run_dir = root / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(f"{host}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        memory = run_dir / f"{host}-{os.getpid()}"
+        memory.mkdir(exist_ok=True)
+    except OSError as exc:
+        log.warning("cannot create the snapshot directory under %s: %s", run_dir, exc)
+        return None
+    os.environ[wire.ENV_SNAPSHOT_MEMORY] = str(memory)
+    return memory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _start_heartbeat(nproc_per_node: int, rdzv_endpoint: str, run_id: str):  # -> Heartbeat | None

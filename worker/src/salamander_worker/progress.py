@@ -37,6 +37,7 @@ class _Channel:
     last_publish: float = 0.0
     pending: wire.Progress | None = None
     ctx: WorkerContext | None = None
+    restore: tuple[str, int | None] | None = None   # (tier, step) this process restored from
 
     def context(self) -> WorkerContext:
         """This process's context, read once: a restarted worker is a new process."""
@@ -80,10 +81,19 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
     _channel.pending = wire.Progress(step=int(step), samples=int(samples), world_size=ctx.world_size,
                                      time=time.time(), loss=None if loss is None else float(loss),
                                      restart_count=ctx.restart_count,
-                                     total_steps=None if total_steps is None else int(total_steps))
+                                     total_steps=None if total_steps is None else int(total_steps),
+                                     restore_tier=_channel.restore[0] if _channel.restore else None,
+                                     restore_step=_channel.restore[1] if _channel.restore else None)
     now = time.monotonic()
     if force or now - _channel.last_publish >= PUBLISH_INTERVAL_S:
         _publish(now)
+
+
+def note_restore(tier: str, step: int | None) -> None:
+    """Record where this process restored its state from (a tier of
+    :data:`salamander.wire.RESTORE_TIERS` and the step); every progress report carries it, so
+    the operator puts it in the job's status."""
+    _channel.restore = (tier, None if tier == "none" else step)
 
 
 def _publish(now: float) -> None:

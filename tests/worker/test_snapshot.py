@@ -1,0 +1,166 @@
+"""In-memory snapshots across real processes (gloo over loopback, one "node" per process).
+
+Each node's shared memory is its own directory under /dev/shm; losing a node means its
+process dies *and* its directory is deleted. What must come back is compared bitwise with
+what the training process captured at its newest committed snapshot: parameters, optimizer
+shards (ZeroRedundancyOptimizer: every rank holds a different one), LR scheduler, RNG states
+and data position.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from salamander_worker.snapshot.region import SlotFile
+
+RANK_SCRIPT = Path(__file__).with_name("snapshot_rank.py")
+pytestmark = pytest.mark.timeout(180)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, world: int, memory: list[Path], out: Path, *extra: str,
+            wait: bool = True) -> list[subprocess.Popen]:
+    port = _port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), mode, "--rank", str(r), "--world", str(world),
+                               "--port", str(port), "--memory", str(memory[r]), "--out", str(out), *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    if wait:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+        for p, output in zip(procs, outputs):
+            assert p.returncode in (0, 17), f"{mode} rank exited {p.returncode}:\n{output[-3000:]}"
+    return procs
+
+
+@pytest.fixture()
+def nodes(tmp_path: Path):
+    root = Path("/dev/shm") / f"salamander-test-{os.getpid()}-{tmp_path.name}"
+    dirs = [root / f"node-{i}" for i in range(4)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    yield dirs
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _assert_same(a: object, b: object, path: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif hasattr(a, "shape") and hasattr(a, "dtype"):  # numpy arrays in the RNG state
+        assert (a == b).all(), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _check_restored(out: Path, world: int, tier: str, want: dict[int, int] | None = None) -> None:
+    want = want or {r: r for r in range(world)}
+    for rank in range(world):
+        restored = torch.load(out / f"restored-{rank}.pt", weights_only=False)
+        expected = torch.load(out / f"expected-{want[rank]}.pt", weights_only=False)
+        assert restored["tier"] == tier
+        assert restored["step"] == expected["step"]
+        assert restored["data"] == expected["data"]
+        _assert_same(expected["state"], restored["state"])
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_lost_nodes_are_rebuilt_bitwise_from_the_group(nodes: list[Path], tmp_path: Path, m: int) -> None:
+    """k=4: m nodes of the group lose their process and their shared memory at once."""
+    _launch("train", 4, nodes, tmp_path, "--zero", "--m", str(m))
+    for lost in nodes[1:1 + m]:
+        shutil.rmtree(lost)
+        lost.mkdir()
+    _launch("restore", 4, nodes, tmp_path, "--zero", "--m", str(m))
+    _check_restored(tmp_path, 4, "peers")
+
+
+def test_ranks_that_moved_nodes_take_their_state_from_peers(nodes: list[Path], tmp_path: Path) -> None:
+    """After a re-rendezvous ranks may land on other nodes: node i now runs rank (i+1) % 4."""
+    _launch("train", 4, nodes, tmp_path, "--zero")
+    _launch("restore", 4, [nodes[(r + 1) % 4] for r in range(4)], tmp_path, "--zero")
+    _check_restored(tmp_path, 4, "peers")
+
+
+def test_killed_processes_restore_from_local_memory(nodes: list[Path], tmp_path: Path) -> None:
+    _launch("train", 2, nodes, tmp_path, "--zero", "--k", "2")
+    _launch("restore", 2, nodes, tmp_path, "--zero", "--k", "2")
+    _check_restored(tmp_path, 2, "memory")
+
+
+def test_a_crash_in_the_middle_of_a_snapshot_resumes_from_the_previous_one(nodes: list[Path],
+                                                                             tmp_path: Path) -> None:
+    # Snapshots at steps 2 and 4 commit; every rank dies half-way through writing step 6's.
+    _launch("train", 2, nodes, tmp_path, "--k", "2", "--steps", "6", "--tear-at", "6")
+    _launch("restore", 2, nodes, tmp_path, "--k", "2")
+    _check_restored(tmp_path, 2, "memory")
+    assert torch.load(tmp_path / "restored-0.pt", weights_only=False)["step"] == 4
+
+
+def _corrupt_newest(node: Path) -> None:
+    region = SlotFile.open(node / "local-0.data", 0, create=False)
+    newest = region.committed()[0]
+    region.payload(newest.slot)[100] ^= 0xFF
+    assert not region.verify(newest)
+    region.close()
+
+
+def test_corrupted_memory_is_detected_and_rebuilt_from_peers(nodes: list[Path], tmp_path: Path) -> None:
+    _launch("train", 4, nodes, tmp_path, "--zero", "--steps", "6")
+    _corrupt_newest(nodes[2])
+    _launch("restore", 4, nodes, tmp_path, "--zero")
+    _check_restored(tmp_path, 4, "peers")
+
+
+def test_corruption_beyond_parity_falls_back_to_the_persistent_copy(nodes: list[Path], tmp_path: Path) -> None:
+    persist = tmp_path / "persist"
+    _launch("train", 4, nodes, tmp_path, "--zero", "--steps", "6", "--persist", str(persist),
+            "--persist-every", "1")
+    for node in nodes[1:3]:           # two members of an m=1 group: beyond what parity covers
+        _corrupt_newest(node)
+        region = SlotFile.open(node / "local-0.data", 0, create=False)
+        for entry in region.committed():
+            region.payload(entry.slot)[64] ^= 0x01
+        region.close()
+    _launch("restore", 4, nodes, tmp_path, "--zero", "--persist", str(persist), "--persist-every", "1")
+    _check_restored(tmp_path, 4, "persistent")
+
+
+def test_sigterm_flushes_the_newest_snapshot_to_the_persistent_location(nodes: list[Path], tmp_path: Path) -> None:
+    persist = tmp_path / "persist"
+    procs = _launch("train", 2, nodes, tmp_path, "--k", "2", "--steps", "6", "--persist", str(persist),
+                    "--persist-every", "100", "--hang-after", wait=False)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{r}").exists() for r in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not finish"
+        time.sleep(0.1)
+    assert not (persist / "snapshots").exists()   # persistEvery=100: nothing written yet
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.communicate(timeout=60)
+        assert p.returncode == 128 + signal.SIGTERM
+    for rank in range(2):
+        assert (persist / "snapshots" / "step-0000000006" / f"rank-{rank:05d}" / ".metadata").is_file()

@@ -1,0 +1,150 @@
+"""What a snapshot holds: a training run's whole state as one tree, and putting it back.
+
+The tree is ``{"step", "model", "optimizer", "scheduler", "rng", "data"}``:
+
+* ``model`` and ``optimizer`` come from torch's ``get_state_dict`` (parameter names without
+  DDP's ``module.`` prefix; FSDP parameters and their optimizer state as DTensors, of which the
+  payload keeps this rank's local shard). A :class:`ZeroRedundancyOptimizer` contributes its
+  local partition (``optimizer.optim``), the unique shard this rank holds.
+* ``rng`` holds Python's, numpy's, torch's CPU and (when CUDA is initialised) every CUDA
+  device's generator state.
+* ``data`` is whatever the caller passes as the data-loader position (plain values or a
+  ``state_dict()``).
+
+:func:`apply` puts a tree back into live objects: tensors are copied in place into the current
+state's tensors (so devices, DTensor meshes and placements come from the live objects), then
+``set_state_dict`` / ``load_state_dict`` run. A tree that does not match the live objects'
+structure or shapes raises :class:`CaptureError` before anything is changed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+
+class CaptureError(RuntimeError):
+    """A snapshot's state does not fit the live training objects; the message names the key."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+@dataclass
+class Trainee:
+    """The live objects whose state a snapshot holds."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Stateful | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """True when ranks hold different model or optimizer state (ZeRO, FSDP): then a rank's
+        snapshot only fits the same rank of a world of the same size."""
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            return True
+        return any(hasattr(p, "_local_tensor") for p in self.model.parameters())
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_and_optimizer(trainee: Trainee) -> tuple[dict[str, Any], Any]:
+    if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
+        model_state, _ = get_state_dict(trainee.model, [])
+        return model_state, trainee.optimizer.optim.state_dict()
+    if trainee.optimizer is None:
+        model_state, _ = get_state_dict(trainee.model, [])
+        return model_state, None
+    return get_state_dict(trainee.model, trainee.optimizer)
+
+
+def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:
+    """The state tree after ``step`` completed optimizer steps. Tensors are live (not copied):
+    write the tree out before training changes them."""
+    model_state, optim_state = _model_and_optimizer(trainee)
+    return {
+        "step": step,
+        "model": model_state,
+        "optimizer": optim_state,
+        "scheduler": trainee.scheduler.state_dict() if trainee.scheduler is not None else None,
+        "rng": rng_state(),
+        "data": data,
+    }
+
+
+def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
+    """Put ``tree`` back into ``trainee``; returns ``(step, data)``."""
+    if not isinstance(tree, dict) or not {"step", "model", "optimizer", "rng"} <= set(tree):
+        raise CaptureError("snapshot state lacks one of step, model, optimizer, rng")
+    model_live, optim_live = _model_and_optimizer(trainee)
+    model_state = _fill(model_live, tree["model"], "model")
+    if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
+        set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
+        zero = trainee.optimizer
+        zero.optim.load_state_dict(_fill(optim_live, tree["optimizer"], "optimizer"))
+        sync = getattr(zero, "_sync_param_groups", None)
+        if sync is not None:
+            sync(zero.optim.param_groups, zero.param_groups)
+    elif trainee.optimizer is None:
+        set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
+    else:
+        optim_state = _fill(optim_live, tree["optimizer"], "optimizer")
+        set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
+                       optim_state_dict=optim_state)
+    if trainee.scheduler is not None:
+        if tree.get("scheduler") is None:
+            raise CaptureError("snapshot has no LR scheduler state but a scheduler was given")
+        trainee.scheduler.load_state_dict(tree["scheduler"])
+    set_rng_state(tree["rng"])
+    return int(tree["step"]), tree.get("data")
+
+
+def _fill(live: Any, saved: Any, path: str) -> Any:
+    """``live`` with its tensors overwritten in place by ``saved``'s and its plain values
+    replaced by ``saved``'s. Structures must match; a fresh optimizer's empty state is the
+    exception: the saved optimizer state is then taken as it is."""
+    if isinstance(live, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise CaptureError(f"snapshot has no tensor at {path}")
+        local = getattr(live, "_local_tensor", live)
+        if tuple(local.shape) != tuple(saved.shape) or local.dtype != saved.dtype:
+            raise CaptureError(f"snapshot tensor {path} is {tuple(saved.shape)} {saved.dtype}; the live one "
+                               f"is {tuple(local.shape)} {local.dtype}")
+        with torch.no_grad():
+            local.copy_(saved)
+        return live
+    if isinstance(live, dict):
+        if not isinstance(saved, dict):
+            raise CaptureError(f"snapshot has no mapping at {path}")
+        if set(live) != set(saved):
+            if path.endswith("state") and not live:
+                return saved  # the optimizer has not stepped yet: no state to fill in place
+            missing, extra = sorted(map(str, set(live) - set(saved))), sorted(map(str, set(saved) - set(live)))
+            raise CaptureError(f"snapshot keys at {path} differ: missing {missing[:5]}, unexpected {extra[:5]}")
+        return {key: _fill(live[key], saved[key], f"{path}.{key}") for key in live}
+    if isinstance(live, (list, tuple)) and isinstance(saved, (list, tuple)) and len(live) == len(saved):
+        return type(live)(_fill(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(live, saved)))
+    return saved

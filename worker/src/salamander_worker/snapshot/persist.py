@@ -1,0 +1,168 @@
+"""Persistent copies of snapshots, in torch.distributed.checkpoint (DCP) format.
+
+Every rank writes its own snapshot payload, independently (no collective, so a rank that is
+being evicted can flush alone)::
+
+    <directory>/snapshots/step-0000000040/rank-00003/   a DCP checkpoint: .metadata, *.distcp
+        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "checksum"}}
+
+A rank directory is complete once DCP has written its ``.metadata`` (DCP writes it last); a
+step is usable when every rank of its world has a complete directory. Each rank keeps its two
+newest complete steps and deletes its older directories (and any step directory left empty).
+:meth:`Persister.load` checks the payload's crc32c before returning it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+
+from salamander_worker.snapshot.region import checksum
+
+log = logging.getLogger(__name__)
+
+KEEP = 2
+_STEP = re.compile(r"^step-(\d{10})$")
+_RANK = re.compile(r"^rank-(\d{5})$")
+METADATA = ".metadata"
+
+
+class PersistError(RuntimeError):
+    """A persistent snapshot cannot be written or read; the message names the path."""
+
+
+class Persister:
+    """Writes and reads per-rank DCP copies of snapshot payloads under ``directory``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.root = self.directory / "snapshots"
+
+    def path(self, step: int, rank: int) -> Path:
+        return self.root / f"step-{step:010d}" / f"rank-{rank:05d}"
+
+    def save(self, step: int, rank: int, world: int, view: memoryview, crc: int) -> Path:
+        """Write ``view`` (the payload of old rank ``rank`` at ``step``) and prune old copies."""
+        path = self.path(step, rank)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            state = {"payload": torch.frombuffer(view, dtype=torch.uint8) if len(view) else
+                     torch.empty(0, dtype=torch.uint8),
+                     "meta": {"step": step, "rank": rank, "world": world, "checksum": crc}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save(state, checkpoint_id=path, no_dist=True)
+        except Exception as exc:  # noqa: BLE001 - disk full, permissions...: name the path
+            raise PersistError(f"cannot write persistent snapshot {path}: {exc}") from exc
+        self._prune(rank)
+        return path
+
+    def _complete(self) -> dict[int, dict[int, Path]]:
+        """step -> {rank: directory} of complete rank directories."""
+        found: dict[int, dict[int, Path]] = {}
+        if not self.root.is_dir():
+            return found
+        for step_dir in self.root.iterdir():
+            step_match = _STEP.match(step_dir.name)
+            if not step_match or not step_dir.is_dir():
+                continue
+            for rank_dir in step_dir.iterdir():
+                rank_match = _RANK.match(rank_dir.name)
+                if rank_match and (rank_dir / METADATA).is_file():
+                    found.setdefault(int(step_match.group(1)), {})[int(rank_match.group(1))] = rank_dir
+        return found
+
+    def _prune(self, rank: int) -> None:
+        mine = sorted(step for step, ranks in self._complete().items() if rank in ranks)
+        for step in mine[:-KEEP]:
+            shutil.rmtree(self.path(step, rank), ignore_errors=True)
+            try:
+                self.path(step, rank).parent.rmdir()   # only if empty
+            except OSError:
+                pass
+
+    def listing(self) -> dict[int, tuple[int, frozenset[int]]]:
+        """step -> (world size, old ranks with a complete copy), for the restore planner."""
+        result: dict[int, tuple[int, frozenset[int]]] = {}
+        for step, ranks in self._complete().items():
+            world = self._world(ranks[min(ranks)])
+            if world is not None:
+                result[step] = (world, frozenset(ranks))
+        return result
+
+    def _world(self, path: Path) -> int | None:
+        try:
+            meta = {"meta": {"step": 0, "rank": 0, "world": 0, "checksum": 0}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(meta, checkpoint_id=path, no_dist=True)
+            return int(meta["meta"]["world"])
+        except Exception:  # noqa: BLE001 - an unreadable copy is not offered
+            return None
+
+    def load(self, step: int, rank: int) -> np.ndarray:
+        """The payload old rank ``rank`` persisted at ``step``, checked against its crc32c."""
+        path = self.path(step, rank)
+        try:
+            reader = dcp.FileSystemReader(path)
+            size = reader.read_metadata().state_dict_metadata["payload"].size
+            state: dict[str, Any] = {"payload": torch.empty(size, dtype=torch.uint8),
+                                     "meta": {"step": 0, "rank": 0, "world": 0, "checksum": 0}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, checkpoint_id=path, no_dist=True)
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
+            raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
+        data = state["payload"].numpy()
+        if checksum(data) != state["meta"]["checksum"] or state["meta"]["step"] != step:
+            raise PersistError(f"persistent snapshot {path} fails its checksum or names another step")
+        return data
+
+
+_keep_alive: list[socket.socket] = []
+
+
+def flush_on_sigterm(flush: Callable[[], None]) -> None:
+    """On SIGTERM (the notice before eviction or preemption) run ``flush`` on a helper thread,
+    then exit with 143. Works even while the main thread is stuck in a collective: Python's C
+    signal handler writes the signal to a wakeup socket, whichever thread the kernel chose,
+    and the helper wakes on it. Call from the main thread, once (it owns the wakeup fd)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise PersistError("flush_on_sigterm must be called from the main thread")
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+
+    _keep_alive.append(writer)   # the C handler writes to its fd for the life of the process
+
+    def wait_for_notice() -> None:
+        while True:
+            got = reader.recv(1)
+            if not got:
+                return            # the socket was closed: no more notices can come
+            if got[0] == signal.SIGTERM:
+                break
+        try:
+            flush()
+        except Exception:  # noqa: BLE001 - exiting anyway; say why the flush failed
+            log.exception("flushing the snapshot on SIGTERM failed")
+        finally:
+            os._exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, lambda *_: None)  # installs the C handler; the helper acts
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    threading.Thread(target=wait_for_notice, name="salamander-sigterm", daemon=True).start()

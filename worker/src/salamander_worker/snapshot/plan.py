@@ -1,0 +1,255 @@
+"""Pure decisions: which ranks form erasure-coding groups, and how a restarted world restores.
+
+Nothing here touches memory, files or the network; the snapshotter gathers every rank's
+:class:`Holdings` and every rank computes the same :class:`RestorePlan` from them.
+
+Restore invariants:
+
+* The plan names one step ``S`` for the whole world; every rank resumes from ``S`` or the
+  plan's tier is ``"none"`` (start from scratch). ``S`` is the newest step every rank reaches.
+* New rank ``r`` restores the state old rank ``want(r)`` had: ``r`` itself when the world has
+  the same size; when it changed, only a replicated (not sharded) snapshot can be used, and
+  rank ``r`` takes old rank ``r % old_world``.
+* Sources, nearest first: the rank's own memory; a copy from the process that holds it (after a
+  re-rendezvous ranks may move between nodes); a rebuild from its erasure-coding group, which
+  needs at most ``m`` members of the group lost at ``S``; a persistent checkpoint, only when
+  every wanted rank has one at the same step and no in-memory step is as new.
+* Operations are listed in one global order that every rank executes identically, so
+  point-to-point transfers never deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TIERS = ("memory", "peers", "persistent", "none")
+
+
+class PlanError(ValueError):
+    """Holdings are inconsistent or a group layout is impossible; the message says which."""
+
+
+def ec_groups(world: int, local_world: int, k: int, m: int) -> list[list[int]]:
+    """Erasure-coding groups of global ranks: ranks with the same local rank on ``k``
+    consecutive nodes (so every member sits on a different node, a distinct failure domain).
+    A last chunk of fewer than ``m + 1`` nodes joins the chunk before it; a world of fewer than
+    ``m + 1`` nodes has no groups (snapshots are then only in local memory)."""
+    if local_world < 1 or world % local_world:
+        raise PlanError(f"world {world} is not a whole number of nodes of {local_world} ranks")
+    nodes = world // local_world
+    if nodes < m + 1:
+        return []
+    chunks = [list(range(start, min(start + k, nodes))) for start in range(0, nodes, k)]
+    if len(chunks) > 1 and len(chunks[-1]) < m + 1:
+        chunks[-2].extend(chunks.pop())
+    return [[node * local_world + local for node in chunk] for chunk in chunks for local in range(local_world)]
+
+
+@dataclass(frozen=True)
+class DataHolding:
+    """A verified data slot this process holds: the snapshot old rank ``rank`` took at ``step``."""
+
+    rank: int
+    world: int
+    step: int
+    length: int
+    checksum: int
+    sharded: bool
+    slot: int
+
+
+@dataclass(frozen=True)
+class ParityHolding:
+    """A verified parity slot: member ``member`` of group ``group`` (old global ranks) at ``step``."""
+
+    step: int
+    group: tuple[int, ...]
+    member: int
+    m: int
+    block_len: int
+    lengths: tuple[int, ...]
+    checksums: tuple[int, ...]
+    slot: int
+
+
+@dataclass(frozen=True)
+class Holdings:
+    data: tuple[DataHolding, ...] = ()
+    parity: tuple[ParityHolding, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"data": [d.__dict__ for d in self.data], "parity": [
+            dict(p.__dict__, group=list(p.group), lengths=list(p.lengths), checksums=list(p.checksums))
+            for p in self.parity]}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Holdings:
+        try:
+            data = tuple(DataHolding(**d) for d in raw["data"])
+            parity = tuple(ParityHolding(**dict(p, group=tuple(p["group"]), lengths=tuple(p["lengths"]),
+                                                checksums=tuple(p["checksums"]))) for p in raw["parity"])
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed holdings: {exc}") from None
+        return cls(data, parity)
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """Rebuild the data of ``lost`` members of ``group`` at the plan's step.
+
+    ``providers[j]`` is the new rank holding intact member ``j``'s data and parity; ``dests[j]``
+    the new rank that receives lost member ``j``'s rebuilt payload."""
+
+    group: tuple[int, ...]
+    m: int
+    block_len: int
+    lengths: tuple[int, ...]
+    checksums: tuple[int, ...]
+    providers: dict[int, int]
+    dests: dict[int, int]
+    data_slots: dict[int, int]     # member -> data slot on its provider
+    parity_slots: dict[int, int]   # member -> parity slot on its provider
+
+    @property
+    def participants(self) -> list[int]:
+        return sorted(set(self.providers.values()) | set(self.dests.values()))
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Send old rank ``rank``'s payload (``length`` bytes, from slot ``slot``) from ``src`` to ``dst``."""
+
+    src: int
+    dst: int
+    rank: int
+    slot: int
+    length: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    step: int | None
+    tier: str
+    want: dict[int, int]                       # new rank -> old rank
+    local: dict[int, int] = field(default_factory=dict)   # new rank -> own data slot
+    copies: tuple[Copy, ...] = ()
+    rebuilds: tuple[Rebuild, ...] = ()
+    persistent_step: int | None = None
+
+
+def _want(new_world: int, old_world: int, sharded: bool) -> dict[int, int] | None:
+    if new_world == old_world:
+        return {r: r for r in range(new_world)}
+    if sharded:
+        return None
+    return {r: r % old_world for r in range(new_world)}
+
+
+def plan_restore(holdings: list[Holdings], persistent: dict[int, tuple[int, frozenset[int]]] | None = None
+                 ) -> RestorePlan:
+    """The plan for a world of ``len(holdings)`` ranks; ``holdings[q]`` is what new rank ``q``
+    holds. ``persistent`` maps each persistent step to (its world size, the old ranks saved)."""
+    world = len(holdings)
+    steps = sorted({d.step for h in holdings for d in h.data}, reverse=True)
+    best_persistent = _best_persistent(world, persistent or {})
+    for step in steps:
+        if best_persistent is not None and best_persistent[0] > step:
+            break
+        plan = _plan_step(holdings, step)
+        if plan is not None:
+            return plan
+    if best_persistent is not None:
+        return RestorePlan(step=best_persistent[0], tier="persistent", want=best_persistent[1],
+                           persistent_step=best_persistent[0])
+    return RestorePlan(step=None, tier="none", want={})
+
+
+def _best_persistent(world: int, persistent: dict[int, tuple[int, frozenset[int]]]
+                     ) -> tuple[int, dict[int, int]] | None:
+    for step in sorted(persistent, reverse=True):
+        old_world, ranks = persistent[step]
+        if set(range(old_world)) - set(ranks):
+            continue
+        want = _want(world, old_world, sharded=world != old_world)
+        if want is not None:
+            return step, want
+    return None
+
+
+def _plan_step(holdings: list[Holdings], step: int) -> RestorePlan | None:
+    world = len(holdings)
+    entries = [(q, d) for q, h in enumerate(holdings) for d in h.data if d.step == step]
+    worlds = {d.world for _, d in entries}
+    if len(worlds) != 1:
+        return None
+    old_world = worlds.pop()
+    want = _want(world, old_world, sharded=any(d.sharded for _, d in entries))
+    if want is None:
+        return None
+    holder: dict[int, tuple[int, DataHolding]] = {}
+    for q, d in entries:
+        if d.rank not in holder or q == want.get(q):  # prefer no one in particular; first holder wins
+            holder.setdefault(d.rank, (q, d))
+    local: dict[int, int] = {}
+    copies: list[Copy] = []
+    lost_wanted: dict[int, int] = {}   # old rank -> new rank that wants it
+    for r in range(world):
+        old = want[r]
+        own = next((d for d in holdings[r].data if d.step == step and d.rank == old), None)
+        if own is not None:
+            local[r] = own.slot
+        elif old in holder:
+            q, d = holder[old]
+            copies.append(Copy(src=q, dst=r, rank=old, slot=d.slot, length=d.length, checksum=d.checksum))
+        else:
+            lost_wanted[old] = r
+    rebuilds = _rebuilds(holdings, step, lost_wanted, holder)
+    if rebuilds is None:
+        return None
+    tier = "memory" if not copies and not rebuilds else "peers"
+    return RestorePlan(step=step, tier=tier, want=want, local=local, copies=tuple(copies),
+                       rebuilds=tuple(rebuilds))
+
+
+def _rebuilds(holdings: list[Holdings], step: int, lost_wanted: dict[int, int],
+              holder: dict[int, tuple[int, DataHolding]]) -> list[Rebuild] | None:
+    """One rebuild per group with wanted lost members, or None if any is beyond its parity."""
+    if not lost_wanted:
+        return []
+    parity: dict[tuple[tuple[int, ...], int], tuple[int, ParityHolding]] = {}
+    for q, h in enumerate(holdings):
+        for p in h.parity:
+            if p.step == step:
+                parity.setdefault((p.group, p.member), (q, p))
+    groups = {group for group, _ in parity}
+    result: list[Rebuild] = []
+    remaining = dict(lost_wanted)
+    for group in sorted(groups):
+        wanted_here = {j: remaining.pop(old) for j, old in enumerate(group) if old in remaining}
+        if not wanted_here:
+            continue
+        providers: dict[int, int] = {}
+        data_slots: dict[int, int] = {}
+        parity_slots: dict[int, int] = {}
+        sample: ParityHolding | None = None
+        for j, old in enumerate(group):
+            pq = parity.get((group, j))
+            if old in holder and pq is not None and holder[old][0] == pq[0]:
+                providers[j] = pq[0]
+                data_slots[j] = holder[old][1].slot
+                parity_slots[j] = pq[1].slot
+                sample = sample or pq[1]
+        if sample is None or len(group) - len(providers) > sample.m:
+            return None
+        if any(parity[(group, j)][1].lengths != sample.lengths for j in providers):
+            return None
+        # A lost member nobody wants (the world shrank) counts against m but gets no destination.
+        result.append(Rebuild(group=group, m=sample.m, block_len=sample.block_len, lengths=sample.lengths,
+                              checksums=sample.checksums, providers=providers,
+                              dests={j: r for j, r in wanted_here.items() if j not in providers},
+                              data_slots=data_slots, parity_slots=parity_slots))
+    if remaining:
+        return None
+    return result

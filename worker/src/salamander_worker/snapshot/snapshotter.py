@@ -1,0 +1,496 @@
+"""The snapshot API a training script uses: one call to restore, one call per step.
+
+::
+
+    snap = Snapshotter(model, optimizer, scheduler=sched)   # config from SALAMANDER_SNAPSHOT
+    start, data = snap.restore()          # collective; (0, None) when there is nothing to resume
+    for step in range(start, steps):
+        ...                               # forward, backward, optimizer.step()
+        snap.step(step + 1, data={"epoch": e, "index": i})   # a snapshot when due
+
+What happens at a snapshot (every ``interval`` steps):
+
+* **Blocking**: the state (see :mod:`.capture`) is copied into the free slot of this rank's
+  shared-memory file (:mod:`.region`), pre-allocated on the first snapshot. Nothing else.
+* **Background** (one thread, overlapping the next steps): crc32c of the payload, the atomic
+  commit, then the erasure-coding exchange within the rank's group (gloo ``reduce_scatter``
+  with ``BXOR`` on a dedicated group; rotating parity, :mod:`.erasure`), the parity commit, and
+  every ``persist_every`` snapshots a torch.distributed.checkpoint of the payload.
+* The next snapshot waits for the previous one's background work, so at most one snapshot is
+  in flight and the newest *protected* snapshot is never the one being overwritten.
+
+Restore (collective, every rank): each rank verifies what its own files hold, the holdings are
+all-gathered, and :func:`.plan.plan_restore` picks the newest step every rank can reach and the
+nearest source per rank: own memory, a peer's copy, a rebuild from the group's parity, or the
+persistent checkpoint. If a transfer or a checksum fails, every rank falls to the next tier
+together. After a restore from anything but local memory a snapshot is taken at once, so the
+restored state is protected again.
+
+Invariants: step ``N`` means ``N`` completed optimizer steps (resume by running step ``N``);
+every rank calls :meth:`step` with the same ``N``; a payload is checked against its crc32c
+before it is read; nothing in this module lets a malformed file or peer message crash training
+without a :class:`SnapshotError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from salamander import wire
+from salamander_worker.snapshot import erasure, payload, persist
+from salamander_worker.snapshot.capture import Trainee, apply, capture
+from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
+                                             plan_restore)
+from salamander_worker.snapshot.region import Committed, SlotFile, checksum
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 1.05          # slot capacity over the first payload, for state that grows a little
+_BXOR = dist.ReduceOp.BXOR
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot cannot be taken or restored; the message says which file, rank or step."""
+
+
+@dataclass
+class Stats:
+    """What the snapshots of this process cost, for benchmarks and metrics."""
+
+    snapshots: int = 0
+    blocking_s: list[float] = field(default_factory=list)   # copy into shared memory
+    waiting_s: list[float] = field(default_factory=list)    # waiting for the previous background
+    background_s: list[float] = field(default_factory=list)
+    protected_step: int | None = None
+    persisted_step: int | None = None
+    restore_tier: str | None = None
+    restore_step: int | None = None
+    restore_s: float | None = None
+
+
+def default_memory_dir() -> Path:
+    """The node's snapshot directory: ``SALAMANDER_SNAPSHOT_MEMORY`` (set by the agent) or
+    ``/dev/shm/salamander/<run id>/<host>`` when the script runs under plain torchrun."""
+    explicit = os.environ.get(wire.ENV_SNAPSHOT_MEMORY)
+    if explicit:
+        return Path(explicit)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    return Path("/dev/shm/salamander") / run / socket.gethostname()
+
+
+class Snapshotter:
+    """In-memory, erasure-coded snapshots of one rank's training state."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 scheduler: Any = None, config: wire.SnapshotConfig | None = None,
+                 memory_dir: str | os.PathLike[str] | None = None) -> None:
+        if config is None:
+            raw = os.environ.get(wire.ENV_SNAPSHOT)
+            try:
+                config = wire.SnapshotConfig.decode(raw) if raw else wire.SnapshotConfig()
+            except wire.WireError as exc:
+                raise SnapshotError(f"{wire.ENV_SNAPSHOT}: {exc}") from None
+        self.config = config
+        self.trainee = Trainee(model, optimizer, scheduler)
+        self.stats = Stats()
+        group = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if group else 0
+        self.world = dist.get_world_size() if group else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.directory = Path(memory_dir) if memory_dir is not None else default_memory_dir()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SnapshotError(f"cannot create snapshot directory {self.directory}: {exc}") from None
+        self._gloo = dist.new_group(backend="gloo") if group else None
+        self._ec_group: list[int] | None = None
+        self._ec_pg: Any = None
+        if group:
+            for ranks in ec_groups(self.world, self.local_world, config.group_size, config.parity):
+                pg = dist.new_group(ranks=ranks, backend="gloo")  # every rank creates every group
+                if self.rank in ranks:
+                    self._ec_group, self._ec_pg = ranks, pg
+        self._data: SlotFile | None = None
+        self._parity: SlotFile | None = None
+        self._layout: payload.Layout | None = None
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._background, name="salamander-snapshot", daemon=True)
+        self._thread.start()
+        self._persister = persist.Persister(config.persist_directory) if config.persist_every and \
+            config.persist_directory else None
+        if self._persister is not None:
+            persist.flush_on_sigterm(self._flush_for_termination)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _path(self, kind: str) -> Path:
+        return self.directory / f"local-{self.local_rank}.{kind}"
+
+    def _existing(self, kind: str) -> SlotFile | None:
+        try:
+            return SlotFile.open(self._path(kind), 0, create=False)
+        except Exception:  # noqa: BLE001 - absent or not ours: nothing to restore from it
+            return None
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.config.interval == 0
+
+    def step(self, step: int, data: Any = None) -> bool:
+        """Take a snapshot of the state after ``step`` optimizer steps if one is due; returns
+        whether it did. Blocks only for the copy (and for the previous snapshot's background
+        work if that has not finished)."""
+        if not self.due(step):
+            return False
+        self.snapshot(step, data)
+        return True
+
+    def snapshot(self, step: int, data: Any = None) -> None:
+        """Take a snapshot now (every rank must call it with the same ``step``)."""
+        self._raise_background_error()
+        started = time.perf_counter()
+        self._idle.wait()
+        waited = time.perf_counter() - started
+        tree = capture(self.trainee, step, data)
+        layout = self._layout
+        if layout is None or layout.signature != payload.plan(tree).signature:
+            layout = self._layout = payload.plan(tree)
+        if self._data is None or self._data.capacity < layout.length:
+            self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+        slot = self._data.begin()
+        try:
+            payload.write(tree, layout, self._data.payload(slot))
+        except payload.PayloadError:
+            layout = self._layout = payload.plan(tree)
+            if self._data.capacity < layout.length:
+                self._data.close()
+                self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+                slot = self._data.begin()
+            payload.write(tree, layout, self._data.payload(slot))
+        blocking = time.perf_counter() - started - waited
+        self.stats.snapshots += 1
+        self.stats.blocking_s.append(blocking)
+        self.stats.waiting_s.append(waited)
+        self._idle.clear()
+        self._jobs.put((step, slot, layout.length))
+
+    def wait(self) -> None:
+        """Block until the last snapshot's background work (commit, parity, persist) is done."""
+        self._idle.wait()
+        self._raise_background_error()
+
+    def close(self) -> None:
+        """Finish background work and stop the thread (files stay: the agent owns them)."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise SnapshotError(f"snapshot background work failed: {error}") from error
+
+    def _background(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            started = time.perf_counter()
+            try:
+                self._protect(*job)
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
+                log.exception("snapshot background work failed")
+                self._error = exc
+            finally:
+                self.stats.background_s.append(time.perf_counter() - started)
+                self._idle.set()
+
+    def _protect(self, step: int, slot: int, length: int) -> None:
+        assert self._data is not None
+        committed = self._data.commit(slot, length, {"step": step, "rank": self.rank, "world": self.world,
+                                                     "sharded": self.trainee.sharded})
+        if self._ec_group is not None:
+            self._encode(committed)
+        if self._persister is not None and (step // self.config.interval) % self.config.persist_every == 0:
+            self._persist(committed)
+
+    # -- erasure coding ------------------------------------------------------------------------
+
+    def _encode(self, committed: Committed) -> None:
+        """Exchange blocks with the group and commit this member's parity for the snapshot."""
+        assert self._ec_group is not None and self._data is not None
+        group, pg, m = self._ec_group, self._ec_pg, self.config.parity
+        k, j = len(group), self._ec_group.index(self.rank)
+        record = committed.record
+        mine = torch.tensor([record["step"], record["length"], record["checksum"]], dtype=torch.int64)
+        everyone = [torch.empty(3, dtype=torch.int64) for _ in group]
+        dist.all_gather(everyone, mine, group=pg)
+        steps = {int(t[0]) for t in everyone}
+        if steps != {record["step"]}:
+            raise SnapshotError(f"group {group} snapshot steps disagree: {sorted(steps)}")
+        lengths = [int(t[1]) for t in everyone]
+        checksums = [int(t[2]) for t in everyone]
+        block_len = erasure.block_length(lengths, k, m)
+        if self._parity is None or self._parity.capacity < m * block_len:
+            if self._parity is not None:
+                self._parity.close()
+            self._parity = SlotFile.open(self._path("parity"), int(m * block_len * HEADROOM))
+        pslot = self._parity.begin()
+        out = np.frombuffer(self._parity.payload(pslot), dtype=np.uint8, count=m * block_len)
+        data = np.frombuffer(self._data.payload(committed.slot), dtype=np.uint8, count=record["length"])
+        roles = erasure.roles(k, m)
+        zeros = torch.zeros(block_len, dtype=torch.uint8)
+        for row in range(m):
+            inputs = []
+            for receiver in range(k):
+                stripe = (receiver - row) % k
+                inputs.append(_contribution(roles[stripe][j], row, data, block_len, zeros))
+            target = torch.from_numpy(out[row * block_len:(row + 1) * block_len])
+            dist.reduce_scatter(_words(target), [_words(t) for t in inputs], op=_BXOR, group=pg)
+        self._parity.commit(pslot, m * block_len, {
+            "step": record["step"], "group": group, "member": j, "m": m, "block_len": block_len,
+            "lengths": lengths, "checksums": checksums})
+        self.stats.protected_step = record["step"]
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _persist(self, committed: Committed) -> None:
+        assert self._persister is not None and self._data is not None
+        record = committed.record
+        view = self._data.payload(committed.slot)[:record["length"]]
+        self._persister.save(record["step"], self.rank, self.world, view, record["checksum"])
+        self.stats.persisted_step = record["step"]
+
+    def _flush_for_termination(self) -> None:
+        """On SIGTERM: let in-flight work finish (briefly), then persist the newest local
+        snapshot if it is newer than the last persisted one. Never collective."""
+        self._idle.wait(timeout=20)
+        if self._data is None or self._persister is None:
+            return
+        for entry in self._data.committed():
+            if self.stats.persisted_step is not None and entry.record["step"] <= self.stats.persisted_step:
+                return
+            if self._data.verify(entry):
+                self._persist(entry)
+                log.warning("flushed snapshot of step %s to %s on SIGTERM", entry.record["step"],
+                            self._persister.directory)
+                return
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def restore(self) -> tuple[int, Any]:
+        """Restore the newest snapshot every rank can reach; returns ``(step, data)`` to resume
+        from, or ``(0, None)`` if there is none. Collective: every rank calls it once, before
+        training."""
+        started = time.perf_counter()
+        holdings = self._holdings()
+        if self._gloo is not None:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, holdings.to_wire(), group=self._gloo)
+            everyone = [Holdings.from_wire(h) for h in gathered]
+            listing = [self._persister.listing() if self._persister and self.rank == 0 else None]
+            dist.broadcast_object_list(listing, src=0, group=self._gloo)
+            persistent = listing[0]
+        else:
+            everyone = [holdings]
+            persistent = self._persister.listing() if self._persister else None
+        plan = plan_restore(everyone, persistent)
+        step, data, buffer = 0, None, None
+        if plan.step is not None:
+            try:
+                buffer = self._execute(plan) if plan.tier != "persistent" else self._load_persistent(plan)
+                ok = True
+            except (SnapshotError, payload.PayloadError, RuntimeError) as exc:
+                log.warning("restoring step %s from %s failed on rank %s: %s", plan.step, plan.tier, self.rank, exc)
+                ok = False
+            if not self._agree(ok):
+                if plan.tier == "persistent":
+                    raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
+                plan = plan_restore([Holdings() for _ in everyone], persistent)  # the next tier
+                buffer = self._load_persistent(plan) if plan.step is not None else None
+            if buffer is not None:
+                step, data = apply(self.trainee, payload.read(buffer))
+                if step != plan.step:
+                    raise SnapshotError(f"the snapshot of step {plan.step} holds step {step}")
+        self.stats.restore_tier, self.stats.restore_step = plan.tier, plan.step
+        self.stats.restore_s = time.perf_counter() - started
+        _note_restore(plan.tier, plan.step)
+        log.info("rank %s restored step %s from %s in %.3f s", self.rank, plan.step, plan.tier,
+                 self.stats.restore_s)
+        if plan.tier in ("peers", "persistent") and plan.step is not None:
+            self.snapshot(plan.step, data)   # protect the restored state at once
+        return step, data
+
+    def _agree(self, ok: bool) -> bool:
+        if self._gloo is None:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._gloo)
+        return flag.item() == 0
+
+    def _holdings(self) -> Holdings:
+        data: list[DataHolding] = []
+        parity: list[ParityHolding] = []
+        region = self._existing("data")
+        if region is not None:
+            self._data = region
+            for entry in region.committed():
+                rec = entry.record
+                if not region.verify(entry):
+                    log.warning("snapshot of step %s in %s fails its checksum; not used", rec.get("step"),
+                                region.path)
+                    continue
+                try:
+                    data.append(DataHolding(rank=int(rec["rank"]), world=int(rec["world"]), step=int(rec["step"]),
+                                            length=rec["length"], checksum=rec["checksum"],
+                                            sharded=bool(rec.get("sharded")), slot=entry.slot))
+                except (KeyError, TypeError, ValueError):
+                    continue
+        pregion = self._existing("parity")
+        if pregion is not None:
+            self._parity = pregion
+            for entry in pregion.committed():
+                rec = entry.record
+                if not pregion.verify(entry):
+                    log.warning("parity of step %s in %s fails its checksum; not used", rec.get("step"),
+                                pregion.path)
+                    continue
+                try:
+                    parity.append(ParityHolding(step=int(rec["step"]), group=tuple(rec["group"]),
+                                                member=int(rec["member"]), m=int(rec["m"]),
+                                                block_len=int(rec["block_len"]), lengths=tuple(rec["lengths"]),
+                                                checksums=tuple(rec["checksums"]), slot=entry.slot))
+                except (KeyError, TypeError, ValueError):
+                    continue
+        return Holdings(tuple(data), tuple(parity))
+
+    def _execute(self, plan: RestorePlan) -> np.ndarray | memoryview | None:
+        """Run the plan's transfers (every rank, same order); returns this rank's payload."""
+        mine: Any = None
+        if self.rank in plan.local:
+            assert self._data is not None
+            entry = next(e for e in self._data.committed() if e.slot == plan.local[self.rank])
+            mine = self._data.payload(entry.slot)[:entry.record["length"]]
+        for copy in plan.copies:
+            if self.rank == copy.src:
+                assert self._data is not None
+                view = self._data.payload(copy.slot)[:copy.length]
+                dist.send(torch.frombuffer(view, dtype=torch.uint8), dst=copy.dst, group=self._gloo)
+            elif self.rank == copy.dst:
+                buffer = torch.empty(copy.length, dtype=torch.uint8)
+                dist.recv(buffer, src=copy.src, group=self._gloo)
+                if checksum(buffer.numpy()) != copy.checksum:
+                    raise SnapshotError(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
+                mine = buffer.numpy()
+        for rebuild in plan.rebuilds:
+            pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
+            if self.rank in rebuild.participants:
+                rebuilt = self._rebuild(rebuild, pg)
+                if rebuilt is not None:
+                    mine = rebuilt
+        return mine
+
+    def _rebuild(self, rb: Any, pg: Any) -> np.ndarray | None:
+        """Rebuild lost members' payloads at their destinations (one reduce per lost block)."""
+        k, m, block_len = len(rb.group), rb.m, rb.block_len
+        roles = erasure.roles(k, m)
+        lost = sorted(rb.dests)
+        provides = [j for j, q in rb.providers.items() if q == self.rank]
+        data_views = {j: np.frombuffer(self._data.payload(rb.data_slots[j]), dtype=np.uint8,
+                                       count=rb.lengths[j]) for j in provides} if provides else {}
+        parity_views = {j: np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,
+                                         count=m * block_len) for j in provides} if provides else {}
+        receive = {j: np.zeros((k - m) * block_len, dtype=np.uint8) for j in lost if rb.dests[j] == self.rank}
+        zeros = torch.zeros(block_len, dtype=torch.uint8)
+        missing = [j for j in range(k) if j not in rb.providers]
+        for stripe in range(k):
+            lost_here = [roles[stripe][j].index for j in missing if roles[stripe][j].kind == "data"]
+            wanted = [j for j in lost if roles[stripe][j].kind == "data"]
+            if not wanted:
+                continue
+            rows = [r for r in range(m) if (stripe + r) % k not in missing][:len(lost_here)]
+            if len(rows) < len(lost_here):
+                raise SnapshotError(f"stripe {stripe} of group {rb.group} lost more than its parity covers")
+            solver = rb.dests[wanted[0]]
+            syndromes: dict[int, np.ndarray] = {}
+            for row in rows:
+                total = zeros.clone()
+                for j in provides:
+                    role = roles[stripe][j]
+                    if role.kind == "data":
+                        part = _contribution(role, row, data_views[j], block_len, zeros)
+                        erasure.xor_into(total.numpy(), part.numpy())
+                    elif role.index == row:
+                        erasure.xor_into(total.numpy(), parity_views[j][row * block_len:(row + 1) * block_len])
+                dist.reduce(_words(total), dst=solver, op=_BXOR, group=pg)
+                syndromes[row] = total.numpy()
+            if self.rank == solver:
+                solved = erasure.solve_stripe(k, m, stripe, lost_here, syndromes)
+            for j in wanted:
+                block = roles[stripe][j].block
+                piece = slice(block * block_len, (block + 1) * block_len)
+                if self.rank == solver and rb.dests[j] == self.rank:
+                    receive[j][piece] = solved[roles[stripe][j].index]
+                elif self.rank == solver:
+                    dist.send(torch.from_numpy(np.ascontiguousarray(solved[roles[stripe][j].index])),
+                              dst=rb.dests[j], group=self._gloo)
+                elif rb.dests[j] == self.rank:
+                    tensor = torch.from_numpy(receive[j][piece])
+                    dist.recv(tensor, src=solver, group=self._gloo)
+        mine = None
+        for j, buffer in receive.items():
+            rebuilt = buffer[:rb.lengths[j]]
+            if checksum(rebuilt) != rb.checksums[j]:
+                raise SnapshotError(f"rebuilt snapshot of member {j} of group {rb.group} fails its checksum")
+            mine = rebuilt
+        return mine
+
+    def _load_persistent(self, plan: RestorePlan) -> np.ndarray | None:
+        assert self._persister is not None and plan.step is not None
+        return self._persister.load(plan.step, plan.want[self.rank])
+
+
+def _words(tensor: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor whose length is a multiple of 8, as int64 words (XOR is bitwise anyway)."""
+    return tensor.view(torch.int64)
+
+
+def _contribution(role: erasure.StripeRole, row: int, data: np.ndarray, block_len: int,
+                  zeros: torch.Tensor) -> torch.Tensor:
+    """What a member adds to parity row ``row`` of a stripe: its block times the row's
+    coefficient if it is a data member there, zeros otherwise."""
+    if role.kind != "data":
+        return zeros
+    block = erasure.block_view(data, role.block, block_len)
+    coefficient = erasure.coefficient(row, role.index)
+    if coefficient != 1:
+        block = erasure.gf_scale(block, coefficient)
+    return torch.from_numpy(np.ascontiguousarray(block))
+
+
+def _note_restore(tier: str, step: int | None) -> None:
+    from salamander_worker import progress  # imported late: progress reads the worker context
+    progress.note_restore(tier, step)
+
+
