@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from salamander_worker.checkpoint import CheckpointError, Checkpointer, ModelState
     from salamander_worker.topology import WorkerContext, context, init_distributed
     from salamander_worker.progress import flush, report, should_stop
+    from salamander_worker.snapshot.snapshotter import SnapshotError, Snapshotter
 
 _EXPORTS = {
     "WorkerContext": "salamander_worker.topology", "context": "salamander_worker.topology",
@@ -36,6 +37,8 @@ _EXPORTS = {
     "flush": "salamander_worker.progress",
     "Checkpointer": "salamander_worker.checkpoint", "CheckpointError": "salamander_worker.checkpoint",
     "ModelState": "salamander_worker.checkpoint",
+    "Snapshotter": "salamander_worker.snapshot.snapshotter",
+    "SnapshotError": "salamander_worker.snapshot.snapshotter",
 }
 __all__ = sorted(_EXPORTS)
 

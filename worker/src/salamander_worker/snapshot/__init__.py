@@ -1,2 +1,7 @@
-"""In-memory snapshots of training state, protected by erasure coding across nodes (issue 4,
-in progress: the parity code is here; capture, shared memory and restore come next)."""
+"""In-memory snapshots of training state, protected by erasure coding across nodes.
+
+:mod:`.snapshotter` is the API (``Snapshotter``); :mod:`.capture` says what a snapshot holds,
+:mod:`.payload` how it is laid out in bytes, :mod:`.region` the double-buffered shared-memory
+file, :mod:`.erasure` the XOR / Reed-Solomon code, :mod:`.plan` the pure restore decisions, and
+:mod:`.persist` the background torch.distributed.checkpoint copies.
+"""
