@@ -128,8 +128,17 @@ def plan(tree: Any) -> Layout:
 
 def write(tree: Any, layout: Layout, buffer: memoryview) -> None:
     """Copy ``tree`` (with the same structure and tensor shapes as when ``layout`` was planned)
-    into ``buffer`` (at least ``layout.length`` bytes). Only tensor copies happen here; the
-    skeleton's plain values are re-pickled, since they change every step (step, RNG...)."""
+    into ``buffer`` (at least ``layout.length`` bytes)."""
+    copy_tensors(write_skeleton(tree, layout, buffer), buffer)
+
+
+Pending = list[tuple[torch.Tensor, TensorRef]]
+
+
+def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:
+    """Write ``tree``'s skeleton (its plain values change every step: step, RNG...) into
+    ``buffer`` and return the tensor copies still to do, for :func:`copy_tensors` (which may
+    run on another thread, as long as the tensors do not change meanwhile)."""
     tensors = [_local(t) for t in leaves(tree)]
     if len(tensors) != len(layout.refs):
         raise PayloadError(f"the state has {len(tensors)} tensors, the layout {len(layout.refs)}")
@@ -140,14 +149,41 @@ def write(tree: Any, layout: Layout, buffer: memoryview) -> None:
         raise PayloadError("the state's plain values outgrew the layout; plan it again")
     _LEN.pack_into(buffer, 0, len(skeleton))
     buffer[_LEN.size:_LEN.size + len(skeleton)] = skeleton
-    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=layout.length)
-    for tensor, ref in zip(tensors, layout.refs):
-        if ref.nbytes == 0:
-            continue
-        source = tensor.detach()
-        if source.device.type != "cpu" or not source.is_contiguous():
-            source = source.contiguous().cpu() if source.device.type != "cpu" else source.contiguous()
-        flat[ref.offset:ref.offset + ref.nbytes].copy_(source.reshape(-1).view(torch.uint8))
+    return [(tensor.detach(), ref) for tensor, ref in zip(tensors, layout.refs) if ref.nbytes]
+
+
+CHUNK = 1 << 20   # copy and checksum a tensor in 1 MiB pieces, each still in cache for its crc
+
+
+def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None) -> int | None:
+    """Copy each pending tensor's bytes to its place in ``buffer`` (single-threaded memcpy,
+    GIL released; device tensors come to the host here). With ``length`` (the payload's), also
+    return the crc32c of ``buffer[:length]``, computed piece by piece right after each copy, so
+    the checksum costs no extra pass over memory."""
+    from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
+
+    target = np.frombuffer(buffer, dtype=np.uint8)
+    crc, done = 0, 0
+    for tensor, ref in sorted(pending, key=lambda item: item[1].offset):
+        source = tensor
+        if source.device.type != "cpu":
+            source = source.cpu()
+        if not source.is_contiguous():
+            source = source.contiguous()
+        raw = source.reshape(-1).view(torch.uint8).numpy()
+        if length is not None and ref.offset > done:
+            crc = checksum_update(target[done:ref.offset], crc)
+        for start in range(0, ref.nbytes, CHUNK):
+            piece = target[ref.offset + start:ref.offset + min(ref.nbytes, start + CHUNK)]
+            np.copyto(piece, raw[start:start + len(piece)])
+            if length is not None:
+                crc = checksum_update(piece, crc)
+        done = ref.offset + ref.nbytes
+    if length is None:
+        return None
+    if length > done:
+        crc = checksum_update(target[done:length], crc)
+    return crc
 
 
 def read(payload: memoryview | bytes | np.ndarray) -> Any:
@@ -176,7 +212,10 @@ def read(payload: memoryview | bytes | np.ndarray) -> Any:
             return tuple(build(value) for value in ref)
         return ref
 
-    return build(skeleton)
+    try:
+        return build(skeleton)
+    except RecursionError:  # a skeleton nested too deep, or one that contains itself
+        raise PayloadError("payload skeleton is nested too deeply or refers to itself") from None
 
 
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
@@ -184,10 +223,20 @@ _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torc
                                torch.complex64, torch.complex128)}
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor(view: memoryview, ref: TensorRef) -> torch.Tensor:
-    dtype = _DTYPES.get(ref.dtype)
+    # The skeleton's TensorRefs come from a pickle: check that every field is there and of its
+    # type before using it (a pickle can set any attributes, or none, on a TensorRef).
+    fields = {name: getattr(ref, name, None) for name in ("offset", "nbytes", "dtype", "shape")}
+    dtype = _DTYPES.get(fields["dtype"]) if isinstance(fields["dtype"], str) else None
     if dtype is None:
-        raise PayloadError(f"payload tensor has unsupported dtype {ref.dtype!r}")
+        raise PayloadError(f"payload tensor has unsupported dtype {fields['dtype']!r}")
+    if not (_is_count(fields["offset"]) and _is_count(fields["nbytes"]) and isinstance(fields["shape"], tuple)
+            and all(_is_count(dim) for dim in fields["shape"])):
+        raise PayloadError(f"payload tensor reference {fields} is malformed")
     count = 1
     for dim in ref.shape:
         count *= dim

@@ -70,6 +70,11 @@ def checksum(data: memoryview | bytes) -> int:
     return crc32c.crc32c(data)
 
 
+def checksum_update(data: memoryview | bytes, crc: int) -> int:
+    """The crc32c of the bytes checksummed so far (``crc``) followed by ``data``."""
+    return crc32c.crc32c(data, crc)
+
+
 class SlotFile:
     """A mapped snapshot file. Not thread-safe: one writer (the training process's snapshot
     thread) at a time; readers are the same process at restore time."""
@@ -138,8 +143,13 @@ class SlotFile:
         return capacity if size == DATA_START + SLOTS * capacity else None
 
     def close(self) -> None:
-        self.view.release()
-        self._map.close()
+        """Unmap and close. If arrays still view the mapping, it stays mapped until they are
+        garbage-collected (closing it under them would crash the process)."""
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:
+            pass
         os.close(self._fd)
 
     # -- the commit marker ---------------------------------------------------------------------

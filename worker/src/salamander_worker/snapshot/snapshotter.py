@@ -11,7 +11,10 @@
 What happens at a snapshot (every ``interval`` steps):
 
 * **Blocking**: the state (see :mod:`.capture`) is copied into the free slot of this rank's
-  shared-memory file (:mod:`.region`), pre-allocated on the first snapshot. Nothing else.
+  shared-memory file (:mod:`.region`), pre-allocated on the first snapshot. With ``overlap``
+  (the default when there is an optimizer) the tensor copy itself runs on the background
+  thread during the next forward and backward, and the next ``optimizer.step()`` waits for it
+  (a step pre-hook): parameters and optimizer state must change only in ``optimizer.step()``.
 * **Background** (one thread, overlapping the next steps): crc32c of the payload, the atomic
   commit, then the erasure-coding exchange within the rank's group (gloo ``reduce_scatter``
   with ``BXOR`` on a dedicated group; rotating parity, :mod:`.erasure`), the parity commit, and
@@ -72,6 +75,7 @@ class Stats:
     snapshots: int = 0
     blocking_s: list[float] = field(default_factory=list)   # copy into shared memory
     waiting_s: list[float] = field(default_factory=list)    # waiting for the previous background
+    copy_wait_s: list[float] = field(default_factory=list)  # optimizer.step() waiting for the copy
     background_s: list[float] = field(default_factory=list)
     protected_step: int | None = None
     persisted_step: int | None = None
@@ -95,7 +99,7 @@ class Snapshotter:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any = None, config: wire.SnapshotConfig | None = None,
-                 memory_dir: str | os.PathLike[str] | None = None) -> None:
+                 memory_dir: str | os.PathLike[str] | None = None, overlap: bool = True) -> None:
         if config is None:
             raw = os.environ.get(wire.ENV_SNAPSHOT)
             try:
@@ -129,6 +133,14 @@ class Snapshotter:
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        self._copied = threading.Event()   # set when no tensor copy is pending
+        self._copied.set()
+        self.overlap = overlap and optimizer is not None
+        if self.overlap:
+            # Parameters and optimizer state change only in optimizer.step(): the copy of a
+            # snapshot runs during the next forward and backward, and the next step waits for it.
+            for opt in {id(o): o for o in (optimizer, getattr(optimizer, "optim", None)) if o is not None}.values():
+                opt.register_step_pre_hook(lambda *_: self._await_copy())
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._background, name="salamander-snapshot", daemon=True)
@@ -177,20 +189,33 @@ class Snapshotter:
             self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
         slot = self._data.begin()
         try:
-            payload.write(tree, layout, self._data.payload(slot))
+            pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
         except payload.PayloadError:
             layout = self._layout = payload.plan(tree)
             if self._data.capacity < layout.length:
                 self._data.close()
                 self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
                 slot = self._data.begin()
-            payload.write(tree, layout, self._data.payload(slot))
+            pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
+        crc = None
+        if not self.overlap:
+            crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length)
+            pending = []
         blocking = time.perf_counter() - started - waited
         self.stats.snapshots += 1
         self.stats.blocking_s.append(blocking)
         self.stats.waiting_s.append(waited)
         self._idle.clear()
-        self._jobs.put((step, slot, layout.length))
+        if pending:
+            self._copied.clear()
+        self._jobs.put((step, slot, layout.length, pending, crc))
+
+    def _await_copy(self) -> None:
+        if self._copied.is_set():
+            return
+        started = time.perf_counter()
+        self._copied.wait()
+        self.stats.copy_wait_s.append(time.perf_counter() - started)
 
     def wait(self) -> None:
         """Block until the last snapshot's background work (commit, parity, persist) is done."""
@@ -217,19 +242,25 @@ class Snapshotter:
             if job is None:
                 return
             started = time.perf_counter()
+            step, slot, length, pending, crc = job
             try:
-                self._protect(*job)
+                if pending:
+                    assert self._data is not None
+                    crc = payload.copy_tensors(pending, self._data.payload(slot), length)
+                    self._copied.set()
+                self._protect(step, slot, length, crc)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
                 log.exception("snapshot background work failed")
                 self._error = exc
             finally:
+                self._copied.set()
                 self.stats.background_s.append(time.perf_counter() - started)
                 self._idle.set()
 
-    def _protect(self, step: int, slot: int, length: int) -> None:
+    def _protect(self, step: int, slot: int, length: int, crc: int | None) -> None:
         assert self._data is not None
         committed = self._data.commit(slot, length, {"step": step, "rank": self.rank, "world": self.world,
-                                                     "sharded": self.trainee.sharded})
+                                                     "sharded": self.trainee.sharded}, crc=crc)
         if self._ec_group is not None:
             self._encode(committed)
         if self._persister is not None and (step // self.config.interval) % self.config.persist_every == 0:
