@@ -31,10 +31,16 @@ from salamander_worker.snapshot.capture import capture
 from salamander_worker.snapshot.snapshotter import Snapshotter
 
 
-def build(zero: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+def build(zero: bool, fsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     torch.manual_seed(1234)
     model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Tanh(), torch.nn.Linear(96, 48),
                                 torch.nn.Tanh(), torch.nn.Linear(48, 8))
+    if fsdp:  # FSDP2: every rank holds a unique shard of every parameter and of its Adam state
+        from torch.distributed.fsdp import fully_shard
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
     if zero:
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2)
     else:
@@ -66,6 +72,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--zero", action="store_true")
+    parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--persist", default=None)
     parser.add_argument("--persist-every", type=int, default=0)
     parser.add_argument("--tear-at", type=int, default=None)
@@ -74,7 +81,7 @@ def main() -> int:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
-    model, optimizer, scheduler = build(args.zero)
+    model, optimizer, scheduler = build(args.zero, args.fsdp)
     config = wire.SnapshotConfig(interval=args.interval, group_size=args.k, parity=args.m,
                                  persist_every=args.persist_every, persist_directory=args.persist)
     snap = Snapshotter(model, optimizer, scheduler=scheduler, config=config, memory_dir=args.memory)

@@ -97,6 +97,16 @@ def test_lost_nodes_are_rebuilt_bitwise_from_the_group(nodes: list[Path], tmp_pa
     _check_restored(tmp_path, 4, "peers")
 
 
+def test_fsdp_shards_of_a_lost_node_are_rebuilt_bitwise(nodes: list[Path], tmp_path: Path) -> None:
+    """FSDP2 (fully_shard): parameters and Adam state are DTensors; each rank's local shard is
+    unique, so the lost node's shard exists only as parity until it is rebuilt."""
+    _launch("train", 4, nodes, tmp_path, "--fsdp")
+    shutil.rmtree(nodes[3])
+    nodes[3].mkdir()
+    _launch("restore", 4, nodes, tmp_path, "--fsdp")
+    _check_restored(tmp_path, 4, "peers")
+
+
 def test_ranks_that_moved_nodes_take_their_state_from_peers(nodes: list[Path], tmp_path: Path) -> None:
     """After a re-rendezvous ranks may land on other nodes: node i now runs rank (i+1) % 4."""
     _launch("train", 4, nodes, tmp_path, "--zero")

@@ -99,33 +99,42 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
     """Put ``tree`` back into ``trainee``; returns ``(step, data)``."""
     if not isinstance(tree, dict) or not {"step", "model", "optimizer", "rng"} <= set(tree):
         raise CaptureError("snapshot state lacks one of step, model, optimizer, rng")
+    if not isinstance(tree["rng"], dict) or not {"python", "numpy", "torch"} <= set(tree["rng"]):
+        raise CaptureError("snapshot RNG state lacks one of python, numpy, torch")
+    if trainee.scheduler is not None and tree.get("scheduler") is None:
+        raise CaptureError("snapshot has no LR scheduler state but a scheduler was given")
+    # Check everything first, then change anything: a mismatch found halfway through must not
+    # leave the live objects half overwritten.
     model_live, optim_live = _model_and_optimizer(trainee)
-    model_state = _fill(model_live, tree["model"], "model")
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model_state = _fill(model_live, tree["model"], "model", copies)
+    optim_state = None if trainee.optimizer is None else _fill(optim_live, tree["optimizer"], "optimizer", copies)
+    with torch.no_grad():
+        for local, saved in copies:
+            local.copy_(saved)
     if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
         set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
         zero = trainee.optimizer
-        zero.optim.load_state_dict(_fill(optim_live, tree["optimizer"], "optimizer"))
+        zero.optim.load_state_dict(optim_state)
         sync = getattr(zero, "_sync_param_groups", None)
         if sync is not None:
             sync(zero.optim.param_groups, zero.param_groups)
     elif trainee.optimizer is None:
         set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
     else:
-        optim_state = _fill(optim_live, tree["optimizer"], "optimizer")
         set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
                        optim_state_dict=optim_state)
     if trainee.scheduler is not None:
-        if tree.get("scheduler") is None:
-            raise CaptureError("snapshot has no LR scheduler state but a scheduler was given")
         trainee.scheduler.load_state_dict(tree["scheduler"])
     set_rng_state(tree["rng"])
     return int(tree["step"]), tree.get("data")
 
 
-def _fill(live: Any, saved: Any, path: str) -> Any:
-    """``live`` with its tensors overwritten in place by ``saved``'s and its plain values
-    replaced by ``saved``'s. Structures must match; a fresh optimizer's empty state is the
-    exception: the saved optimizer state is then taken as it is."""
+def _fill(live: Any, saved: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``live`` with its plain values replaced by ``saved``'s, its tensors kept: the in-place
+    copies of ``saved``'s tensors into them are appended to ``copies``, for the caller to run
+    once the whole tree has been checked. Structures must match; a fresh optimizer's empty
+    state is the exception: the saved optimizer state is then taken as it is."""
     if isinstance(live, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise CaptureError(f"snapshot has no tensor at {path}")
@@ -133,8 +142,7 @@ def _fill(live: Any, saved: Any, path: str) -> Any:
         if tuple(local.shape) != tuple(saved.shape) or local.dtype != saved.dtype:
             raise CaptureError(f"snapshot tensor {path} is {tuple(saved.shape)} {saved.dtype}; the live one "
                                f"is {tuple(local.shape)} {local.dtype}")
-        with torch.no_grad():
-            local.copy_(saved)
+        copies.append((local, saved))
         return live
     if isinstance(live, dict):
         if not isinstance(saved, dict):
@@ -144,7 +152,7 @@ def _fill(live: Any, saved: Any, path: str) -> Any:
                 return saved  # the optimizer has not stepped yet: no state to fill in place
             missing, extra = sorted(map(str, set(live) - set(saved))), sorted(map(str, set(saved) - set(live)))
             raise CaptureError(f"snapshot keys at {path} differ: missing {missing[:5]}, unexpected {extra[:5]}")
-        return {key: _fill(live[key], saved[key], f"{path}.{key}") for key in live}
+        return {key: _fill(live[key], saved[key], f"{path}.{key}", copies) for key in live}
     if isinstance(live, (list, tuple)) and isinstance(saved, (list, tuple)) and len(live) == len(saved):
-        return type(live)(_fill(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(live, saved)))
+        return type(live)(_fill(a, b, f"{path}[{i}]", copies) for i, (a, b) in enumerate(zip(live, saved)))
     return saved

@@ -89,9 +89,23 @@ class Holdings:
             data = tuple(DataHolding(**d) for d in raw["data"])
             parity = tuple(ParityHolding(**dict(p, group=tuple(p["group"]), lengths=tuple(p["lengths"]),
                                                 checksums=tuple(p["checksums"]))) for p in raw["parity"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed holdings: {exc}") from None
+        for holding in (*data, *parity):
+            for name, value in holding.__dict__.items():
+                if name == "sharded":
+                    ok = isinstance(value, bool)
+                elif name in ("group", "lengths", "checksums"):
+                    ok = all(_is_int(v) for v in value)
+                else:
+                    ok = _is_int(value)
+                if not ok:
+                    raise PlanError(f"malformed holdings: {type(holding).__name__}.{name} is {value!r}")
         return cls(data, parity)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,10 @@ def _plan_step(holdings: list[Holdings], step: int) -> RestorePlan | None:
         elif old in holder:
             q, d = holder[old]
             copies.append(Copy(src=q, dst=r, rank=old, slot=d.slot, length=d.length, checksum=d.checksum))
+        elif old in lost_wanted:
+            # Two new ranks (the world grew) want one lost payload, and a rebuild has one
+            # destination per member: this step cannot give every rank its state.
+            return None
         else:
             lost_wanted[old] = r
     rebuilds = _rebuilds(holdings, step, lost_wanted, holder)
