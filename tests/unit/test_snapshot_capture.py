@@ -206,10 +206,15 @@ def test_a_tree_lacking_its_parts_is_refused(tree: Any) -> None:
     assert params(fresh) == before_params
 
 
-def test_a_fresh_optimizers_empty_state_takes_the_saved_state_as_it_is() -> None:
+def test_a_fresh_optimizers_empty_state_takes_a_copy_of_the_saved_state() -> None:
+    """A copy, not the saved tensors: those may be views of snapshot memory."""
     saved_state = {"0.weight": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}}
     copies: list[Any] = []
-    assert capture_mod._fill({}, saved_state, "optimizer.state", copies) is saved_state
+    taken = capture_mod._fill({}, saved_state, "optimizer.state", copies)
     assert copies == []
+    assert taken.keys() == saved_state.keys()
+    for key in ("step", "exp_avg"):
+        assert torch.equal(taken["0.weight"][key], saved_state["0.weight"][key])
+        assert taken["0.weight"][key].data_ptr() != saved_state["0.weight"][key].data_ptr()
     with pytest.raises(CaptureError, match="differ"):
         capture_mod._fill({"a": 1}, saved_state, "optimizer.state", copies)

@@ -96,7 +96,10 @@ def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:
 
 
 def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
-    """Put ``tree`` back into ``trainee``; returns ``(step, data)``."""
+    """Put ``tree`` back into ``trainee``; returns ``(step, data)``. ``tree``'s tensors may be
+    views of snapshot memory: they are copied into the live tensors, and whatever is kept as
+    it is (a fresh optimizer's state, the scheduler's and the data position's tensors) is
+    cloned, so nothing live ever aliases a snapshot."""
     if not isinstance(tree, dict) or not {"step", "model", "optimizer", "rng"} <= set(tree):
         raise CaptureError("snapshot state lacks one of step, model, optimizer, rng")
     if not isinstance(tree["rng"], dict) or not {"python", "numpy", "torch"} <= set(tree["rng"]):
@@ -125,9 +128,20 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
         set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
                        optim_state_dict=optim_state)
     if trainee.scheduler is not None:
-        trainee.scheduler.load_state_dict(tree["scheduler"])
+        trainee.scheduler.load_state_dict(_cloned(tree["scheduler"]))
     set_rng_state(tree["rng"])
-    return int(tree["step"]), tree.get("data")
+    return int(tree["step"]), _cloned(tree.get("data"))
+
+
+def _cloned(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by a copy."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {key: _cloned(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_cloned(value) for value in tree)
+    return tree
 
 
 def _fill(live: Any, saved: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
@@ -149,7 +163,7 @@ def _fill(live: Any, saved: Any, path: str, copies: list[tuple[torch.Tensor, tor
             raise CaptureError(f"snapshot has no mapping at {path}")
         if set(live) != set(saved):
             if path.endswith("state") and not live:
-                return saved  # the optimizer has not stepped yet: no state to fill in place
+                return _cloned(saved)  # the optimizer has not stepped yet: no state to fill in place
             missing, extra = sorted(map(str, set(live) - set(saved))), sorted(map(str, set(saved) - set(live)))
             raise CaptureError(f"snapshot keys at {path} differ: missing {missing[:5]}, unexpected {extra[:5]}")
         return {key: _fill(live[key], saved[key], f"{path}.{key}", copies) for key in live}

@@ -186,9 +186,11 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
     return crc
 
 
-def read(payload: memoryview | bytes | np.ndarray) -> Any:
-    """The tree a payload holds, with tensors as fresh CPU copies. Raises :class:`PayloadError`
-    if the payload is too short, its skeleton does not unpickle, or a tensor lies outside it."""
+def read(payload: memoryview | bytes | np.ndarray, *, copy: bool = True) -> Any:
+    """The tree a payload holds, with tensors as fresh CPU copies, or with ``copy=False`` as
+    views of the payload (valid only while it is neither changed nor unmapped; the restore path
+    copies them straight into the live tensors). Raises :class:`PayloadError` if the payload is
+    too short, its skeleton does not unpickle, or a tensor lies outside it."""
     view = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload)
     if len(view) < _LEN.size:
         raise PayloadError(f"payload of {len(view)} bytes is too short for its header")
@@ -202,7 +204,7 @@ def read(payload: memoryview | bytes | np.ndarray) -> Any:
 
     def build(ref: Any) -> Any:
         if isinstance(ref, TensorRef):
-            return _tensor(view, ref)
+            return _tensor(view, ref, copy)
         if isinstance(ref, dict):
             items = [(key, build(value)) for key, value in ref.items()]
             return OrderedDict(items) if isinstance(ref, OrderedDict) else dict(items)
@@ -227,7 +229,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _tensor(view: memoryview, ref: TensorRef) -> torch.Tensor:
+def _tensor(view: memoryview, ref: TensorRef, copy: bool = True) -> torch.Tensor:
     # The skeleton's TensorRefs come from a pickle: check that every field is there and of its
     # type before using it (a pickle can set any attributes, or none, on a TensorRef).
     fields = {name: getattr(ref, name, None) for name in ("offset", "nbytes", "dtype", "shape")}
@@ -246,7 +248,8 @@ def _tensor(view: memoryview, ref: TensorRef) -> torch.Tensor:
                            f"the {len(view)}-byte payload or does not match its shape")
     if ref.nbytes == 0:
         return torch.empty(ref.shape, dtype=dtype)
-    return torch.frombuffer(view, dtype=dtype, count=count, offset=ref.offset).reshape(ref.shape).clone()
+    tensor = torch.frombuffer(view, dtype=dtype, count=count, offset=ref.offset).reshape(ref.shape)
+    return tensor.clone() if copy else tensor
 
 
 class _Unpickler(pickle.Unpickler):

@@ -82,6 +82,7 @@ class Stats:
     restore_tier: str | None = None
     restore_step: int | None = None
     restore_s: float | None = None
+    restore_phases: dict[str, float] = field(default_factory=dict)   # seconds per restore phase
 
 
 def default_memory_dir() -> Path:
@@ -334,8 +335,17 @@ class Snapshotter:
         """Restore the newest snapshot every rank can reach; returns ``(step, data)`` to resume
         from, or ``(0, None)`` if there is none. Collective: every rank calls it once, before
         training."""
-        started = time.perf_counter()
+        started = last = time.perf_counter()
+        phases = self.stats.restore_phases
+
+        def mark(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            phases[name] = now - last
+            last = now
+
         holdings = self._holdings()
+        mark("verify")
         if self._gloo is not None:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, holdings.to_wire(), group=self._gloo)
@@ -347,6 +357,7 @@ class Snapshotter:
             everyone = [holdings]
             persistent = self._persister.listing() if self._persister else None
         plan = plan_restore(everyone, persistent)
+        mark("plan")
         step, data, buffer = 0, None, None
         if plan.step is not None:
             try:
@@ -360,8 +371,12 @@ class Snapshotter:
                     raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
                 plan = plan_restore([Holdings() for _ in everyone], persistent)  # the next tier
                 buffer = self._load_persistent(plan) if plan.step is not None else None
+            mark("transfer")
             if buffer is not None:
-                step, data = apply(self.trainee, payload.read(buffer))
+                tree = payload.read(buffer, copy=False)   # views: apply copies into live tensors
+                mark("decode")
+                step, data = apply(self.trainee, tree)
+                mark("apply")
                 if step != plan.step:
                     raise SnapshotError(f"the snapshot of step {plan.step} holds step {step}")
         self.stats.restore_tier, self.stats.restore_step = plan.tier, plan.step
@@ -435,7 +450,9 @@ class Snapshotter:
                     raise SnapshotError(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
                 mine = buffer.numpy()
         for rebuild in plan.rebuilds:
+            t0 = time.perf_counter()
             pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
+            self.stats.restore_phases["transfer.new_group"] = time.perf_counter() - t0
             if self.rank in rebuild.participants:
                 rebuilt = self._rebuild(rebuild, pg)
                 if rebuilt is not None:
@@ -453,6 +470,7 @@ class Snapshotter:
         parity_views = {j: np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,
                                          count=m * block_len) for j in provides} if provides else {}
         receive = {j: np.zeros((k - m) * block_len, dtype=np.uint8) for j in lost if rb.dests[j] == self.rank}
+        scratch = [torch.empty(block_len, dtype=torch.uint8) for _ in range(m)]
         zeros = torch.zeros(block_len, dtype=torch.uint8)
         missing = [j for j in range(k) if j not in rb.providers]
         for stripe in range(k):
@@ -466,7 +484,8 @@ class Snapshotter:
             solver = rb.dests[wanted[0]]
             syndromes: dict[int, np.ndarray] = {}
             for row in rows:
-                total = zeros.clone()
+                total = scratch[row]   # reused across stripes: faulted in once
+                total.zero_()
                 for j in provides:
                     role = roles[stripe][j]
                     if role.kind == "data":
@@ -474,10 +493,16 @@ class Snapshotter:
                         erasure.xor_into(total.numpy(), part.numpy())
                     elif role.index == row:
                         erasure.xor_into(total.numpy(), parity_views[j][row * block_len:(row + 1) * block_len])
+                t0 = time.perf_counter()
                 dist.reduce(_words(total), dst=solver, op=_BXOR, group=pg)
+                self.stats.restore_phases["transfer.reduce"] = self.stats.restore_phases.get("transfer.reduce", 0) + \
+                    time.perf_counter() - t0
                 syndromes[row] = total.numpy()
+            t0 = time.perf_counter()
             if self.rank == solver:
                 solved = erasure.solve_stripe(k, m, stripe, lost_here, syndromes)
+            self.stats.restore_phases["transfer.solve"] = self.stats.restore_phases.get("transfer.solve", 0) + \
+                time.perf_counter() - t0
             for j in wanted:
                 block = roles[stripe][j].block
                 piece = slice(block * block_len, (block + 1) * block_len)
