@@ -37,7 +37,7 @@ def test_restarts_resume_from_memory_snapshots_losing_at_most_one_interval(tmp_p
     log = out.getvalue()
     assert outcome.status.phase is Phase.SUCCEEDED, log[-5000:]
 
-    journal = [json.loads(line) for line in (tmp_path / "logs" / "incidents.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for line in (run.log_dir / "incidents.jsonl").read_text().splitlines()]
     restores = [r for r in journal if r["type"] == "restore" and r["tier"] != "none"]
     assert restores, journal
     # The first restore after each fault resumes no more than one interval before the fault's
@@ -48,6 +48,7 @@ def test_restarts_resume_from_memory_snapshots_losing_at_most_one_interval(tmp_p
         assert after and after[0]["step"] >= fault_step - INTERVAL, (fault_step, restores)
     assert {r["tier"] for r in restores} <= {"memory", "peers"}   # never disk, never from scratch
     # No resume ever went back to step 0.
-    resumed = [int(m) for m in re.findall(r"resumed from step (\d+) \(snapshot", log)]
+    worker_logs = "".join(path.read_text() for path in sorted(run.log_dir.glob("worker-*.log")))
+    resumed = [int(m) for m in re.findall(r"resumed from step (\d+) \(snapshot", worker_logs)]
     assert resumed and min(resumed) >= KILL_PROCESS_AT - INTERVAL, resumed
     assert outcome.status.last_restore is not None and outcome.status.last_restore.tier in ("memory", "peers")

@@ -192,10 +192,24 @@ class LocalRun:
         started = time.monotonic()
         stop_by: float | None = None
         interrupted = False
+        # Ctrl-C and SIGTERM are turned into flags the loop reads between passes, so they are
+        # never lost in a library that catches KeyboardInterrupt in the middle of a pass.
+        signals: list[float] = []
+
+        def on_signal(_signum: int, _frame: Any) -> None:
+            signals.append(time.monotonic())
+            self._wake.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
+            if threading.current_thread() is threading.main_thread() else {}
         with self.view:
             try:
                 while not self.finished():
                     try:
+                        if len(signals) > 1:
+                            break
+                        if signals and not interrupted:
+                            raise KeyboardInterrupt
                         self.step()
                         now = time.monotonic()
                         if timeout_s is not None and now - started > timeout_s:
@@ -222,6 +236,8 @@ class LocalRun:
                     self.workers.shutdown(grace_s=0.0)
                 finally:
                     self.plane.stop()
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
         wall = time.monotonic() - started
         self.view.summary(self.status, wall, str(self.log_dir))
         return RunOutcome(self.status, wall, self.view.first_loss, self.log_dir, interrupted)
