@@ -33,6 +33,7 @@ ENV_SNAPSHOT = "SALAMANDER_SNAPSHOT"          # spec.snapshot as SnapshotConfig.
 # The node's shared-memory directory for snapshots. Set by the Salamander agent for its
 # training processes (it owns that memory), never by the operator.
 ENV_SNAPSHOT_MEMORY = "SALAMANDER_SNAPSHOT_MEMORY"
+SNAPSHOT_SHM_ROOT = "/dev/shm/salamander"     # agents' snapshot directories: <root>/<run>/<host>-<pid>
 
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"

@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SHM_ROOT = Path("/dev/shm/salamander")
+SHM_ROOT = Path(wire.SNAPSHOT_SHM_ROOT)
 
 
 def snapshot_memory(run_id: str, root: Path = SHM_ROOT) -> Path | None:

@@ -37,12 +37,14 @@ without a :class:`SnapshotError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
+from salamander_worker import progress
 from salamander_worker.snapshot import erasure, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
@@ -92,7 +95,7 @@ def default_memory_dir() -> Path:
     if explicit:
         return Path(explicit)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
-    return Path("/dev/shm/salamander") / run / socket.gethostname()
+    return Path(wire.SNAPSHOT_SHM_ROOT) / run / socket.gethostname()
 
 
 class Snapshotter:
@@ -381,7 +384,7 @@ class Snapshotter:
                     raise SnapshotError(f"the snapshot of step {plan.step} holds step {step}")
         self.stats.restore_tier, self.stats.restore_step = plan.tier, plan.step
         self.stats.restore_s = time.perf_counter() - started
-        _note_restore(plan.tier, plan.step)
+        progress.note_restore(plan.tier, plan.step)
         log.info("rank %s restored step %s from %s in %.3f s", self.rank, plan.step, plan.tier,
                  self.stats.restore_s)
         if plan.tier in ("peers", "persistent") and plan.step is not None:
@@ -396,40 +399,36 @@ class Snapshotter:
         return flag.item() == 0
 
     def _holdings(self) -> Holdings:
-        data: list[DataHolding] = []
-        parity: list[ParityHolding] = []
-        region = self._existing("data")
-        if region is not None:
-            self._data = region
-            for entry in region.committed():
-                rec = entry.record
-                if not region.verify(entry):
-                    log.warning("snapshot of step %s in %s fails its checksum; not used", rec.get("step"),
-                                region.path)
-                    continue
-                try:
-                    data.append(DataHolding(rank=int(rec["rank"]), world=int(rec["world"]), step=int(rec["step"]),
-                                            length=rec["length"], checksum=rec["checksum"],
-                                            sharded=bool(rec.get("sharded")), slot=entry.slot))
-                except (KeyError, TypeError, ValueError):
-                    continue
-        pregion = self._existing("parity")
-        if pregion is not None:
-            self._parity = pregion
-            for entry in pregion.committed():
-                rec = entry.record
-                if not pregion.verify(entry):
-                    log.warning("parity of step %s in %s fails its checksum; not used", rec.get("step"),
-                                pregion.path)
-                    continue
-                try:
-                    parity.append(ParityHolding(step=int(rec["step"]), group=tuple(rec["group"]),
-                                                member=int(rec["member"]), m=int(rec["m"]),
-                                                block_len=int(rec["block_len"]), lengths=tuple(rec["lengths"]),
-                                                checksums=tuple(rec["checksums"]), slot=entry.slot))
-                except (KeyError, TypeError, ValueError):
-                    continue
+        data = [DataHolding(rank=int(rec["rank"]), world=int(rec["world"]), step=int(rec["step"]),
+                            length=rec["length"], checksum=rec["checksum"], sharded=bool(rec.get("sharded")),
+                            slot=slot)
+                for slot, rec in self._verified("data")]
+        parity = [ParityHolding(step=int(rec["step"]), group=tuple(rec["group"]), member=int(rec["member"]),
+                                m=int(rec["m"]), block_len=int(rec["block_len"]), lengths=tuple(rec["lengths"]),
+                                checksums=tuple(rec["checksums"]), slot=slot)
+                  for slot, rec in self._verified("parity")]
         return Holdings(tuple(data), tuple(parity))
+
+    def _verified(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
+        """(slot, record) of every committed slot of this rank's ``kind`` file whose payload
+        passes its checksum and whose record has the fields a holding needs; adopts the file."""
+        region = self._existing(kind)
+        if region is None:
+            return []
+        if kind == "data":
+            self._data = region
+        else:
+            self._parity = region
+        fields = ("rank", "world", "step") if kind == "data" else \
+            ("step", "group", "member", "m", "block_len", "lengths", "checksums")
+        found = []
+        for entry in region.committed():
+            rec = entry.record
+            if not region.verify(entry):
+                log.warning("%s of step %s in %s fails its checksum; not used", kind, rec.get("step"), region.path)
+            elif all(key in rec for key in fields):
+                found.append((entry.slot, rec))
+        return found
 
     def _execute(self, plan: RestorePlan) -> np.ndarray | memoryview | None:
         """Run the plan's transfers (every rank, same order); returns this rank's payload."""
@@ -450,14 +449,23 @@ class Snapshotter:
                     raise SnapshotError(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
                 mine = buffer.numpy()
         for rebuild in plan.rebuilds:
-            t0 = time.perf_counter()
-            pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
-            self.stats.restore_phases["transfer.new_group"] = time.perf_counter() - t0
+            with self._timed("transfer.new_group"):
+                pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
             if self.rank in rebuild.participants:
                 rebuilt = self._rebuild(rebuild, pg)
                 if rebuilt is not None:
                     mine = rebuilt
         return mine
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Add the block's duration to ``stats.restore_phases[phase]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases = self.stats.restore_phases
+            phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - started
 
     def _rebuild(self, rb: Any, pg: Any) -> np.ndarray | None:
         """Rebuild lost members' payloads at their destinations (one reduce per lost block)."""
@@ -493,16 +501,12 @@ class Snapshotter:
                         erasure.xor_into(total.numpy(), part.numpy())
                     elif role.index == row:
                         erasure.xor_into(total.numpy(), parity_views[j][row * block_len:(row + 1) * block_len])
-                t0 = time.perf_counter()
-                dist.reduce(_words(total), dst=solver, op=_BXOR, group=pg)
-                self.stats.restore_phases["transfer.reduce"] = self.stats.restore_phases.get("transfer.reduce", 0) + \
-                    time.perf_counter() - t0
+                with self._timed("transfer.reduce"):
+                    dist.reduce(_words(total), dst=solver, op=_BXOR, group=pg)
                 syndromes[row] = total.numpy()
-            t0 = time.perf_counter()
             if self.rank == solver:
-                solved = erasure.solve_stripe(k, m, stripe, lost_here, syndromes)
-            self.stats.restore_phases["transfer.solve"] = self.stats.restore_phases.get("transfer.solve", 0) + \
-                time.perf_counter() - t0
+                with self._timed("transfer.solve"):
+                    solved = erasure.solve_stripe(k, m, stripe, lost_here, syndromes)
             for j in wanted:
                 block = roles[stripe][j].block
                 piece = slice(block * block_len, (block + 1) * block_len)
@@ -545,8 +549,5 @@ def _contribution(role: erasure.StripeRole, row: int, data: np.ndarray, block_le
     return torch.from_numpy(np.ascontiguousarray(block))
 
 
-def _note_restore(tier: str, step: int | None) -> None:
-    from salamander_worker import progress  # imported late: progress reads the worker context
-    progress.note_restore(tier, step)
 
 
