@@ -35,6 +35,8 @@ ENV_SNAPSHOT = "SALAMANDER_SNAPSHOT"          # spec.snapshot as SnapshotConfig.
 ENV_SNAPSHOT_MEMORY = "SALAMANDER_SNAPSHOT_MEMORY"
 SNAPSHOT_SHM_ROOT = "/dev/shm/salamander"     # agents' snapshot directories: <root>/<run>/<host>-<pid>
 
+ENV_METRICS_PORT = "SALAMANDER_METRICS_PORT"  # the agent serves its pod's metrics on this port
+
 # Labels on every object the operator creates for a job.
 LABEL_JOB = f"{GROUP}/job"
 LABEL_ROLE = f"{GROUP}/role"
@@ -57,6 +59,17 @@ def fault_key(run_id: str, fault_index: int) -> str:
     """The store counter that makes fault ``fault_index`` of a run fire once: the first process
     whose ``add`` returns 1 fires it; restarted processes that replay the step do not."""
     return f"salamander/{run_id}/fault/{fault_index}"
+
+
+def trace_request_key(run_id: str) -> str:
+    """Where a trace request is posted: its id (text). Every rank's trace responder watches it
+    and answers each new id once (:mod:`salamander_worker.timeline`)."""
+    return f"salamander/{run_id}/trace/request"
+
+
+def trace_rank_key(run_id: str, request: str, rank: int) -> str:
+    """Where rank ``rank`` leaves its answer to trace request ``request``."""
+    return f"salamander/{run_id}/trace/{request}/rank/{rank}"
 
 
 def fault_fired_key(run_id: str, fault_index: int) -> str:
@@ -184,6 +197,9 @@ class Progress:
     restored its state from: a tier of :data:`RESTORE_TIERS` and the step restored (``>= 0``).
     A restored tier (not ``none``) comes with its step; ``none`` with step 0 or None, and an
     unset tier with no step. Records from before these fields still decode, with both None.
+
+    ``blocked_s`` (finite, ``>= 0``) is the time this process life spent with training blocked
+    on checkpoints and snapshots, so far: the checkpointing share of lost goodput.
     """
 
     step: int
@@ -195,6 +211,7 @@ class Progress:
     total_steps: int | None = None
     restore_tier: str | None = None
     restore_step: int | None = None
+    blocked_s: float = 0.0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -207,6 +224,7 @@ class Progress:
             "step": int, "samples": int, "world_size": int, "time": (int, float),
             "loss": (int, float, type(None)), "restart_count": int, "total_steps": (int, type(None)),
             "restore_tier": (str, type(None)), "restore_step": (int, type(None)),
+            "blocked_s": (int, float),
         }
         _check_fields(data, fields, {"step", "samples", "world_size", "time"}, "progress record")
         if data["step"] < 0 or data["samples"] < 0 or data["world_size"] < 1 or data.get("restart_count", 0) < 0:
@@ -228,9 +246,15 @@ class Progress:
         if loss is not None and not math.isfinite(loss):
             loss = None  # a diverged loss is reported as unknown rather than breaking JSON/status
         tier, restored = _restore(data.get("restore_tier"), data.get("restore_step"))
+        try:
+            blocked = float(data.get("blocked_s", 0.0))
+        except OverflowError:
+            raise WireError("progress field 'blocked_s' is out of range") from None
+        if not (math.isfinite(blocked) and blocked >= 0.0):
+            raise WireError(f"progress field 'blocked_s' must be finite and >= 0, got {blocked}")
         return cls(step=data["step"], samples=data["samples"], world_size=data["world_size"],
                    time=when, loss=loss, restart_count=data.get("restart_count", 0),
-                   total_steps=total, restore_tier=tier, restore_step=restored)
+                   total_steps=total, restore_tier=tier, restore_step=restored, blocked_s=blocked)
 
 
 def _restore(tier: str | None, step: int | None) -> tuple[str | None, int | None]:

@@ -7,7 +7,10 @@ A training script needs only::
     ctx = sw.init_distributed()          # rank, world size, restart count; gloo or nccl
     for step in range(start, steps):
         ...
-        sw.report(step, loss=loss.item(), samples=batch_size * ctx.world_size)
+        with sw.section("forward"):      # per-rank section times: metrics and traces
+            loss = model(batch)
+        ...
+        sw.report(step, loss=loss.item(), samples=step * batch_size * ctx.world_size)
         if sw.should_stop(step):
             break
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from salamander_worker.checkpoint import CheckpointError, Checkpointer, ModelState
     from salamander_worker.topology import WorkerContext, context, init_distributed
     from salamander_worker.progress import flush, report, should_stop
+    from salamander_worker.sections import section
     from salamander_worker.snapshot.snapshotter import SnapshotError, Snapshotter
 
 _EXPORTS = {
@@ -35,6 +39,7 @@ _EXPORTS = {
     "init_distributed": "salamander_worker.topology",
     "report": "salamander_worker.progress", "should_stop": "salamander_worker.progress",
     "flush": "salamander_worker.progress",
+    "section": "salamander_worker.sections",
     "Checkpointer": "salamander_worker.checkpoint", "CheckpointError": "salamander_worker.checkpoint",
     "ModelState": "salamander_worker.checkpoint",
     "Snapshotter": "salamander_worker.snapshot.snapshotter",

@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"salamander-worker: error: {exc}\n")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before anything imports prometheus_client: its multiprocess mode is chosen at import.
+    from salamander_worker import telemetry
+
+    own_metrics_dir = telemetry.prepare_directory()
     # Imported late: torch takes a second to import and usage errors should not wait for it.
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -133,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
     heartbeat = _start_heartbeat(args.nproc_per_node, args.rdzv_endpoint, run_id)
     agent_class = elastic_agent.install(heartbeat)
+    agent_class.metrics = _start_metrics()
     memory = snapshot_memory(run_id)
     try:
         elastic_launch(config, command[0])(*command[1:])
@@ -150,7 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat.stop()
         if memory is not None:
             shutil.rmtree(memory, ignore_errors=True)
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0
+
+
+def _start_metrics():  # -> telemetry.AgentTelemetry | None
+    """The agent's own metrics, and the pod's endpoint on ``$SALAMANDER_METRICS_PORT`` when set
+    (the operator sets it in worker pods; ``salamander run`` serves every agent's itself)."""
+    from salamander_worker import telemetry
+
+    try:
+        metrics = telemetry.AgentTelemetry()
+        port = os.environ.get(telemetry.ENV_METRICS_PORT, "")
+        if port:
+            _, bound = telemetry.serve(int(port), os.environ[telemetry.ENV_MULTIPROC_DIR])
+            log.info("metrics of this pod on port %d", bound)
+        return metrics
+    except (OSError, ValueError) as exc:  # a taken or malformed port: train anyway, without metrics
+        log.warning("metrics are off: %s", exc)
+        return None
 
 
 SHM_ROOT = Path(wire.SNAPSHOT_SHM_ROOT)

@@ -58,6 +58,7 @@ import operator
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -70,6 +71,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_model_state_dict, set_state_dict)
 
 from salamander import wire
+from salamander_worker import progress, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,18 @@ class Checkpointer:
         """Write ``state`` as checkpoint ``step``, commit it, prune old ones; returns its path.
 
         Collective when a process group exists. An existing ``step-N`` directory (an earlier
-        attempt at the same step) is replaced.
+        attempt at the same step) is replaced. Training waits for it: the time counts as
+        checkpointing in the job's goodput, and in the checkpoint metrics.
         """
+        started = time.perf_counter()
+        path = self._save(step, state)
+        seconds = time.perf_counter() - started
+        progress.note_blocked(seconds)
+        written = sum(f.stat().st_size for f in path.glob(f"__{_rank()}_*.distcp"))
+        telemetry.guarded(lambda: telemetry.worker().checkpoint("save", seconds, written))
+        return path
+
+    def _save(self, step: int, state: dict[str, Any]) -> Path:
         try:
             index = -1 if isinstance(step, bool) else operator.index(step)  # ints, numpy ints
         except TypeError:
@@ -324,6 +336,14 @@ class Checkpointer:
         Every top-level key of ``state`` must be in the checkpoint; extra entries in the
         checkpoint are ignored.
         """
+        started = time.perf_counter()
+        step = self._load(state)
+        if step is not None:
+            seconds = time.perf_counter() - started
+            telemetry.guarded(lambda: telemetry.worker().checkpoint("load", seconds))
+        return step
+
+    def _load(self, state: dict[str, Any]) -> int | None:
         if _RESERVED in state:
             raise CheckpointError(f"the state key {_RESERVED!r} is reserved for the checkpointer")
         group = _group()

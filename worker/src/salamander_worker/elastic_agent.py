@@ -99,15 +99,23 @@ class SalamanderAgent(LocalElasticAgent):
 
     _round_started: float = 0.0
 
+    #: The agent's metrics (set by ``salamander-worker``), None without.
+    metrics: Any = None
+
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         type(self)._round_started = time.time()
-        return super()._start_workers(worker_group)
+        started = super()._start_workers(worker_group)
+        if self.metrics is not None:
+            self.metrics.workers(len(started))
+        return started
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         """Tell the operator a new round is forming (no steps are due) until it has started."""
         link = self.link
         if link is not None:
             link.regrouping.set()
+        if self.metrics is not None:
+            self.metrics.restarted_workers()
         try:
             super()._restart_workers(worker_group)
         finally:

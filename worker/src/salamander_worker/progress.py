@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
-from salamander_worker import faults
+from salamander_worker import faults, telemetry
+from salamander_worker.sections import recorder
 from salamander_worker.store import connect_store
 from salamander_worker.topology import WorkerContext, context
 
@@ -38,6 +39,8 @@ class _Channel:
     pending: wire.Progress | None = None
     ctx: WorkerContext | None = None
     restore: tuple[str, int | None] | None = None   # (tier, step) this process restored from
+    blocked_s: float = 0.0  # training blocked on checkpoints and snapshots, this process life
+    started: bool = False   # the trace responder was started
 
     def context(self) -> WorkerContext:
         """This process's context, read once: a restarted worker is a new process."""
@@ -65,25 +68,40 @@ _channel = _Channel()
 
 
 def report(step: int, loss: float | None = None, samples: int = 0, *, total_steps: int | None = None,
-           force: bool = False) -> None:
-    """Record that the job reached ``step`` (with its ``loss``, the ``samples`` seen in all, and
-    the ``total_steps`` it will run, if known, for progress bars).
+           tokens: int | None = None, flops_per_step: float | None = None, force: bool = False) -> None:
+    """Record that the job reached ``step`` (with its ``loss``, the ``samples`` and ``tokens``
+    seen in all, all ranks together, and the ``total_steps`` it will run, if known, for progress
+    bars). ``flops_per_step``: the model FLOPs of one step of the whole job (e.g. 6 x parameters
+    x tokens per step for a transformer), for MFU. Call it once per step on every rank: it also
+    closes the step's sections (:mod:`salamander_worker.sections`) and updates the metrics.
 
-    Cheap to call every step: the leader publishes at most every 0.5 s unless ``force``;
-    other ranks return at once.
+    Cheap to call every step: the leader publishes at most every 0.5 s unless ``force``.
     """
     ctx = _channel.context()
+    if not _channel.started:
+        _channel.started = True
+        try:
+            from salamander_worker import timeline
+
+            timeline.ensure_started(ctx)
+        except Exception as exc:  # noqa: BLE001 - traces are a convenience; training goes on
+            log.warning("per-rank traces are off: %s", exc)
     faults.on_step(step, ctx, _channel.connect)  # every rank: inject the faults due (rehearsal, tests)
-    if not ctx.is_leader:
-        return
     if loss is not None and not math.isfinite(loss):
         loss = None
+    step_s = recorder.end_step(step)
+    metrics = telemetry.worker()
+    telemetry.guarded(lambda: metrics.on_step(step, step_s, loss, samples, tokens, flops_per_step,
+                                              recorder.window_means))
+    if not ctx.is_leader:
+        return
     _channel.pending = wire.Progress(step=int(step), samples=int(samples), world_size=ctx.world_size,
                                      time=time.time(), loss=None if loss is None else float(loss),
                                      restart_count=ctx.restart_count,
                                      total_steps=None if total_steps is None else int(total_steps),
                                      restore_tier=_channel.restore[0] if _channel.restore else None,
-                                     restore_step=_channel.restore[1] if _channel.restore else None)
+                                     restore_step=_channel.restore[1] if _channel.restore else None,
+                                     blocked_s=_channel.blocked_s)
     now = time.monotonic()
     if force or now - _channel.last_publish >= PUBLISH_INTERVAL_S:
         _publish(now)
@@ -94,6 +112,15 @@ def note_restore(tier: str, step: int | None) -> None:
     :data:`salamander.wire.RESTORE_TIERS` and the step); every progress report carries it, so
     the operator puts it in the job's status."""
     _channel.restore = (tier, None if tier == "none" else step)
+    metrics = telemetry.worker()
+    telemetry.guarded(lambda: metrics.restored(tier))
+
+
+def note_blocked(seconds: float) -> None:
+    """Add ``seconds`` during which training waited on a checkpoint or snapshot: the
+    operator counts them as checkpointing in the job's goodput."""
+    if seconds > 0:
+        _channel.blocked_s += seconds
 
 
 def _publish(now: float) -> None:
@@ -109,7 +136,9 @@ def _publish(now: float) -> None:
 
 
 def flush() -> None:
-    """Publish the latest report now (call once at the end of training)."""
+    """Publish the latest report and metrics now (call once at the end of training)."""
+    metrics = telemetry.worker()
+    telemetry.guarded(metrics.flush)
     if _channel.pending is not None:
         _publish(time.monotonic())
 

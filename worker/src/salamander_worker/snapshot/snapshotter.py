@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from salamander import wire
-from salamander_worker import progress
+from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
@@ -209,6 +209,8 @@ class Snapshotter:
         self.stats.snapshots += 1
         self.stats.blocking_s.append(blocking)
         self.stats.waiting_s.append(waited)
+        progress.note_blocked(blocking + waited)
+        telemetry.guarded(lambda: telemetry.worker().snapshot_stage("blocking", blocking + waited))
         self._idle.clear()
         if pending:
             self._copied.clear()
@@ -219,7 +221,9 @@ class Snapshotter:
             return
         started = time.perf_counter()
         self._copied.wait()
-        self.stats.copy_wait_s.append(time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        self.stats.copy_wait_s.append(waited)
+        progress.note_blocked(waited)
 
     def wait(self) -> None:
         """Block until the last snapshot's background work (commit, parity, persist) is done."""
@@ -252,6 +256,8 @@ class Snapshotter:
                     assert self._data is not None
                     crc = payload.copy_tensors(pending, self._data.payload(slot), length)
                     self._copied.set()
+                    copied = time.perf_counter() - started
+                    telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 self._protect(step, slot, length, crc)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
                 log.exception("snapshot background work failed")
@@ -265,10 +271,17 @@ class Snapshotter:
         assert self._data is not None
         committed = self._data.commit(slot, length, {"step": step, "rank": self.rank, "world": self.world,
                                                      "sharded": self.trainee.sharded}, crc=crc)
+        telemetry.guarded(lambda: telemetry.worker().snapshot_committed(length))
         if self._ec_group is not None:
+            started = time.perf_counter()
             self._encode(committed)
+            encoded = time.perf_counter() - started
+            telemetry.guarded(lambda: telemetry.worker().snapshot_stage("encode", encoded))
         if self._persister is not None and (step // self.config.interval) % self.config.persist_every == 0:
+            started = time.perf_counter()
             self._persist(committed)
+            persisted = time.perf_counter() - started
+            telemetry.guarded(lambda: telemetry.worker().snapshot_stage("persist", persisted))
 
     # -- erasure coding ------------------------------------------------------------------------
 
