@@ -22,3 +22,9 @@ QUICK = settings(FAST, max_examples=100)
 def one_line(text: str) -> bool:
     """True when ``text`` is exactly one non-empty line (for every line break Python knows)."""
     return bool(text) and len(text.splitlines()) == 1 and text.splitlines()[0] == text
+
+
+def timeless(status):  # (TrainingJobStatus) -> TrainingJobStatus
+    """``status`` without its goodput ledger, which moves with the clock by design: what a
+    level-based fixed point is judged on."""
+    return status.model_copy(update={"goodput": None})

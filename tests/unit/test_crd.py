@@ -202,7 +202,7 @@ def test_identity_names_and_status_subresource() -> None:
 def test_printer_columns() -> None:
     (version,) = build_crd()["spec"]["versions"]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    for name in ("Phase", "Ready", "Desired", "Step", "Restarts", "Age"):
+    for name in ("Phase", "Ready", "Desired", "Step", "Restarts", "Goodput", "Age"):
         assert name in columns
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     assert columns["Phase"]["jsonPath"] == ".status.phase"
@@ -210,9 +210,11 @@ def test_printer_columns() -> None:
     status_props = STATUS_SCHEMA["properties"]
     for column in columns.values():
         if column["jsonPath"].startswith(".status."):
-            field = column["jsonPath"].removeprefix(".status.")
-            assert field in status_props, column
-            assert status_props[field]["type"] == column["type"], column
+            schema = {"properties": status_props}
+            for part in column["jsonPath"].removeprefix(".status.").split("."):  # nested: .status.goodput.ratio
+                assert part in schema.get("properties", {}), column
+                schema = schema["properties"][part]
+            assert schema["type"] == column["type"], column
 
 
 def test_spec_defaults_are_in_the_schema() -> None:

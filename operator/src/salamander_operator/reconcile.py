@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJobSpec, TrainingJobStatus
 from salamander.api.models import Condition, RestoreRecord
 from salamander.wire import Progress
+from salamander_operator import goodput
 from salamander_operator.desired import JobRef, worker_name
 from salamander_operator.failures import classify_worker
 from salamander_operator.incidents import Incident, fold_incidents, release_expired
@@ -90,7 +91,19 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
               previous: TrainingJobStatus, progress: Progress | None,
               now: datetime.datetime, incidents: Sequence[Incident] = ()) -> Plan:
     """Decide one pass for one job. Pure: the caller observes and applies. ``incidents`` are the
-    failures the in-band channels detected and decided since the last pass."""
+    failures the in-band channels detected and decided since the last pass. The goodput
+    ledger is brought up to ``now`` on every pass of a live job, and frozen once it ends."""
+    plan = _decide(job, spec, observed, previous, progress, now, incidents)
+    if plan.status.phase.terminal and previous.phase.terminal:
+        return plan
+    ledger = goodput.account(plan.status.goodput, progress, plan.status.last_failure, now,
+                             final=plan.status.phase.terminal)
+    return replace(plan, status=plan.status.model_copy(update={"goodput": ledger}))
+
+
+def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
+            previous: TrainingJobStatus, progress: Progress | None,
+            now: datetime.datetime, incidents: Sequence[Incident] = ()) -> Plan:
     if previous.phase.terminal:
         invalid_before = _reason(previous) == Reason.INVALID_SPEC
         if invalid_before and previous.observed_generation != job.generation:

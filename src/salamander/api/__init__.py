@@ -7,14 +7,14 @@ operator and ``salamander run`` parse manifests with them (:mod:`salamander.api.
 from salamander.api.manifest import InvalidSpec, check_name, parse_manifest, parse_spec
 from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, CheckpointSpec,
                                    Condition, ConditionType, FailureAction, FailurePolicy, FailureRecord,
-                                   FailureRule, Fault, FaultKind, HangPolicy, Phase, QuarantinedNode, Reason,
+                                   FailureRule, Fault, FaultKind, HangPolicy, ObservabilitySpec, Phase, QuarantinedNode, Reason,
                                    Replicas, RestoreRecord, SnapshotSpec, TrainingJob, TrainingJobSpec,
                                    TrainingJobStatus, WorkerTemplate)
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
     "CheckpointSpec", "Condition", "ConditionType", "FailureAction", "FailurePolicy", "FailureRecord",
-    "FailureRule", "Fault", "FaultKind", "HangPolicy", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas",
+    "FailureRule", "Fault", "FaultKind", "HangPolicy", "ObservabilitySpec", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas",
     "RestoreRecord", "SnapshotSpec", "TrainingJob", "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate",
     "check_name", "parse_manifest", "parse_spec",
 ]

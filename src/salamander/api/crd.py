@@ -91,6 +91,7 @@ def printer_columns() -> list[dict[str, Any]]:
             priority=1),
         col("Step", "integer", ".status.step"),
         col("Restarts", "integer", ".status.restarts"),
+        col("Goodput", "number", ".status.goodput.ratio", description="Productive time over wall time since submission"),
         col("Age", "date", ".metadata.creationTimestamp"),
     ]
 

@@ -219,6 +219,16 @@ class SnapshotSpec(ApiModel):
         return self
 
 
+class ObservabilitySpec(ApiModel):
+    """What the job records about itself beyond its metrics."""
+
+    trace_on_hang: bool = Field(True, description=(
+        "When a hang is detected, collect every rank's timeline of recent sections (data, forward, "
+        "backward, optimizer, communication) before restarting, as one Chrome/Perfetto trace."))
+    trace_spans: Annotated[Count, Field(ge=1, le=100_000)] = Field(2000, description=(
+        "The newest spans per rank a trace holds."))
+
+
 class FaultKind(StrEnum):
     KILL_PROCESS = "KillProcess"    # SIGKILL one training process
     RAISE_EXCEPTION = "RaiseException"  # raise inside one training process
@@ -255,6 +265,8 @@ class TrainingJobSpec(ApiModel):
     checkpoint: CheckpointSpec | None = Field(None, description="Persistent checkpoints to resume from.")
     snapshot: SnapshotSpec | None = Field(None, description=(
         "In-memory, erasure-coded snapshots of the training state, restored from the nearest copy."))
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec, description=(
+        "Per-rank timelines (traces) on hangs."))
     faults: list[Fault] = Field(default_factory=list, description="Faults to inject, for rehearsal and tests.")
 
     @field_validator("snapshot")
@@ -395,6 +407,29 @@ class RestoreRecord(ApiModel):
     restart_count: int = 0
 
 
+class GoodputRecord(ApiModel):
+    """Productive training time over wall time since the job was submitted, and the lost time
+    by cause (see ``salamander_operator.goodput``). ``productiveSeconds`` plus the sum of
+    ``lostSeconds`` is ``wallSeconds``. The fields after ``since`` are the ledger's bookkeeping."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ratio: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="productiveSeconds / wallSeconds.")
+    productive_seconds: Annotated[float, Field(ge=0.0)] = 0.0
+    wall_seconds: Annotated[float, Field(ge=0.0)] = 0.0
+    lost_seconds: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict, description=(
+        "By cause: startup, detection, recovery, recompute, straggling, checkpointing, other."))
+    since: datetime.datetime = Field(description="When the operator first saw the job.")
+    updated_at: datetime.datetime = Field(description="The time the figures are as of.")
+    accounted_until: float | None = Field(None, description="The reporter's time of the newest record accounted.")
+    last_step: int = 0
+    high_water: int = Field(0, description="The highest step reached: steps up to it are recomputed work.")
+    restart_count: int = 0
+    blocked_seconds: float = 0.0
+    step_seconds: float | None = Field(None, description="The baseline step time straggling is judged against.")
+    failure_seen: datetime.datetime | None = None
+
+
 class TrainingJobStatus(ApiModel):
     """What is. Written only by the operator; unknown fields are ignored when read back."""
 
@@ -412,6 +447,7 @@ class TrainingJobStatus(ApiModel):
     last_failure: FailureRecord | None = None
     failure_counts: dict[str, int] = Field(default_factory=dict)
     last_restore: RestoreRecord | None = None
+    goodput: GoodputRecord | None = None
     restart_times: list[datetime.datetime] = Field(default_factory=list, description=(
         "When the restarts of the newest policy window happened (for the storm guard)."))
     quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)
