@@ -6,21 +6,31 @@
     salamander crd [--write DIR]   print (or write) the CRD generated from the API models
     salamander operator            run the operator against the current Kubernetes context
     salamander rendezvous          host the rendezvous store on its own, apart from the operator
+    salamander trace RUN_DIR       collect every rank's timeline of a running local job as one
+                                   Chrome/Perfetto trace (--out FILE, --timeout S, --spans N)
 
-Every usage or manifest error exits 2 with one line naming the problem.
+Every usage or manifest error exits 2 with one line naming the problem; ``trace`` exits 1 when
+the job cannot be reached or no rank answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from salamander import __version__
 from salamander.api import Fault, InvalidSpec, TrainingJob, parse_manifest
 from salamander.api.faults import parse_fault
+
+if TYPE_CHECKING:
+    from salamander_operator.trace import TraceStore
 
 
 def _load(path: str) -> TrainingJob:
@@ -46,6 +56,17 @@ def _parse_faults(texts: Sequence[str]) -> list[Fault] | None:
     return faults
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535, or -1 for none."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not -1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (or -1), got {value}")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from salamander_operator.local import run_manifest
 
@@ -59,7 +80,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     working_dir = job.spec.worker.working_dir
     if working_dir and not Path(working_dir).is_dir():
         raise InvalidSpec("spec.worker.workingDir", f"{working_dir} is not a directory on this machine")
-    outcome = run_manifest(job, Path(args.runs_dir), timeout_s=args.timeout)
+    outcome = run_manifest(job, Path(args.runs_dir), timeout_s=args.timeout,
+                           metrics_port=None if args.metrics_port < 0 else args.metrics_port)
     return outcome.exit_code
 
 
@@ -92,7 +114,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
                         rendezvous_port=args.rendezvous_port, advertise=args.advertise,
                         liveness=args.liveness, verbose=args.verbose, control_port=args.control_port,
                         rendezvous_endpoint=args.rendezvous_endpoint,
-                        rendezvous_advertise=args.rendezvous_advertise)
+                        rendezvous_advertise=args.rendezvous_advertise,
+                        metrics_port=None if args.metrics_port < 0 else args.metrics_port)
 
 
 def _cmd_rendezvous(args: argparse.Namespace) -> int:
@@ -120,6 +143,137 @@ def _cmd_rendezvous(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACE_TIMEOUT_MAX_S = 600.0
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """What ``salamander trace`` needs of a local run, from its ``run.json``."""
+
+    directory: Path
+    endpoint: str
+    run_id: str
+    name: str
+    world_size: int | None
+
+
+def _run_target(text: str) -> RunTarget:
+    """The run directory (or its ``run.json``) ``text`` names; raises :class:`UsageError` naming
+    what is wrong."""
+    path = Path(text)
+    file = path / "run.json" if path.is_dir() else path
+    if not path.exists():
+        raise UsageError(f"trace: {text} is not a run directory of `salamander run` (tracing a Kubernetes job "
+                         f"from the command line is not supported yet)")
+    if not file.is_file():
+        raise UsageError(f"trace: {path} has no run.json; is it a run directory of `salamander run`?")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"trace: cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"trace: {file} is not a JSON object")
+    for field in ("endpoint", "run_id", "name"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise UsageError(f"trace: {file} lacks a {field!r} text")
+    world = data.get("world_size")
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
+        raise UsageError(f"trace: {file} field 'world_size' must be an integer >= 1, got {world!r}")
+    from salamander_operator.rendezvous import parse_endpoint
+
+    try:
+        parse_endpoint(data["endpoint"])
+    except ValueError as exc:
+        raise UsageError(f"trace: {file}: {exc}") from None
+    return RunTarget(file.parent, data["endpoint"], data["run_id"], data["name"], world)
+
+
+def _whole(text: str, flag: str, low: int, high: int) -> int:
+    """``text`` as a whole number from ``low`` to ``high``; raises :class:`UsageError`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise UsageError(f"trace: {flag} must be a whole number from {low} to {high}, got {text!r}")
+    return value
+
+
+def _seconds(text: str, flag: str, high: float) -> float:
+    """``text`` as seconds above 0 and at most ``high``; raises :class:`UsageError`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= high):
+        raise UsageError(f"trace: {flag} must be a number above 0 and at most {high:g}, got {text!r}")
+    return value
+
+
+def _fail(message: str) -> int:
+    print(f"salamander: {message}", file=sys.stderr)
+    return 1
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from salamander_operator import trace
+    from salamander_worker.timeline import MAX_SPANS
+
+    spans = _whole(args.spans, "--spans", 1, MAX_SPANS)
+    timeout = _seconds(args.timeout, "--timeout", TRACE_TIMEOUT_MAX_S)
+    target = _run_target(args.target)
+    store = _connect(target, timeout)
+    if store is None:
+        return _fail(f"trace: run {target.name} is not reachable at {target.endpoint} (has it ended?)")
+    world = _world_size(store, target)
+    if world is None:
+        return _fail(f"trace: run {target.name} has not reported its world size yet; try again once it trains")
+    try:
+        request = trace.request_trace(store, target.run_id, spans)
+        result = trace.collect_trace(store, target.run_id, request, world, timeout)
+    except trace.TraceError as exc:
+        return _fail(f"trace: run {target.name}: {exc}")
+    if not result.answered:
+        return _fail(f"trace: no rank of run {target.name} answered within {timeout:g} s ({trace.summary(result)}); "
+                     f"ranks answer once they have reported a step")
+    out = Path(args.out) if args.out else trace.default_path(target.directory)
+    try:
+        trace.write_trace(out, result.trace)
+    except trace.TraceError as exc:
+        return _fail(f"trace: {exc}")
+    print(f"wrote {out}: {trace.summary(result)}")
+    for line in trace.whereabouts(result.trace):
+        print(f"  {line}")
+    return 0
+
+
+def _connect(target: RunTarget, timeout_s: float) -> TraceStore | None:
+    """A store client of the run, or None when nothing listens at its endpoint. A plain socket
+    probes first: it fails at once and quietly where a store client retries and logs."""
+    import socket
+
+    from salamander_operator.rendezvous import parse_endpoint
+    from salamander_worker.store import connect_store
+
+    host, port = parse_endpoint(target.endpoint)
+    try:
+        socket.create_connection((host, port), timeout=min(timeout_s, 5.0)).close()
+        return connect_store(target.endpoint, timeout_s=min(max(timeout_s, 1.0), 10.0))
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _world_size(store: TraceStore, target: RunTarget) -> int | None:
+    """The run's current world size (its leader's progress), else the most it can have."""
+    from salamander import wire
+
+    try:
+        progress = wire.read_progress(store, target.run_id)
+    except (wire.WireError, RuntimeError):
+        progress = None
+    return progress.world_size if progress is not None else target.world_size
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="salamander", description="Elastic, self-healing PyTorch training.")
     parser.add_argument("--version", action="version", version=f"salamander {__version__}")
@@ -129,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", help="path to a TrainingJob YAML file")
     run.add_argument("--runs-dir", default="runs", help="where worker logs go (default ./runs)")
     run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    run.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                     help="serve the job's Prometheus metrics on 127.0.0.1:PORT (default 0: a free port, printed; "
+                          "-1: do not serve)")
     run.add_argument("--fault", action="append", default=[], metavar="KIND:key=value,...",
                      help="inject a fault, for rehearsal (repeatable): kill-process:step=30,rank=1, "
                           "raise:step=5,rank=0, kill-worker:step=60,worker=2, hang-rank:step=90,rank=0[,seconds=S], "
@@ -158,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "restarting the operator keeps every job's membership")
     op.add_argument("--rendezvous-advertise", metavar="HOST:PORT", default=None,
                     help="with --rendezvous-endpoint: where workers reach that store, if not at the same address")
+    op.add_argument("--metrics-port", type=_port, default=9400, metavar="PORT",
+                    help="serve the operator's Prometheus metrics on this port (default 9400; -1: off)")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="kopf's liveness endpoint ('' to turn it off)")
     op.add_argument("--verbose", action="store_true")
@@ -167,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     rdzv.add_argument("--port", default="29400", help="port to listen on (default 29400; 0 picks a free one)")
     rdzv.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0; '::' for IPv6)")
     rdzv.set_defaults(func=_cmd_rendezvous)
+
+    tr = sub.add_parser(
+        "trace", help="collect every rank's timeline of a running local job as one Chrome/Perfetto trace",
+        description="Ask every rank of a job run by `salamander run` for its newest sections (data, forward, "
+                    "backward, ...) and the ones it is in now, and write them as one Chrome trace: open it in "
+                    "https://ui.perfetto.dev or chrome://tracing to see where a step stalled. Works on local runs "
+                    "only (a run directory runs/<job>-<time>/ while the run is going), not yet on Kubernetes jobs. "
+                    "With spec.observability.traceOnHang (the default) a local run also writes "
+                    "RUN_DIR/trace-hang-<step>.json by itself when it detects a hang, before restarting.")
+    tr.add_argument("target", metavar="RUN_DIR", help="the run directory of a running `salamander run` (has run.json)")
+    tr.add_argument("--out", metavar="FILE", default=None, help="where to write the trace "
+                    "(default RUN_DIR/trace-<time>.json)")
+    tr.add_argument("--timeout", metavar="S", default="5", help="how long to wait for the ranks (default 5 s)")
+    tr.add_argument("--spans", metavar="N", default="2000", help="the newest finished spans per rank (default 2000)")
+    tr.set_defaults(func=_cmd_trace)
     return parser
 
 

@@ -9,7 +9,7 @@ import pytest
 from salamander import wire
 from salamander.api import parse_spec
 from salamander.api.models import MAX_NAME_LENGTH, MAX_WORKERS
-from salamander_operator.desired import (AGENT_COMMAND, MASTER_PORT, JobRef, build_worker_pod, build_worker_service,
+from salamander_operator.desired import (AGENT_COMMAND, MASTER_PORT, METRICS_PORT, JobRef, build_worker_pod, build_worker_service,
                                          service_name, worker_name)
 from salamander_operator.observed import WORKER_CONTAINER, WorkerPhase, observe_pod
 
@@ -80,7 +80,7 @@ def test_pod_spec_never_restarts_and_has_a_stable_dns_name() -> None:
     assert spec["subdomain"] == "llm-workers" == build_worker_service(JOB)["metadata"]["name"]
     c = container(pod)
     assert c["name"] == WORKER_CONTAINER
-    assert c["ports"] == [{"name": "dist", "containerPort": MASTER_PORT}]
+    assert c["ports"] == [{"name": "dist", "containerPort": MASTER_PORT}, {"name": "metrics", "containerPort": METRICS_PORT}]
 
 
 def test_command_wraps_the_user_command_after_a_double_dash() -> None:

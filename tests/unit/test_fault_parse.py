@@ -119,7 +119,7 @@ def test_run_appends_the_faults_to_the_spec(monkeypatch: pytest.MonkeyPatch, tmp
     class Outcome:
         exit_code = 0
 
-    def fake_run(job, runs_dir, timeout_s=None):
+    def fake_run(job, runs_dir, timeout_s=None, metrics_port=None):
         seen.append(job)
         return Outcome()
 

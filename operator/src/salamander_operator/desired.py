@@ -147,6 +147,9 @@ def fault_env(spec: TrainingJobSpec) -> dict[str, str]:
     return {wire.ENV_FAULTS: json.dumps(faults, separators=(",", ":"))}
 
 
+METRICS_PORT = 9401  # every worker pod's agent serves the pod's metrics here (a PodMonitor scrapes it)
+
+
 def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoint: str,
                      control_endpoint: str = "", avoid_nodes: Collection[str] = ()) -> dict[str, Any]:
     """The pod of worker ``index``. ``restartPolicy: Never``: the operator, not the kubelet,
@@ -171,13 +174,15 @@ def build_worker_pod(job: JobRef, spec: TrainingJobSpec, index: int, rdzv_endpoi
         "name": credential_secret_name(job), "key": wire.CREDENTIAL_KEY}}})
     env.append({"name": wire.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     env.append({"name": wire.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+    env.append({"name": wire.ENV_METRICS_PORT, "value": str(METRICS_PORT)})
     env += [{"name": e.name, "value": e.value} for e in worker.env]
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": worker.image,
         "command": agent_command(spec),
         "env": env,
-        "ports": [{"name": "dist", "containerPort": MASTER_PORT}],
+        "ports": [{"name": "dist", "containerPort": MASTER_PORT},
+                  {"name": "metrics", "containerPort": METRICS_PORT}],
     }
     if worker.image_pull_policy:
         container["imagePullPolicy"] = worker.image_pull_policy

@@ -145,9 +145,30 @@ class RendezvousHost:
         """Stop serving; every client's next call fails. (Also happens when the host is dropped.)"""
         self._store = None
 
+    # Plain store access, as a TCPStore offers it, for subsystems with keys of their own (traces:
+    # :mod:`salamander_operator.trace`). ``get`` of a missing key blocks until the store's timeout.
+
+    def _live(self) -> Any:
+        if self._store is None:
+            raise RendezvousError(f"the rendezvous store on port {self.port} is closed")
+        return self._store
+
+    def set(self, key: str, value: bytes | str) -> None:
+        self._live().set(key, value)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self._live().get(key))
+
+    def check(self, keys: list[str]) -> bool:
+        return bool(self._live().check(keys))
+
+    def delete_key(self, key: str) -> bool:
+        return bool(self._live().delete_key(key))
+
 
 def _forget(store: Any, run_id: str) -> None:
-    for key in (wire.progress_key(run_id), wire.stop_key(run_id), f"torch.rendezvous.{run_id}"):
+    for key in (wire.progress_key(run_id), wire.stop_key(run_id), wire.trace_request_key(run_id),
+                f"torch.rendezvous.{run_id}"):
         store.delete_key(key)
 
 
@@ -246,6 +267,21 @@ class RendezvousClient:
             self._down_since = now
             log.warning("%s; retrying with backoff", message)
         return RendezvousError(message)
+
+    # Plain store access, as a TCPStore offers it (see RendezvousHost); each raises
+    # :class:`RendezvousError` when the store cannot be reached.
+
+    def set(self, key: str, value: bytes | str) -> None:
+        self._call("set", lambda store: store.set(key, value))
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", lambda store: bytes(store.get(key)))
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", lambda store: bool(store.check(keys)))
+
+    def delete_key(self, key: str) -> bool:
+        return self._call("delete", lambda store: bool(store.delete_key(key)))
 
 
 def serve(port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0",

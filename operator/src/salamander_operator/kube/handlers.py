@@ -36,6 +36,7 @@ from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_fai
 from salamander_operator.observed import observe_pod
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousStore
+from salamander_operator.telemetry import OperatorTelemetry
 
 RESYNC_S = 10.0        # a pass at least this often, even without events
 ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
@@ -60,6 +61,7 @@ class OperatorContext:
     nodes: dict[str, NodeState] = field(default_factory=dict)  # every node seen; deleted ones as tombstones
     node_quarantined_by: dict[str, str] = field(default_factory=dict)  # node -> its quarantined-by label
     job_nodes: dict[str, frozenset[str]] = field(default_factory=dict)  # job uid -> the nodes of its workers
+    telemetry: OperatorTelemetry = field(default_factory=OperatorTelemetry)
 
     def on_agent_failure(self, session: AgentSession, report: pb.FailureReport) -> pb.Verdict | None:
         """A failure report from an agent (on the control plane's loop): decide now, so the agent
@@ -173,6 +175,7 @@ class JobSupervisor:
 
     async def reconcile_once(self, ref: JobRef, raw_spec: Any, body: kopf.Body,
                              logger: logging.Logger | logging.LoggerAdapter) -> Plan:
+        started = time.perf_counter()
         spec: TrainingJobSpec | InvalidSpec
         try:
             check_name(ref.name)
@@ -201,7 +204,9 @@ class JobSupervisor:
         plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC), incidents)
         if isinstance(spec, TrainingJobSpec):
             health.sync(spec, plan.status)  # restarts this pass charged start their recovery
+        previous = self.status
         await self.apply(ref, spec, plan, body, logger)
+        self.ctx.telemetry.observe_pass(ref, previous, plan, time.perf_counter() - started)
         return plan
 
     async def apply(self, ref: JobRef, spec: TrainingJobSpec | InvalidSpec, plan: Plan, body: kopf.Body,
@@ -399,6 +404,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         await ctx.cluster.delete("Secret", namespace, credential_secret_name(ref))
         ctx.credentials.forget(namespace, name)
         ctx.health.pop((namespace, name), None)
+        ctx.telemetry.forget(namespace, name)
         if ctx.rendezvous is not None:
             await asyncio.to_thread(ctx.rendezvous.forget, uid)
         logger.info("removed the pods and service of %s/%s", namespace, name)

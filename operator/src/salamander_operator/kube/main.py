@@ -67,7 +67,8 @@ def build_memo(cluster: KubeCluster, rendezvous: RendezvousStore | None, control
 
 def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: int, advertise: str | None,
                  liveness: str | None, verbose: bool, control_port: int = 29401,
-                 rendezvous_endpoint: str | None = None, rendezvous_advertise: str | None = None) -> int:
+                 rendezvous_endpoint: str | None = None, rendezvous_advertise: str | None = None,
+                 metrics_port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
     try:
         rendezvous, host = open_rendezvous(rendezvous_port, advertise, rendezvous_endpoint, rendezvous_advertise)
@@ -88,6 +89,14 @@ def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: i
     register(registry)
     kopf.configure(verbose=verbose)
     memo = build_memo(KubeCluster(api_client), rendezvous, control_port, host)
+    if metrics_port is not None:
+        ctx = memo.context
+        ctx.telemetry.watch_control_plane(lambda: ctx.control_plane)
+        try:
+            log.warning("salamander operator: metrics on port %d", ctx.telemetry.serve(metrics_port))
+        except OSError as exc:
+            log.error("cannot serve metrics on port %d: %s", metrics_port, exc)
+            return 2
     log.warning("salamander operator: rendezvous store at %s (%s)", rendezvous.endpoint,
                 f"run elsewhere, reached at {rendezvous.target}" if isinstance(rendezvous, RendezvousClient) else "hosted here")
     kopf.run(registry=registry, memo=memo, clusterwide=all_namespaces or not namespaces,

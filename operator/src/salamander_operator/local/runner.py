@@ -33,6 +33,8 @@ from salamander_operator.local.workers import LocalWorkers
 from salamander_operator.observed import WorkerPhase
 from salamander_operator.reconcile import Event, Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
+from salamander_operator.telemetry import OperatorTelemetry
+from salamander_worker.telemetry import ENV_MULTIPROC_DIR, PodCollector
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,14 @@ class LocalRun:
 
     def __init__(self, job: TrainingJob, log_dir: Path, view: RunView | None = None,
                  poll_s: float = 0.2, extra_env: dict[str, str] | None = None,
-                 node_startup_s: float = NODE_STARTUP_S) -> None:
+                 node_startup_s: float = NODE_STARTUP_S, metrics_port: int | None = None) -> None:
         """``node_startup_s``: how long a replacement *node* takes to come up. A worker replaced
         with its node (``ReplaceNode``) is started only after it, as a real new node would be, so
-        the survivors first train on without it (shrink) and it joins later (grow)."""
+        the survivors first train on without it (shrink) and it joins later (grow).
+
+        ``metrics_port``: serve the operator's and every worker's metrics on this port of
+        127.0.0.1 (0 picks one; :attr:`metrics_endpoint` says which), as a cluster's operator
+        and worker pods would; None serves nothing (they are still recorded)."""
         self.job = job
         self.ref = JobRef(name=job.metadata.name, namespace=job.metadata.namespace,
                           uid=job.metadata.uid or uuid.uuid4().hex, generation=1)
@@ -75,9 +81,20 @@ class LocalRun:
         self.plane = ControlPlaneThread(credentials, on_failure=self._on_failure_report)
         port = self.plane.start()
         control_env = {wire.ENV_CONTROL_ENDPOINT: f"127.0.0.1:{port}", wire.ENV_CONTROL_TOKEN: token}
+        # Every local agent and training process writes its metrics here; this process serves them.
+        self.metrics_dir = log_dir / "metrics"
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        metrics_env = {ENV_MULTIPROC_DIR: str(self.metrics_dir)}
         self.workers = LocalWorkers(self.ref, job.spec, self.host.endpoint, log_dir,
-                                    {**control_env, **(extra_env or {})})
+                                    {**control_env, **metrics_env, **(extra_env or {})})
+        self.telemetry = OperatorTelemetry()
+        self.telemetry.watch_control_plane(lambda: self.plane.server)
+        self.metrics_endpoint = ""
+        if metrics_port is not None:
+            bound = self.telemetry.serve(metrics_port, addr="127.0.0.1", extra=[PodCollector(self.metrics_dir)])
+            self.metrics_endpoint = f"127.0.0.1:{bound}"
         self.view = view or RunView(job.metadata.name)
+        self.view.metrics_endpoint = self.metrics_endpoint
         self.status = TrainingJobStatus()
         self.log_dir = log_dir
         self.poll_s = poll_s
@@ -88,6 +105,11 @@ class LocalRun:
         self.node_startup_s = node_startup_s
         self._node_ready_at: dict[int, float] = {}  # worker -> when its replacement node is up
         self._wake = threading.Event()
+        self._previous = self.status
+        # `salamander trace <log_dir>` finds the run's store here (the store lives as long as the run)
+        (log_dir / "run.json").write_text(json.dumps({
+            "endpoint": self.host.endpoint, "run_id": self.ref.uid, "namespace": self.ref.namespace,
+            "name": self.ref.name, "world_size": job.spec.replicas.max * job.spec.procs_per_node}) + "\n")
 
     def _on_failure_report(self, session: AgentSession, report: pb.FailureReport) -> pb.Verdict | None:
         """Called on the control plane's thread: decide at once, reconcile soon."""
@@ -102,7 +124,14 @@ class LocalRun:
 
     def step(self) -> Plan:
         """One pass: observe, reconcile, apply. Once a stop is requested nothing new is started."""
+        started = time.perf_counter()
+        plan = self._pass()
+        self.telemetry.observe_pass(self.ref, self._previous, plan, time.perf_counter() - started)
+        return plan
+
+    def _pass(self) -> Plan:
         mono = time.monotonic()
+        self._previous = self.status
         sessions = self._sessions()
         beats = [AgentBeat(i, s.last_heartbeat, s.connected) for s in sessions
                  if (i := worker_index(self.ref, s.identity.pod)) is not None]
@@ -113,7 +142,21 @@ class LocalRun:
         steps = [StepBeat(s.step, s.step_time_s, s.step_at, s.regrouping) for s in sessions if s.connected]
         hang = self.health.check_hang(steps, mono)
         if hang is not None and hang.decision.restarts_processes and hang.decision.charged:
-            self.plane.server.restart_processes(self.ref.namespace, self.ref.name, hang.classification.evidence)
+            evidence = hang.classification.evidence
+
+            def restart() -> None:
+                self.plane.server.restart_processes(self.ref.namespace, self.ref.name, evidence)
+
+            observability = self.job.spec.observability
+            if observability.trace_on_hang:  # the restart waits (<= 3 s) for the ranks' answers
+                from salamander_operator import trace
+
+                world = progress.world_size if progress else self.job.spec.replicas.max * self.job.spec.procs_per_node
+                trace.trace_in_background(self.host, self.ref.uid, world_size=world, limit=observability.trace_spans,
+                                          path=self.log_dir / f"trace-hang-{progress.step if progress else 0}.json",
+                                          then=restart, note=self.view.note)
+            else:
+                restart()
         incidents = self.health.drain()
         now = datetime.datetime.now(datetime.UTC)
         plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents)
@@ -257,14 +300,20 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_manifest(job: TrainingJob, runs_dir: Path = Path("runs"), timeout_s: float | None = None) -> RunOutcome:
+def run_manifest(job: TrainingJob, runs_dir: Path = Path("runs"), timeout_s: float | None = None,
+                 metrics_port: int | None = 0) -> RunOutcome:
     """``salamander run``: run ``job`` here, showing progress. Ctrl-C or SIGTERM stops it
-    gracefully; a second one stops it at once."""
+    gracefully; a second one stops it at once. Metrics are served on ``metrics_port`` (0: a
+    free port, printed; None: not served)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    local = LocalRun(job, runs_dir / f"{job.metadata.name}-{stamp}")
+    log_dir = runs_dir / f"{job.metadata.name}-{stamp}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    local = LocalRun(job, log_dir, metrics_port=metrics_port)
     local.view.note(f"running {job.metadata.name}: {job.spec.replicas.min}..{job.spec.replicas.max} workers x "
                     f"{job.spec.procs_per_node} processes, rendezvous at {local.host.endpoint}, "
                     f"logs in {local.log_dir}")
+    if local.metrics_endpoint:
+        local.view.note(f"metrics at http://{local.metrics_endpoint}/metrics")
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return local.run(timeout_s)

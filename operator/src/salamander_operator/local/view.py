@@ -58,6 +58,7 @@ class RunView:
         self._last_line = 0.0
         self._bar: Progress | None = None
         self._task: TaskID | None = None
+        self.metrics_endpoint = ""
 
     def __enter__(self) -> RunView:
         if self.console.is_terminal:
@@ -99,7 +100,8 @@ class RunView:
         return (f"{status.phase.value} | step {step} | loss {_fmt(status.loss, '.4f')} | "
                 f"{_fmt(self.throughput.rate, '.0f')} samples/s | workers "
                 f"{status.ready_workers}/{status.desired_workers} | world {status.world_size} | "
-                f"restarts {status.restarts}")
+                f"restarts {status.restarts}"
+                + (f" | goodput {status.goodput.ratio:.0%}" if status.goodput and status.goodput.wall_seconds else ""))
 
     def summary(self, status: TrainingJobStatus, wall_s: float, log_dir: str) -> None:
         table = Table(title=f"TrainingJob {self.job_name}", show_header=False)
@@ -114,6 +116,12 @@ class RunView:
         table.add_row("wall time", f"{wall_s:.1f} s")
         table.add_row("samples", f"{samples} ({samples / wall_s if wall_s > 0 else 0:.0f}/s over the run)")
         table.add_row("restarts", str(status.restarts))
+        ledger = status.goodput
+        if ledger is not None and ledger.wall_seconds > 0:
+            lost = ", ".join(f"{cause} {seconds:.1f} s" for cause, seconds in ledger.lost_seconds.items()
+                             if seconds >= 0.05)
+            table.add_row("goodput", f"{ledger.ratio:.1%} ({ledger.productive_seconds:.1f} s productive of "
+                                     f"{ledger.wall_seconds:.1f} s; lost: {lost or 'nothing'})")
         failure = status.last_failure
         if failure is not None:
             healed = (f"recovered in {(failure.recovered_at - failure.detected_at).total_seconds():.1f} s"
@@ -126,4 +134,6 @@ class RunView:
             step = "" if restore.step is None else f"step {restore.step} "
             table.add_row("last restore", f"{step}from {restore.tier} (restart {restore.restart_count})")
         table.add_row("logs", log_dir)
+        if self.metrics_endpoint:
+            table.add_row("metrics", f"http://{self.metrics_endpoint}/metrics (served until exit)")
         self.console.print(table)
