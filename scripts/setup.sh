@@ -27,4 +27,33 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[test]"
+
+# Prometheus and promtool: tests/observability checks and unit-tests the alert rules with promtool
+# and scrapes real metrics with a real server. Debian's package has both. Its maintainer scripts
+# would start (and, under systemd, enable) a service: a temporary policy-rc.d forbids starting it,
+# and where systemd runs it is disabled afterwards. Never fails the setup.
+install_prometheus() {
+  local sudo="" policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
+  fi
+  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+  $apt install --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { $apt update >/dev/null && $apt install --no-install-recommends prometheus >/dev/null; } || rc=1
+  [ "$made_policy" -eq 0 ] || $sudo rm -f "$policy"
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  return "$rc"
+}
+if ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's prometheus package (prometheus, promtool)"
+    install_prometheus || echo "setup: note: could not install prometheus; the tests that need it skip" >&2
+  else
+    echo "setup: note: no promtool and no apt-get; put prometheus and promtool on PATH to run" \
+      "tests/observability fully (those tests skip without them)" >&2
+  fi
+fi
 python -c "import torch, salamander; print(f'setup: salamander {salamander.__version__}, torch {torch.__version__}')"
