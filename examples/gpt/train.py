@@ -188,26 +188,37 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
             say(f"nothing to do: the checkpoint is at step {restored}, --steps is {cfg.steps}")
 
     model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * ctx.world_size
+    flops_per_step = 6.0 * n_params * tokens_per_step  # forward + backward of a dense transformer
+    section = salamander_worker.section  # per-rank section times (metrics, traces)
     for step in range(result.start_step, cfg.steps):
-        x, y = sample_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, ctx.rank, step)
+        with section("data"):
+            x, y = sample_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, ctx.rank, step)
+            x, y = x.to(ctx.device), y.to(ctx.device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        loss = lm_loss(model(x.to(ctx.device)), y.to(ctx.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        with section("forward"):
+            loss = lm_loss(model(x), y)
+        with section("backward"):  # DDP's gradient all-reduce overlaps with it
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with section("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
 
-        mean_loss = _mean_across_ranks(loss, ctx.world_size)
+        with section("communication"):
+            mean_loss = _mean_across_ranks(loss, ctx.world_size)
         result.losses.append(mean_loss)
         result.steps_done = step + 1
         salamander_worker.report(step + 1, loss=mean_loss, total_steps=cfg.steps,
-                                 samples=(step + 1) * cfg.batch_size * ctx.world_size)
+                                 samples=(step + 1) * cfg.batch_size * ctx.world_size,
+                                 tokens=(step + 1) * tokens_per_step, flops_per_step=flops_per_step)
         if (step + 1) % cfg.log_every == 0 or step == result.start_step:
             say(f"step {step + 1}/{cfg.steps} loss {mean_loss:.4f}")
         if snapshots is not None:
             snapshots.step(step + 1, data={"step": step + 1})  # batches derive from the step
-        stop = salamander_worker.should_stop(step)  # the same answer on every rank
+        with section("communication"):
+            stop = salamander_worker.should_stop(step)  # the same answer on every rank
         if checkpointer is not None and (checkpointer.due(step + 1) or stop
                                          or step + 1 == cfg.steps):
             path = checkpointer.save(step + 1, state)
