@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from salamander import wire
-from tests.operator.conftest import Cluster, job_manifest
+from tests.operator.conftest import NS, Cluster, job_manifest
 
 
 async def test_create_makes_pods_service_and_status(cluster: Cluster) -> None:
@@ -78,6 +78,21 @@ async def test_failed_pod_is_replaced_and_counted(cluster: Cluster) -> None:
     assert (last["kind"], last["severity"], last["pod"], last["action"]) == (
         "ContainerOOMKilled", "SEV2", "llm-worker-0", "ReplacePod")
     assert status["failureCounts"] == {"ContainerOOMKilled": 1}
+    assert 0.0 <= status["goodput"]["ratio"] <= 1.0 and "startup" in status["goodput"]["lostSeconds"]
+
+    # the same pass exported it: the operator's metrics say what its status says
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(cluster.operator.telemetry.registry).decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}
+    job = (("namespace", NS), ("trainingjob", "llm"))
+    assert got[("salamander_failures_detected_total", (*job[:1], ("severity", "SEV2"), ("source", "Pod"),
+                                                      *job[1:]))] == 1
+    assert got[("salamander_job_restarts_total", (*job[:1], ("reason", "ContainerOOMKilled"), *job[1:]))] == 1
+    assert got[("salamander_job_workers_desired", job)] == 2
+    assert got[("salamander_reconcile_duration_seconds_count", job)] >= 2
 
 
 async def test_pending_worker_never_blocks_and_job_grows(cluster: Cluster) -> None:

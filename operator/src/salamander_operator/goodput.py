@@ -55,7 +55,7 @@ def account(ledger: GoodputRecord | None, progress: Progress | None, failure: Fa
     (or ``final``, the job's last pass), so a quiet job's status is not rewritten every pass.
     """
     if ledger is None:
-        ledger = GoodputRecord(since=now, updated_at=now)
+        ledger = GoodputRecord(since=now, updated_at=now, lost_seconds=dict.fromkeys(LOST_CAUSES, 0.0))
     news = progress is not None and _is_news(ledger, progress)
     if not (news or final or (now - ledger.updated_at).total_seconds() >= REFRESH_S):
         return ledger
