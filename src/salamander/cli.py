@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,8 +164,7 @@ def _run_target(text: str) -> RunTarget:
     path = Path(text)
     file = path / "run.json" if path.is_dir() else path
     if not path.exists():
-        raise UsageError(f"trace: {text} is not a run directory of `salamander run` (tracing a Kubernetes job "
-                         f"from the command line is not supported yet)")
+        raise UsageError(f"trace: {text} is neither a run directory of `salamander run` nor a TrainingJob name")
     if not file.is_file():
         raise UsageError(f"trace: {path} has no run.json; is it a run directory of `salamander run`?")
     try:
@@ -221,6 +221,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     spans = _whole(args.spans, "--spans", 1, MAX_SPANS)
     timeout = _seconds(args.timeout, "--timeout", TRACE_TIMEOUT_MAX_S)
+    if not Path(args.target).exists() and _KUBE_JOB.fullmatch(args.target):
+        return _trace_kube(args.target, args.namespace, args.out, timeout)
     target = _run_target(args.target)
     store = _connect(target, timeout)
     if store is None:
@@ -245,6 +247,66 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     for line in trace.whereabouts(result.trace):
         print(f"  {line}")
     return 0
+
+
+_KUBE_JOB = re.compile(r"(?:[a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+KUBE_TRACE_GRACE_S = 15.0  # beyond --timeout: the operator's reaction to the annotation and its write
+
+
+def _trace_kube(text: str, namespace: str | None, out: str | None, timeout: float) -> int:
+    """Trace a TrainingJob on the cluster of the current kubeconfig: set its trace-request
+    annotation to a fresh value, wait for the operator's trace ConfigMap that answers it."""
+    import base64
+    import secrets as secrets_
+    import time as time_
+
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from salamander.api import GROUP, PLURAL, VERSION
+    from salamander_operator import trace
+    from salamander_operator.desired import TRACE_KEY, trace_config_map_name
+    from salamander_operator.kube.cluster import api_client_from_environment
+    from salamander_operator.kube.handlers import TRACE_REQUEST_ANNOTATION
+
+    ns, _, name = text.rpartition("/")
+    try:
+        client = api_client_from_environment()
+        namespace = ns or namespace or kubernetes.config.list_kube_config_contexts()[1]["context"].get(
+            "namespace", "default")
+    except (kubernetes.config.ConfigException, OSError, KeyError, TypeError) as exc:
+        return _fail(f"trace: {text} is not a run directory, and there is no Kubernetes cluster to look in ({exc})")
+    custom, core = kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client)
+    request = f"{int(time_.time())}-{secrets_.token_hex(4)}"
+    try:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                              {"metadata": {"annotations": {TRACE_REQUEST_ANNOTATION: request}}})
+    except ApiException as exc:
+        what = "no such TrainingJob" if exc.status == 404 else f"{exc.status} {exc.reason}"
+        return _fail(f"trace: TrainingJob {namespace}/{name}: {what}")
+    deadline = time_.monotonic() + timeout + KUBE_TRACE_GRACE_S
+    while time_.monotonic() < deadline:
+        try:
+            config_map = core.read_namespaced_config_map(trace_config_map_name(name), namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                return _fail(f"trace: reading ConfigMap {namespace}/{trace_config_map_name(name)}: "
+                             f"{exc.status} {exc.reason}")
+            config_map = None
+        if config_map is not None and (config_map.metadata.annotations or {}).get(TRACE_REQUEST_ANNOTATION) == request:
+            try:
+                merged = trace.unpack(base64.b64decode((config_map.binary_data or {})[TRACE_KEY]))
+                path = trace.write_trace(Path(out) if out else Path(f"trace-{name}-{request}.json"), merged)
+            except (KeyError, ValueError, trace.TraceError) as exc:
+                return _fail(f"trace: the trace of {namespace}/{name} is unreadable: {exc}")
+            other = merged.get("otherData", {})
+            print(f"wrote {path}: {len(other.get('answered', []))}/{other.get('world_size', '?')} ranks answered")
+            for line in trace.whereabouts(merged):
+                print(f"  {line}")
+            return 0
+        time_.sleep(0.5)
+    return _fail(f"trace: the operator did not answer the trace request of {namespace}/{name} within "
+                 f"{timeout + KUBE_TRACE_GRACE_S:g} s; is it running, and is the job?")
 
 
 def _connect(target: RunTarget, timeout_s: float) -> TraceStore | None:
@@ -335,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "only (a run directory runs/<job>-<time>/ while the run is going), not yet on Kubernetes jobs. "
                     "With spec.observability.traceOnHang (the default) a local run also writes "
                     "RUN_DIR/trace-hang-<step>.json by itself when it detects a hang, before restarting.")
-    tr.add_argument("target", metavar="RUN_DIR", help="the run directory of a running `salamander run` (has run.json)")
+    tr.add_argument("target", metavar="RUN_DIR|[NAMESPACE/]JOB",
+                    help="the run directory of a running `salamander run` (has run.json), or a TrainingJob on the "
+                         "cluster of the current kubeconfig (the operator collects it into ConfigMap <job>-trace)")
+    tr.add_argument("-n", "--namespace", default=None, help="the TrainingJob's namespace (default: the context's)")
     tr.add_argument("--out", metavar="FILE", default=None, help="where to write the trace "
                     "(default RUN_DIR/trace-<time>.json)")
     tr.add_argument("--timeout", metavar="S", default="5", help="how long to wait for the ranks (default 5 s)")

@@ -187,6 +187,8 @@ def declare_resources(emulator: ApiServer) -> None:
     emulator.resources["v1/services"] = kmock.ResourceInfo(namespaced=True, kind="Service", verbs=verbs)
     emulator.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event", verbs=verbs)
     emulator.resources["v1/secrets"] = kmock.ResourceInfo(namespaced=True, kind="Secret", verbs=verbs)
+    emulator.resources["v1/configmaps"] = kmock.ResourceInfo(namespaced=True, kind="ConfigMap",
+                                                             verbs=verbs | {"update"})
     emulator.resources["v1/nodes"] = kmock.ResourceInfo(namespaced=False, kind="Node", subresources={"status"},
                                                         verbs=verbs)
     emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(

@@ -528,3 +528,26 @@ def test_on_a_hang_the_restart_goes_out_even_when_tracing_fails(tmp_path: Path) 
     assert restarts == [1]
     assert notes == ["no trace of the hang: cannot post the trace request: connection reset by peer"]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_packed_trace_fits_a_config_map_by_dropping_the_oldest_events() -> None:
+    import random
+
+    from salamander_operator import trace as operator_trace
+
+    rng = random.Random(0)
+    events = [{"name": "M", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "rank 0"}},
+              {"name": "collected", "ph": "i", "ts": 10**9, "pid": 0, "tid": 0, "s": "p"}]
+    events += [{"name": f"s{n}-{rng.random()}", "ph": "X", "ts": n, "dur": 1, "pid": 0, "tid": 1}
+               for n in range(20_000)]
+    merged = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"answered": [0]}}
+    small = operator_trace.pack(merged, max_bytes=50_000)
+    assert len(small) <= 50_000
+    back = operator_trace.unpack(small)
+    names = [e["name"] for e in back["traceEvents"]]
+    assert names[:2] == ["M", "collected"] and back["otherData"]["truncated_events"] > 0
+    assert names[-1] == events[-1]["name"]  # the newest are kept
+    whole = operator_trace.unpack(operator_trace.pack(merged))
+    assert whole["traceEvents"] == events and "truncated_events" not in whole["otherData"]
+    with pytest.raises(operator_trace.TraceError):
+        operator_trace.unpack(b"not gzip")

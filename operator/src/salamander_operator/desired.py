@@ -257,6 +257,31 @@ def build_credential_secret(job: JobRef, token: str) -> dict[str, Any]:
     }
 
 
+def trace_config_map_name(job: JobRef | str) -> str:
+    """Where the operator leaves a job's newest per-rank trace (on request or on a hang)."""
+    return f"{job if isinstance(job, str) else job.name}-trace"
+
+
+TRACE_KEY = "trace.json.gz"  # the packed trace in the ConfigMap's binaryData
+
+
+def build_trace_config_map(job: JobRef, packed: bytes, annotations: dict[str, str]) -> dict[str, Any]:
+    """The job's trace ConfigMap: ``packed`` is ``salamander_operator.trace.pack``'s output;
+    ``annotations`` say what it answers (the request, or the hang's step)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": trace_config_map_name(job),
+            "namespace": job.namespace,
+            "labels": job_labels(job),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(job)],
+        },
+        "binaryData": {TRACE_KEY: base64.b64encode(packed).decode()},
+    }
+
+
 def build_worker_service(job: JobRef) -> dict[str, Any]:
     """A headless service giving each worker pod a stable DNS name
     (``<job>-worker-<i>.<job>-workers``), which the process group's master address uses."""

@@ -17,6 +17,7 @@ result, never raised.
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ __all__ = ["TraceError", "TraceResult", "TraceStore", "collect_trace", "default_
 
 COLLECT_POLL_S = 0.1
 HANG_TRACE_TIMEOUT_S = 3.0   # on a hang, how long the restart waits for the ranks' answers
+CONFIG_MAP_MAX_BYTES = 900_000  # a packed trace fits a ConfigMap (1 MiB with its metadata)
 
 
 class TraceStore(Protocol):
@@ -187,6 +189,36 @@ def write_trace(path: Path, trace: Mapping[str, Any]) -> Path:
     return path
 
 
+def pack(trace: Mapping[str, Any], max_bytes: int = CONFIG_MAP_MAX_BYTES) -> bytes:
+    """``trace`` as gzip-compressed JSON of at most ``max_bytes`` (a ConfigMap holds 1 MiB), for
+    the Kubernetes path: while too big, the oldest half of the timed events is dropped (the
+    metadata and the ``collected`` markers are kept) and ``otherData.truncated_events`` says how many."""
+    events = list(trace.get("traceEvents", []))
+    kept = [e for e in events if e.get("ph") == "M" or e.get("name") == "collected"]
+    timed = [e for e in events if e not in kept]
+    dropped = 0
+    while True:
+        body = {**trace, "traceEvents": kept + timed,
+                "otherData": {**trace.get("otherData", {}), **({"truncated_events": dropped} if dropped else {})}}
+        packed = gzip.compress(json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), mtime=0)
+        if len(packed) <= max_bytes or not timed:
+            return packed
+        cut = max(1, len(timed) // 2)
+        dropped += cut
+        timed = timed[cut:]
+
+
+def unpack(raw: bytes) -> dict[str, Any]:
+    """The trace :func:`pack` made; raises :class:`TraceError` for anything else."""
+    try:
+        data = json.loads(gzip.decompress(raw))
+    except (OSError, EOFError, ValueError, RecursionError) as exc:
+        raise TraceError(f"not a packed trace: {str(exc)[:200]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("traceEvents"), list):
+        raise TraceError("not a packed trace: no traceEvents list")
+    return data
+
+
 def summary(result: TraceResult) -> str:
     """One line: how many ranks answered and which did not."""
     text = f"{len(result.answered)}/{result.world_size} ranks answered"
@@ -221,13 +253,15 @@ def _ranks(ranks: Mapping[int, str] | list[int]) -> str:
     return shown + (f" and {len(ordered) - 16} more" if len(ordered) > 16 else "")
 
 
-def trace_in_background(store: TraceStore, run_id: str, *, world_size: int, limit: int, path: Path,
+def trace_in_background(store: TraceStore, run_id: str, *, world_size: int, limit: int, path: Path | None = None,
                         then: Callable[[], Any] | None = None, note: Callable[[str], None] | None = None,
-                        timeout_s: float = HANG_TRACE_TIMEOUT_S) -> threading.Thread:
+                        timeout_s: float = HANG_TRACE_TIMEOUT_S,
+                        write: Callable[[Mapping[str, Any]], str] | None = None) -> threading.Thread:
     """On a hang: request a trace, wait for the answers on a new daemon thread (up to
     ``timeout_s``), call ``then`` (the restart, which must not kill the ranks before they
-    answer), and write the trace to ``path``. ``then`` is called exactly once, whatever happens
-    to the trace; ``note`` gets one line about the outcome. Returns the (started) thread."""
+    answer), and write the trace to ``path``, or hand it to ``write`` (which returns where it
+    went, or raises). ``then`` is called exactly once, whatever happens to the trace; ``note``
+    gets one line about the outcome. Returns the (started) thread."""
 
     def work() -> None:
         done = False
@@ -236,8 +270,8 @@ def trace_in_background(store: TraceStore, run_id: str, *, world_size: int, limi
             result = collect_trace(store, run_id, request, world_size, timeout_s)
             done = True
             _call(then)
-            write_trace(path, result.trace)
-            message = f"trace of the hang in {path} ({summary(result)})"
+            where = write(result.trace) if write is not None else str(write_trace(Path(str(path)), result.trace))
+            message = f"trace of the hang in {where} ({summary(result)})"
         except TraceError as exc:
             message = f"no trace of the hang: {exc}"
         except Exception as exc:  # noqa: BLE001 - the restart must still go out

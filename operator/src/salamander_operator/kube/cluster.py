@@ -73,12 +73,28 @@ class KubeCluster:
             raise ClusterError(f"creating {manifest['kind']} {namespace}/{manifest['metadata']['name']}: "
                                f"{exc.status} {exc.reason}") from None
 
+    async def put_config_map(self, manifest: dict[str, Any]) -> None:
+        """Create a ConfigMap, or replace the one of that name."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            await self._call(self._core.create_namespaced_config_map, namespace, manifest, _preload_content=False)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise ClusterError(f"creating ConfigMap {namespace}/{name}: {exc.status} {exc.reason}") from None
+        try:
+            await self._call(self._core.replace_namespaced_config_map, name, namespace, manifest,
+                             _preload_content=False)
+        except ApiException as exc:
+            raise ClusterError(f"replacing ConfigMap {namespace}/{name}: {exc.status} {exc.reason}") from None
+
     async def delete(self, kind: str, namespace: str, name: str, grace_period_s: int | None = None) -> bool:
         """Delete a pod or service; False if it was already gone. ``grace_period_s=0`` removes
         a pod at once, without waiting for its kubelet (which a lost node's never does)."""
         fn = {"Pod": self._core.delete_namespaced_pod,
               "Service": self._core.delete_namespaced_service,
-              "Secret": self._core.delete_namespaced_secret}[kind]
+              "Secret": self._core.delete_namespaced_secret,
+              "ConfigMap": self._core.delete_namespaced_config_map}[kind]
         extra = {} if grace_period_s is None else {"grace_period_seconds": grace_period_s}
         try:
             await self._call(fn, name, namespace, propagation_policy="Background", _preload_content=False, **extra)

@@ -16,6 +16,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -26,8 +27,10 @@ from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.controlplane.server import AgentSession
-from salamander_operator.desired import (JobRef, build_credential_secret, build_worker_pod, build_worker_service,
-                                         credential_secret_name, service_name, worker_name)
+from salamander_operator import trace
+from salamander_operator.desired import (JobRef, build_credential_secret, build_trace_config_map, build_worker_pod,
+                                         build_worker_service, credential_secret_name, service_name,
+                                         trace_config_map_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
 from salamander_operator.health import SETTLE_S, JobHealth, StepBeat, verdict
 from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
@@ -38,6 +41,10 @@ from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousStore
 from salamander_operator.telemetry import OperatorTelemetry
 
+#: Set (to a fresh value) to ask for a trace of every rank; the trace ConfigMap carries the same value.
+TRACE_REQUEST_ANNOTATION = "trace.salamander.dev/request"
+#: On a trace ConfigMap written on a hang: the step the job was hung at.
+TRACE_HANG_ANNOTATION = "trace.salamander.dev/hang-step"
 RESYNC_S = 10.0        # a pass at least this often, even without events
 ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
 NODE_TOMBSTONE_S = 3600.0  # how long a deleted node is remembered as deleted
@@ -75,6 +82,22 @@ class OperatorContext:
         # and again once the incident has settled (root cause vs symptoms), to record it
         asyncio.get_running_loop().call_later(SETTLE_S + 0.05, self.wake, health.job.uid)
         return verdict(decision)
+
+    def trace_job(self, job: JobRef, sessions: list[AgentSession], spans: int, *,
+                  annotations: dict[str, str], then: Callable[[], None] | None = None) -> None:
+        """Collect every rank's timeline of ``job`` on a thread (up to 3 s), call ``then``, and
+        leave the merged trace in the job's trace ConfigMap with ``annotations``. Call on the
+        operator's event loop."""
+        loop = asyncio.get_running_loop()
+        assert self.rendezvous is not None
+        world = sum(s.identity.rank_count for s in sessions if s.connected) or 1
+
+        def write(merged: Any) -> str:
+            manifest = build_trace_config_map(job, trace.pack(merged), annotations)
+            asyncio.run_coroutine_threadsafe(self.cluster.put_config_map(manifest), loop).result(30)
+            return f"ConfigMap {job.namespace}/{trace_config_map_name(job)}"
+
+        trace.trace_in_background(self.rendezvous, job.uid, world_size=world, limit=spans, then=then, write=write)
 
     @property
     def rdzv_endpoint(self) -> str:
@@ -321,10 +344,40 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 hang = health.check_hang(steps, now)
                 if hang is not None:
                     if hang.decision.restarts_processes and hang.decision.charged:
-                        plane.restart_processes(namespace, name, hang.classification.evidence)
+                        evidence = hang.classification.evidence
+
+                        def restart(evidence: str = evidence) -> None:
+                            plane.restart_processes(namespace, name, evidence)
+
+                        observability = health.spec.observability
+                        if observability.trace_on_hang and ctx.rendezvous is not None:
+                            # the restart waits (<= 3 s) for every rank's timeline of the hang
+                            step = max((s.step for s in sessions), default=0)
+                            ctx.trace_job(health.job, sessions, observability.trace_spans, then=restart,
+                                          annotations={TRACE_HANG_ANNOTATION: str(step)})
+                        else:
+                            restart()
                     ctx.wake(uid)
             due = health.seconds_to_hang(time.monotonic()) if health is not None else None
             await stopped.wait(LIVENESS_SCAN_S if due is None else min(LIVENESS_SCAN_S, due + 0.001))
+
+    @kopf.on.field(GROUP, VERSION, PLURAL, field=("metadata", "annotations", TRACE_REQUEST_ANNOTATION),
+                   registry=registry)
+    async def trace_requested(name: str, namespace: str, uid: str, new: Any, spec: kopf.Spec, memo: kopf.Memo,
+                              logger: logging.Logger, **_: Any) -> None:
+        """``salamander trace NAMESPACE/JOB`` (or anyone) set the job's trace-request annotation:
+        collect every rank's timeline into the job's trace ConfigMap, annotated with the request."""
+        ctx: OperatorContext = memo.context
+        if not new or ctx.rendezvous is None or ctx.control_plane is None:
+            return
+        try:
+            spans = parse_spec(dict(spec)).observability.trace_spans
+        except InvalidSpec:
+            spans = 2000
+        sessions = ctx.control_plane.job_sessions(namespace, name)
+        ctx.trace_job(JobRef(name=name, namespace=namespace, uid=uid), sessions, spans,
+                      annotations={TRACE_REQUEST_ANNOTATION: str(new)})
+        logger.info("collecting a trace of %d agents' ranks (request %s)", len(sessions), new)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_control_plane(memo: kopf.Memo, **_: Any) -> None:
@@ -402,6 +455,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
             await ctx.cluster.delete("Pod", namespace, pod["metadata"]["name"])
         await ctx.cluster.delete("Service", namespace, service_name(ref))
         await ctx.cluster.delete("Secret", namespace, credential_secret_name(ref))
+        await ctx.cluster.delete("ConfigMap", namespace, trace_config_map_name(ref))
         ctx.credentials.forget(namespace, name)
         ctx.health.pop((namespace, name), None)
         ctx.telemetry.forget(namespace, name)
