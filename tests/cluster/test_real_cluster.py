@@ -92,6 +92,10 @@ async def test_job_objects_and_cleanup_on_a_real_cluster(real_cluster: Any) -> N
     status = await eventually(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gpt")
                               .get("status", {}).get("desiredWorkers"), "a status")
     assert status == 2
+    job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gpt")
+    assert 0.0 <= job["status"]["goodput"]["ratio"] <= 1.0
+    ports = {p.name: p.container_port for p in pods[0].spec.containers[0].ports}
+    assert ports["metrics"] == 9401
 
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gpt")
     await eventually(lambda: not core.list_namespaced_pod(namespace, label_selector="salamander.dev/job=gpt").items,
