@@ -30,6 +30,7 @@ sections gets a lane of its own, numbered from 2 in the order of its name.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -361,8 +362,14 @@ class Responder:
             self._sleep(backoff or POLL_S)
 
 
+STOP_JOIN_S = 5.0  # at exit, how long to wait for a store call in flight
 _started_in: int | None = None   # the pid whose responder is running (a forked child has none)
 _start_lock = threading.Lock()
+
+
+def _stop_responder(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(timeout=STOP_JOIN_S)
 
 
 def ensure_started(ctx: Any) -> None:
@@ -386,7 +393,13 @@ def ensure_started(ctx: Any) -> None:
                 return
             from salamander_worker.store import connect_store
 
-            responder = Responder(lambda: connect_store(endpoint), run_id, int(ctx.rank), int(ctx.restart_count))
-            threading.Thread(target=responder.run, name="salamander-trace", daemon=True).start()
+            stop = threading.Event()
+            responder = Responder(lambda: connect_store(endpoint), run_id, int(ctx.rank), int(ctx.restart_count),
+                                  sleep=stop.wait)
+            thread = threading.Thread(target=responder.run, args=(stop,), name="salamander-trace", daemon=True)
+            thread.start()
+            # Stop it before the interpreter finalizes: a daemon thread still inside a store call
+            # while torch's C++ objects are torn down aborts the process ("terminate called ...").
+            atexit.register(_stop_responder, stop, thread)
     except Exception as exc:  # noqa: BLE001 - a trace must never fail training
         log.warning("the trace responder did not start: %s", exc)
