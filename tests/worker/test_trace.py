@@ -196,7 +196,7 @@ def test_bad_flags_are_usage_errors(flags: list[str], needle: str, tmp_path: Pat
 
 def test_a_target_that_is_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["trace", str(tmp_path / "missing")]) == 2
-    assert "is not a run directory of `salamander run`" in _error(capsys)
+    assert "is neither a run directory of `salamander run` nor a TrainingJob name" in _error(capsys)
     assert cli.main(["trace", str(tmp_path)]) == 2
     assert "has no run.json" in _error(capsys)
 
