@@ -390,11 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     rdzv.set_defaults(func=_cmd_rendezvous)
 
     tr = sub.add_parser(
-        "trace", help="collect every rank's timeline of a running local job as one Chrome/Perfetto trace",
-        description="Ask every rank of a job run by `salamander run` for its newest sections (data, forward, "
+        "trace", help="collect every rank's timeline of a running job as one Chrome/Perfetto trace",
+        description="Ask every rank of a running job for its newest sections (data, forward, "
                     "backward, ...) and the ones it is in now, and write them as one Chrome trace: open it in "
-                    "https://ui.perfetto.dev or chrome://tracing to see where a step stalled. Works on local runs "
-                    "only (a run directory runs/<job>-<time>/ while the run is going), not yet on Kubernetes jobs. "
+                    "https://ui.perfetto.dev or chrome://tracing to see where a step stalled. TARGET is a local "
+                    "run's directory (runs/<job>-<time>/, while the run is going), or a TrainingJob on the "
+                    "cluster of the current kubeconfig: the operator collects the trace into ConfigMap <job>-trace. "
                     "With spec.observability.traceOnHang (the default) a local run also writes "
                     "RUN_DIR/trace-hang-<step>.json by itself when it detects a hang, before restarting.")
     tr.add_argument("target", metavar="RUN_DIR|[NAMESPACE/]JOB",
