@@ -271,3 +271,58 @@ def _restore(tier: str | None, step: int | None) -> tuple[str | None, int | None
     if step is None and tier not in (None, "none"):
         raise WireError(f"progress field 'restore_step' is required with restore_tier {tier!r}")
     return tier, step
+
+
+#: The most sections one rank's timing may carry (bounded, so a heartbeat stays small).
+MAX_TIMING_SECTIONS = 32
+MAX_SECTION_NAME = 64
+
+
+@dataclass(frozen=True)
+class RankTiming:
+    """Where one rank's step time went, as means per step over its last ``window`` steps
+    (:mod:`salamander_worker.sections`), sent from every rank through its agent's heartbeat to
+    the operator's straggler detector.
+
+    ``step_s`` is the mean step time; ``wait_s`` the part spent waiting on peers (the
+    ``communication`` section, and the tail of ``backward`` after the rank's last gradient
+    bucket was ready, under ``watch_ddp``). In a synchronous job every rank's ``step_s`` is
+    about the same; a straggler is the rank with the most ``step_s - wait_s`` (busy time).
+    ``sections`` holds the mean seconds per step of every section (``communication``
+    included) and ``other``, the time outside any section.
+
+    Invariants (:meth:`check`): ``rank >= 0``, ``step >= 0``, ``window >= 1``, every time finite
+    and ``>= 0``, ``wait_s <= step_s`` (within rounding), at most :data:`MAX_TIMING_SECTIONS`
+    sections with names of 1..:data:`MAX_SECTION_NAME` printable characters.
+    """
+
+    rank: int
+    step: int
+    window: int
+    step_s: float
+    wait_s: float
+    sections: dict[str, float]
+
+    @property
+    def busy_s(self) -> float:
+        return max(0.0, self.step_s - self.wait_s)
+
+    def check(self) -> RankTiming:
+        """``self`` if it holds the invariants; raises :class:`WireError` naming the bad field."""
+        what = f"rank timing of rank {self.rank}"
+        if self.rank < 0 or self.step < 0 or self.window < 1:
+            raise WireError(f"{what}: rank and step must be >= 0 and window >= 1")
+        for name, value in (("step_s", self.step_s), ("wait_s", self.wait_s)):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise WireError(f"{what}: {name} must be finite and >= 0, got {value}")
+        if self.wait_s > self.step_s * 1.001 + 1e-6:
+            raise WireError(f"{what}: wait_s ({self.wait_s}) exceeds step_s ({self.step_s})")
+        if len(self.sections) > MAX_TIMING_SECTIONS:
+            raise WireError(f"{what}: {len(self.sections)} sections, at most {MAX_TIMING_SECTIONS}")
+        for name, value in self.sections.items():
+            if not (isinstance(name, str) and 0 < len(name) <= MAX_SECTION_NAME and name.isprintable()):
+                raise WireError(f"{what}: bad section name {str(name)[:80]!r}")
+            if not (isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0.0):
+                raise WireError(f"{what}: section {name!r} must be a finite number >= 0, got {value!r}")
+        return self
