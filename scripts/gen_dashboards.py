@@ -456,7 +456,7 @@ def failures() -> Dashboard:
 
 
 def ranks() -> Dashboard:
-    step = sel("salamander_worker_rank_step_seconds")
+    step = sel("salamander_worker_rank_busy_seconds")
     sec = "salamander_worker_section_seconds"
     per_rank_ratio = (f"max by ({JOB_BY}, rank) ({step})\n/ on ({JOB_BY}) group_left ()\n"
                       f"quantile by ({JOB_BY}) (0.5, {step})")
@@ -466,29 +466,29 @@ def ranks() -> Dashboard:
                       "section it is slow in (MegaScale's view).", multi_job=False)
     board.add(
         Row("Stragglers"),
-        stat("Slowest rank / median", "The slowest rank's mean step time over the median rank's; the "
-             "straggler alert fires above 1.2 for 5 minutes.",
+        stat("Slowest rank / median", "The busiest rank's mean busy time per step (step time minus "
+             "waiting on peers) over the median rank's; the straggler alert fires above 1.2 for 5 minutes.",
              [Target(slowest_ratio, "{{trainingjob}}")], "none", w=6, decimals=2, thresholds=RATIO_STEPS),
-        stat("Median step time", "The median of the ranks' mean step times.",
+        stat("Median busy time", "The median of the ranks' mean busy time per step.",
              [Target(f"quantile by ({JOB_BY}) (0.5, {step})", "{{trainingjob}}")], "s", w=6, decimals=3),
-        stat("Slowest rank's step time", "The largest of the ranks' mean step times.",
+        stat("Slowest rank's busy time", "The largest of the ranks' mean busy time per step.",
              [Target(f"max by ({JOB_BY}) ({step})", "{{trainingjob}}")], "s", w=6, decimals=3),
-        stat("Ranks reporting", "Ranks whose step times are scraped (compare with the world size).",
+        stat("Ranks reporting", "Ranks whose timings are scraped (compare with the world size).",
              [Target(f"count by ({JOB_BY}) ({step})", "{{trainingjob}} reporting"),
               Target(f"max by ({JOB_BY}) ({sel('salamander_job_world_size')})", "{{trainingjob}} world size")],
              "none", w=6, decimals=0),
-        heatmap("Step time by rank", "Each rank's mean step time over its last window of steps; a "
-                "straggler is a bright row.",
+        heatmap("Busy time by rank", "Each rank's mean busy time per step (step time minus waiting on "
+                "peers) over its last window of steps; a straggler is a bright row.",
                 [Target(f"max by (rank) ({step})", "{{rank}}")], "s", w=24, h=10),
-        table("Slowest ranks", "The ten ranks with the largest step time relative to the job's median.",
+        table("Slowest ranks", "The ten ranks with the largest busy time relative to the job's median.",
               [Target(f"topk(10, {per_rank_ratio.replace(chr(10), ' ')})", instant=True, table=True)],
               "none", transformations=[
                   {"id": "organize", "options": {"excludeByName": {"Time": True, "namespace": True,
                                                                    "trainingjob": True},
-                                                 "renameByName": {"Value": "step time / median"}}}],
-              thresholds=RATIO_STEPS, sort_by="step time / median", desc=True),
-        timeseries("Step time: slowest, median, fastest", "The spread of the ranks' mean step times; "
-                   "the slowest rank sets the job's pace.",
+                                                 "renameByName": {"Value": "busy time / median"}}}],
+              thresholds=RATIO_STEPS, sort_by="busy time / median", desc=True),
+        timeseries("Busy time: slowest, median, fastest", "The spread of the ranks' mean busy time per "
+                   "step; the busiest rank sets the job's pace, the others wait for it.",
                    [Target(f"max by (trainingjob) ({step})", "slowest"),
                     Target(f"quantile by (trainingjob) (0.5, {step})", "median"),
                     Target(f"min by (trainingjob) ({step})", "fastest")], "s", w=12, h=10),
@@ -617,7 +617,7 @@ def _last(series: str) -> str:
     return f"max by ({JOB_BY}) (max_over_time({raw(series)}[1h]) > 0)"
 
 
-STEP = raw("salamander_worker_rank_step_seconds")
+STEP = raw("salamander_worker_rank_busy_seconds")
 ALERTS = (
     Alert("SalamanderJobHung",
           f"time() - {_last('salamander_worker_last_progress_timestamp_seconds')}", "> 600", "1m", "critical",
@@ -648,10 +648,10 @@ ALERTS = (
           f"max by ({JOB_BY}, rank) ({STEP})\n/ on ({JOB_BY}) group_left ()\nquantile by ({JOB_BY}) (0.5, {STEP})",
           "> 1.2", "5m", "warning",
           f"Rank {{{{ $labels.rank }}}} of TrainingJob {WHO} is a straggler "
-          "({{ $value | printf \"%.2f\" }}x the median step time).",
-          f"Rank {{{{ $labels.rank }}}} of TrainingJob {WHO} has taken {{{{ $value | printf \"%.2f\" }}}} times "
-          "the job's median step time for 5 minutes (threshold 1.2); the whole job waits for it. The "
-          "per-rank sections dashboard shows the section it is slow in."),
+          "({{ $value | printf \"%.2f\" }}x the median busy time).",
+          f"Rank {{{{ $labels.rank }}}} of TrainingJob {WHO} has been busy {{{{ $value | printf \"%.2f\" }}}} times "
+          "as long per step as the job's median rank for 5 minutes (threshold 1.2); every other rank waits for "
+          "it. The per-rank sections dashboard shows the section it is slow in."),
 )
 
 

@@ -120,8 +120,10 @@ CATALOG: tuple[Metric, ...] = (
        mode="mostrecent"),
     _m("worker_last_progress_timestamp_seconds", "gauge", "worker", "When the newest step completed "
        "(seconds since the epoch).", mode="max"),
-    _m("worker_rank_step_seconds", "gauge", "worker", "Mean step time of each rank over its last window of "
-       "steps.", (*JOB, "rank"), mode="mostrecent"),
+    _m("worker_rank_busy_seconds", "gauge", "worker", "Mean time per step each rank is busy: its step time minus "
+       "the time it waits on peers (the communication section), over its last window of steps. In a synchronous "
+       "job every rank's step time is the same; the straggler is the rank busy the longest.", (*JOB, "rank"),
+       mode="mostrecent"),
     _m("worker_section_seconds", "gauge", "worker", "Mean time per step each rank spends in each section "
        "(data, forward, backward, optimizer, communication), over its last window of steps.",
        (*JOB, "rank", "section"), mode="mostrecent"),
@@ -195,7 +197,7 @@ the scrape job). `rank` is the global rank, `section` one of """ + ", ".join(f"`
 
 Useful expressions: step rate `rate(salamander_worker_steps_total[1m])`; MFU
 `rate(salamander_worker_model_flops_total[1m]) / salamander_worker_peak_flops`; the slowest rank
-`topk(1, salamander_worker_rank_step_seconds)`.
+`topk(1, salamander_worker_rank_busy_seconds)`.
 
 """
 

@@ -367,7 +367,7 @@ class SyntheticJob:
             "salamander_job_world_size": lambda lv: world_size,
             "salamander_job_goodput_ratio": lambda lv: 0.9,
             "salamander_worker_peak_flops": lambda lv: 1e12,
-            "salamander_worker_rank_step_seconds": lambda lv: 0.12 if lv["rank"] == "0" else 0.1,
+            "salamander_worker_rank_busy_seconds": lambda lv: 0.12 if lv["rank"] == "0" else 0.1,
             "salamander_worker_section_seconds": lambda lv: 0.02,
             "salamander_agent_workers": lambda lv: world_size}
         self.registry = CollectorRegistry()

@@ -142,8 +142,8 @@ def test_every_metric_is_on_a_dashboard() -> None:
     ("histogram_quantile(0.9, sum by (source) (rate(salamander_failure_detection_latency_seconds_bucket[5m])))",
      "without 'le'"),
     ("sum by (trainingjob) (salamander_job_world_size) / sum (salamander_job_workers_ready)", "sides differ"),
-    ("salamander_worker_rank_step_seconds / on (namespace, trainingjob) group_left () "
-     "quantile by (namespace) (0.5, salamander_worker_rank_step_seconds)", "not a label of the right side"),
+    ("salamander_worker_rank_busy_seconds / on (namespace, trainingjob) group_left () "
+     "quantile by (namespace) (0.5, salamander_worker_rank_busy_seconds)", "not a label of the right side"),
 ])
 def test_label_checker_catches_mistakes(bad: str, problem: str) -> None:
     """The checker above is not vacuous."""

@@ -167,7 +167,7 @@ def test_every_process_of_a_pod_is_served_through_one_collector(tmp_path: Path) 
     assert value(registry, "salamander_worker_samples_total") == 320
     assert value(registry, "salamander_worker_tokens_total") == 20480
     assert value(registry, "salamander_worker_loss") == 2.5
-    assert value(registry, "salamander_worker_rank_step_seconds", rank="1") is not None
+    assert value(registry, "salamander_worker_rank_busy_seconds", rank="1") is not None
     assert value(registry, "salamander_worker_section_seconds", rank="0", section="forward") is not None
     assert value(registry, "salamander_restores_total", tier="memory") == 2  # one per rank
     assert value(registry, "salamander_snapshot_bytes_total") == 2000

@@ -164,7 +164,8 @@ class WorkerTelemetry:
         rank = str(self.rank)
         step_mean, sections = windows()
         if step_mean is not None:
-            self.m["salamander_worker_rank_step_seconds"].labels(*job, rank).set(step_mean)
+            busy = max(0.0, step_mean - sections.get("communication", 0.0))
+            self.m["salamander_worker_rank_busy_seconds"].labels(*job, rank).set(busy)
         for name, seconds in sections.items():
             self.m["salamander_worker_section_seconds"].labels(*job, rank, name).set(seconds)
         if self.rank != 0:
