@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, ctx: WorkerContext, log: Callable[[str], None] = pri
         if not dist.is_initialized():
             raise RuntimeError("world_size > 1 but no process group; run under torchrun")
         model = DistributedDataParallel(model)
+        salamander_worker.watch_ddp(model)  # backward's wait on peers counts as communication
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     say(f"gpt: {n_params:,} parameters, vocab {vocab.size}, corpus {len(text):,} chars, "
         f"world {ctx.world_size} ({ctx.backend}), restart {ctx.restart_count}")

@@ -326,3 +326,49 @@ class RankTiming:
                     and value >= 0.0):
                 raise WireError(f"{what}: section {name!r} must be a finite number >= 0, got {value!r}")
         return self
+
+
+# Each training process writes its RankTiming, about once a second, as JSON to
+# ``$SALAMANDER_TIMINGS_DIR/rank-<rank>.json`` (replaced atomically); its agent creates the
+# directory, sets the variable for its processes, and sends what it finds with its heartbeats.
+ENV_TIMINGS_DIR = "SALAMANDER_TIMINGS_DIR"
+MAX_TIMINGS_PER_HEARTBEAT = 1024
+MAX_TIMING_BYTES = 8192  # one encoded RankTiming (32 sections of 64-character names fit)
+_INT32, _INT64 = 2**31 - 1, 2**63 - 1
+
+
+def timing_file_name(rank: int) -> str:
+    """The name of rank ``rank``'s timing file in ``$SALAMANDER_TIMINGS_DIR``."""
+    return f"rank-{int(rank)}.json"
+
+
+def encode_rank_timing(timing: RankTiming) -> bytes:
+    """``timing`` as compact JSON (its fields, by name)."""
+    return json.dumps(asdict(timing), separators=(",", ":")).encode()
+
+
+def decode_rank_timing(raw: str | bytes) -> RankTiming:
+    """Parse and check a RankTiming; raises :class:`WireError` naming the bad field, never
+    anything else. Integers must fit the wire (rank and window in int32, step in int64)."""
+    if len(raw) > MAX_TIMING_BYTES:
+        raise WireError(f"rank timing is {len(raw)} bytes, at most {MAX_TIMING_BYTES}")
+    data = _json_object(raw, "rank timing")
+    fields = {"rank": int, "step": int, "window": int, "step_s": (int, float), "wait_s": (int, float),
+              "sections": dict}
+    _check_fields(data, fields, set(fields), "rank timing")
+    if not (data["rank"] <= _INT32 and data["window"] <= _INT32 and data["step"] <= _INT64):
+        raise WireError("rank timing fields rank/window (int32) or step (int64) are out of range")
+    sections: dict[str, float] = {}
+    for name, value in data["sections"].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WireError(f"rank timing section {str(name)[:80]!r} is not a number: {str(value)[:80]!r}")
+        try:
+            sections[name] = float(value)
+        except OverflowError:
+            raise WireError(f"rank timing section {str(name)[:80]!r} is out of range") from None
+    try:
+        step_s, wait_s = float(data["step_s"]), float(data["wait_s"])
+    except OverflowError:
+        raise WireError("rank timing fields step_s/wait_s are out of range") from None
+    return RankTiming(rank=data["rank"], step=data["step"], window=data["window"], step_s=step_s,
+                      wait_s=wait_s, sections=sections).check()

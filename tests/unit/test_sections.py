@@ -19,7 +19,7 @@ def test_steps_close_their_sections_into_the_window() -> None:
         assert rec.end_step(step) is not None
     mean, sections = rec.window_means()
     assert mean is not None and mean >= sections["forward"] >= sections["attention"] >= 0
-    assert set(sections) == {"forward", "attention"}
+    assert set(sections) == {"forward", "attention", "other"}  # other: the time outside any section
     names = [s.name for s in rec.spans()]
     assert names.count("step") == 3 and names.count("forward") == 6
     assert [s.step for s in rec.spans() if s.name == "step"] == [1, 2, 3]

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from salamander_worker.topology import WorkerContext, context, init_distributed
     from salamander_worker.progress import flush, report, should_stop
     from salamander_worker.sections import section
+    from salamander_worker.ddp import watch_ddp
     from salamander_worker.snapshot.snapshotter import SnapshotError, Snapshotter
 
 _EXPORTS = {
@@ -39,7 +40,7 @@ _EXPORTS = {
     "init_distributed": "salamander_worker.topology",
     "report": "salamander_worker.progress", "should_stop": "salamander_worker.progress",
     "flush": "salamander_worker.progress",
-    "section": "salamander_worker.sections",
+    "section": "salamander_worker.sections", "watch_ddp": "salamander_worker.ddp",
     "Checkpointer": "salamander_worker.checkpoint", "CheckpointError": "salamander_worker.checkpoint",
     "ModelState": "salamander_worker.checkpoint",
     "Snapshotter": "salamander_worker.snapshot.snapshotter",

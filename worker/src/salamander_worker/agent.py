@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.info("agent for run %s: nodes %d:%d, %d procs per node, rendezvous %s",
              run_id, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_endpoint or "standalone")
+    own_timings_dir = timings_directory()
     heartbeat = _start_heartbeat(args.nproc_per_node, args.rdzv_endpoint, run_id)
     agent_class = elastic_agent.install(heartbeat)
     agent_class.metrics = _start_metrics()
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat.stop()
         if memory is not None:
             shutil.rmtree(memory, ignore_errors=True)
+        if own_timings_dir is not None:
+            shutil.rmtree(own_timings_dir, ignore_errors=True)
         if own_metrics_dir is not None:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0
@@ -209,6 +212,30 @@ def snapshot_memory(run_id: str, root: Path = SHM_ROOT) -> Path | None:
     return memory
 
 
+def timings_directory() -> Path | None:
+    """Give this agent's training processes a directory for their section timings (through
+    ``SALAMANDER_TIMINGS_DIR``), which the heartbeat reads: the one already in the variable, or
+    a fresh temporary one, which this call returns for the agent to remove at exit (None
+    otherwise, or when it cannot be made: the timings are then not sent). Directories left by
+    agents no longer alive (killed without cleanup) are removed."""
+    given = os.environ.get(wire.ENV_TIMINGS_DIR)
+    if given:
+        return None
+    import tempfile
+
+    for stale in Path(tempfile.gettempdir()).glob("salamander-timings-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"salamander-timings-{os.getpid()}-"))
+    except OSError as exc:
+        log.warning("cannot create a directory for the section timings: %s", exc)
+        return None
+    os.environ[wire.ENV_TIMINGS_DIR] = str(path)
+    return path
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -225,14 +252,15 @@ def _start_heartbeat(nproc_per_node: int, rdzv_endpoint: str, run_id: str):  # -
     token = os.environ.get(wire.ENV_CONTROL_TOKEN, "")
     if not endpoint or not token:
         return None
-    from salamander_worker.heartbeat import Heartbeat, identity_from_environment, store_progress_reader
+    from salamander_worker.heartbeat import Heartbeat, identity_from_environment, store_progress_reader, timings_reader
 
     identity = identity_from_environment(nproc_per_node)
     if identity is None:
         log.warning("$%s is not <namespace>/<job>: not heartbeating", wire.ENV_JOB)
         return None
     read = store_progress_reader(rdzv_endpoint, run_id) if rdzv_endpoint else (lambda: None)
-    heartbeat = Heartbeat(endpoint, token, identity, read)
+    timings = os.environ.get(wire.ENV_TIMINGS_DIR, "")
+    heartbeat = Heartbeat(endpoint, token, identity, read, timings_reader(timings) if timings else None)
     heartbeat.start()
     log.info("heartbeating to the control plane at %s as %s", endpoint, identity.pod)
     return heartbeat

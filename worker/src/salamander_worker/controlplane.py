@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
+from salamander import wire
 from salamander.controlplane import AUTH_METADATA, BEARER, AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander.controlplane.v1 import controlplane_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+
 MAX_LOG_LINES = 50
 MAX_LOG_LINE = 1000
+MAX_TIMINGS_BYTES = 512 * 1024  # the rank timings of one heartbeat, encoded (the server takes 1 MiB messages)
 
 
 class ControlPlaneError(RuntimeError):
@@ -29,6 +34,12 @@ class ControlPlaneError(RuntimeError):
     def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
         self.code = code
         super().__init__(f"{code.name if code else 'UNKNOWN'}: {details}")
+
+
+def timing_message(timing: wire.RankTiming) -> pb.RankTiming:
+    """``timing`` as its protobuf message."""
+    return pb.RankTiming(rank=timing.rank, step=timing.step, window=timing.window, step_s=timing.step_s,
+                         wait_s=timing.wait_s, sections=timing.sections)
 
 
 class AgentClient:
@@ -47,6 +58,7 @@ class AgentClient:
         self._reader: asyncio.Task[None] | None = None
         self.session_id = ""
         self.heartbeat_interval_s = 1.0
+        self._trimmed = False  # a heartbeat's rank timings were cut to the byte budget (logged once)
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         self._call = self._stub.Session(metadata=((AUTH_METADATA, BEARER + self._token),))
@@ -64,12 +76,26 @@ class AgentClient:
         self.heartbeat_interval_s = reply.welcome.heartbeat_interval_s or 1.0
         self._reader = asyncio.create_task(self._read_acks())
 
-    async def heartbeat(self, step: int, step_time_s: float, step_at: float = 0.0, regrouping: bool = False) -> None:
+    async def heartbeat(self, step: int, step_time_s: float, step_at: float = 0.0, regrouping: bool = False,
+                        ranks: Sequence[wire.RankTiming] = ()) -> None:
         """``step_at``: when ``step`` was reported (seconds since the epoch; 0 if unknown);
-        ``regrouping``: the agent is restarting its processes."""
-        await self._write(pb.AgentMessage(heartbeat=pb.Heartbeat(
-            seq=next(self._seq), step=step, step_time_s=step_time_s, sent_unix_ns=time.time_ns(),
-            step_unix_ns=int(step_at * 1e9) if step_at > 0 else 0, regrouping=regrouping)))
+        ``regrouping``: the agent is restarting its processes; ``ranks``: the section timings of
+        its training processes (the first :data:`salamander.wire.MAX_TIMINGS_PER_HEARTBEAT`, and
+        no more than :data:`MAX_TIMINGS_BYTES` of them encoded, are sent)."""
+        hb = pb.Heartbeat(seq=next(self._seq), step=step, step_time_s=step_time_s, sent_unix_ns=time.time_ns(),
+                          step_unix_ns=int(step_at * 1e9) if step_at > 0 else 0, regrouping=regrouping)
+        budget = MAX_TIMINGS_BYTES
+        for timing in list(ranks)[:wire.MAX_TIMINGS_PER_HEARTBEAT]:
+            message = timing_message(timing)
+            budget -= message.ByteSize() + 4  # the field's tag and length
+            if budget < 0:
+                if not self._trimmed:
+                    self._trimmed = True
+                    log.warning("heartbeat: %d rank timings exceed %d bytes; sending fewer",
+                                len(ranks), MAX_TIMINGS_BYTES)
+                break
+            hb.ranks.append(message)
+        await self._write(pb.AgentMessage(heartbeat=hb))
 
     async def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                              exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,

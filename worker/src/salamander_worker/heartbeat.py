@@ -4,8 +4,11 @@ carries the agent's failure reports (:meth:`Heartbeat.report_failure`, callable 
 agent's own thread) and the operator's commands (:attr:`Heartbeat.restart_requested`).
 
 The step comes from the progress record rank 0 publishes in the rendezvous store
-(:mod:`salamander.wire`), so the training processes pay nothing extra. A broken or refused
-stream is retried with backoff (1 s doubling to 10 s); training never waits on this thread.
+(:mod:`salamander.wire`), so the training processes pay nothing extra. Each heartbeat also
+carries the section timing of every training process of the agent (:class:`salamander.wire.RankTiming`),
+read from the files they write about once a second in the agent's ``$SALAMANDER_TIMINGS_DIR``
+(:func:`timings_reader`). A broken or refused stream is retried with backoff (1 s doubling to
+10 s); training never waits on this thread.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from salamander.controlplane.v1 import controlplane_pb2 as pb
@@ -28,6 +34,8 @@ from salamander_worker.controlplane import AgentClient, ControlPlaneError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
+TIMING_STALE_S = 30.0  # a timing file not rewritten for this long is of a process that is gone or stuck
+_TIMING_FILE = re.compile(r"rank-(\d{1,9})\.json")
 
 
 class StepClock:
@@ -67,6 +75,45 @@ def store_progress_reader(rdzv_endpoint: str, run_id: str) -> Callable[[], wire.
     return read
 
 
+def timings_reader(directory: str | Path, stale_s: float = TIMING_STALE_S,
+                   clock: Callable[[], float] = time.time) -> Callable[[], list[wire.RankTiming]]:
+    """Read the timing files of the agent's training processes in ``directory``
+    (``rank-<rank>.json``, :class:`salamander_worker.sections.TimingWriter`): those present and
+    rewritten within ``stale_s``, by rank, at most :data:`salamander.wire.MAX_TIMINGS_PER_HEARTBEAT`.
+    A malformed or oversized file is skipped with one log line (again only once it was good
+    in between). Never raises."""
+    root = Path(directory)
+    warned: set[str] = set()
+
+    def read() -> list[wire.RankTiming]:
+        found: list[wire.RankTiming] = []
+        try:
+            names = sorted((int(m.group(1)), entry.name) for entry in os.scandir(root)
+                           if (m := _TIMING_FILE.fullmatch(entry.name)))
+        except OSError:
+            return found
+        now = clock()
+        for _, name in names[:wire.MAX_TIMINGS_PER_HEARTBEAT]:
+            path = root / name
+            try:
+                if now - path.stat().st_mtime > stale_s:
+                    continue
+                with path.open("rb") as f:
+                    raw = f.read(wire.MAX_TIMING_BYTES + 1)
+                timing = wire.decode_rank_timing(raw)
+            except FileNotFoundError:
+                continue
+            except (OSError, wire.WireError) as exc:
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("skipping the timing file %s: %s", path, exc)
+                continue
+            warned.discard(name)
+            found.append(timing)
+        return found
+    return read
+
+
 def identity_from_environment(nproc_per_node: int) -> AgentIdentity | None:
     """Who this agent speaks for, from the pod's environment; None outside a Salamander pod."""
     job = os.environ.get(wire.ENV_JOB, "")
@@ -84,10 +131,12 @@ class Heartbeat(threading.Thread):
     """Runs until :meth:`stop`. Daemonic: it never keeps a finished agent alive."""
 
     def __init__(self, endpoint: str, token: str, identity: AgentIdentity,
-                 read_progress: Callable[[], wire.Progress | None]) -> None:
+                 read_progress: Callable[[], wire.Progress | None],
+                 read_timings: Callable[[], list[wire.RankTiming]] | None = None) -> None:
         super().__init__(name="salamander-heartbeat", daemon=True)
         self._endpoint, self._token, self._identity = endpoint, token, identity
         self._read_progress = read_progress
+        self._read_timings = read_timings
         self._stopped = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AgentClient | None = None
@@ -138,8 +187,9 @@ class Heartbeat(threading.Thread):
                 backoff = 1.0
                 while not self._stopped.is_set():
                     self.clock.update(await asyncio.to_thread(self._read_progress))
+                    ranks = await asyncio.to_thread(self._read_timings) if self._read_timings else []
                     await client.heartbeat(self.clock.step, self.clock.step_time_s, self.clock.step_at,
-                                           regrouping=self.regrouping.is_set())
+                                           regrouping=self.regrouping.is_set(), ranks=ranks)
                     self.sent += 1
                     await asyncio.to_thread(self._stopped.wait, client.heartbeat_interval_s)
             except (ControlPlaneError, asyncio.TimeoutError) as exc:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from salamander import wire
 from salamander_worker import faults, telemetry
-from salamander_worker.sections import recorder
+from salamander_worker.sections import TimingWriter, configure, recorder
 from salamander_worker.store import connect_store
 from salamander_worker.topology import WorkerContext, context
 
@@ -41,6 +41,8 @@ class _Channel:
     restore: tuple[str, int | None] | None = None   # (tier, step) this process restored from
     blocked_s: float = 0.0  # training blocked on checkpoints and snapshots, this process life
     started: bool = False   # the trace responder was started
+    timings: TimingWriter | None = None  # this rank's section timing for its agent's heartbeat
+    step: int = 0           # the newest step reported
 
     def context(self) -> WorkerContext:
         """This process's context, read once: a restarted worker is a new process."""
@@ -73,7 +75,9 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
     seen in all, all ranks together, and the ``total_steps`` it will run, if known, for progress
     bars). ``flops_per_step``: the model FLOPs of one step of the whole job (e.g. 6 x parameters
     x tokens per step for a transformer), for MFU. Call it once per step on every rank: it also
-    closes the step's sections (:mod:`salamander_worker.sections`) and updates the metrics.
+    closes the step's sections (:mod:`salamander_worker.sections`), updates the metrics and,
+    under a Salamander agent, writes this rank's section timing for its heartbeat (at most once
+    a second, in ``$SALAMANDER_TIMINGS_DIR``).
 
     Cheap to call every step: the leader publishes at most every 0.5 s unless ``force``.
     """
@@ -86,10 +90,15 @@ def report(step: int, loss: float | None = None, samples: int = 0, *, total_step
             timeline.ensure_started(ctx)
         except Exception as exc:  # noqa: BLE001 - traces are a convenience; training goes on
             log.warning("per-rank traces are off: %s", exc)
+        configure(ctx.device)  # CUDA events for the section times on a GPU
+        _channel.timings = TimingWriter.from_environment(ctx.rank)
     faults.on_step(step, ctx, _channel.connect)  # every rank: inject the faults due (rehearsal, tests)
     if loss is not None and not math.isfinite(loss):
         loss = None
     step_s = recorder.end_step(step)
+    _channel.step = step
+    if _channel.timings is not None:
+        _channel.timings.maybe_write(step)  # at most once a second; never raises
     metrics = telemetry.worker()
     telemetry.guarded(lambda: metrics.on_step(step, step_s, loss, samples, tokens, flops_per_step,
                                               recorder.window_means))
@@ -139,6 +148,8 @@ def flush() -> None:
     """Publish the latest report and metrics now (call once at the end of training)."""
     metrics = telemetry.worker()
     telemetry.guarded(metrics.flush)
+    if _channel.timings is not None:
+        _channel.timings.maybe_write(_channel.step, force=True)
     if _channel.pending is not None:
         _publish(time.monotonic())
 

@@ -2,7 +2,9 @@
 
 Protocol (see ``controlplane.proto``): the first message of a stream is a Hello naming the
 job, pod, node and ranks; the call's bearer token must be that job's. Then heartbeats update
-the agent's :class:`AgentSession` and failure reports are handed to ``on_failure`` and acked.
+the agent's :class:`AgentSession` (with the section timings of its ranks, for the straggler
+detection: :meth:`ControlPlaneServer.job_timings`) and failure reports are handed to
+``on_failure`` and acked.
 Anything else is refused with a status naming the problem, counted in
 :class:`ControlPlaneStats`, and never affects other streams.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from salamander import wire
 from salamander.controlplane import AUTH_METADATA, BEARER, AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander.controlplane.v1 import controlplane_pb2_grpc as pb_grpc
@@ -43,7 +46,11 @@ class ProtocolError(ValueError):
 
 @dataclass
 class AgentSession:
-    """One connected agent. ``last_heartbeat`` is ``time.monotonic()`` of the newest message."""
+    """One connected agent. ``last_heartbeat`` is ``time.monotonic()`` of the newest message.
+
+    ``rank_timings``: the section timing of each of the agent's ranks, from the newest heartbeat
+    that carried any (a heartbeat carries every rank the agent has a recent timing of, so ranks
+    that left drop out), and ``timings_at``, ``time.monotonic()`` when it arrived (0: never)."""
 
     session_id: str
     identity: AgentIdentity
@@ -54,6 +61,8 @@ class AgentSession:
     step_at: float = 0.0  # wall-clock time the step was reported (0: unknown)
     regrouping: bool = False  # the agent is restarting its processes
     connected: bool = True
+    rank_timings: dict[int, wire.RankTiming] = field(default_factory=dict)
+    timings_at: float = 0.0
     outbox: asyncio.Queue[pb.OperatorMessage | None] = field(default_factory=asyncio.Queue, repr=False)
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
@@ -97,13 +106,33 @@ def validate_hello(hello: pb.Hello) -> None:
         raise ProtocolError("invalid_hello", "hello.first_rank must be >= 0 and hello.rank_count >= 1")
 
 
-def validate_heartbeat(hb: pb.Heartbeat) -> None:
+def validate_heartbeat(hb: pb.Heartbeat) -> dict[int, wire.RankTiming]:
+    """Check a heartbeat; returns its rank timings (:func:`heartbeat_timings`)."""
     if hb.step < 0:
         raise ProtocolError("invalid_heartbeat", "heartbeat.step must be >= 0")
     if not math.isfinite(hb.step_time_s) or hb.step_time_s < 0:
         raise ProtocolError("invalid_heartbeat", "heartbeat.step_time_s must be finite and >= 0")
     if hb.step_unix_ns < 0:
         raise ProtocolError("invalid_heartbeat", "heartbeat.step_unix_ns must be >= 0")
+    return heartbeat_timings(hb)
+
+
+def heartbeat_timings(hb: pb.Heartbeat) -> dict[int, wire.RankTiming]:
+    """The heartbeat's rank timings by rank (the last of a rank wins), each checked
+    (:meth:`salamander.wire.RankTiming.check`); a bad one is a :class:`ProtocolError` naming
+    its rank and field."""
+    if len(hb.ranks) > wire.MAX_TIMINGS_PER_HEARTBEAT:
+        raise ProtocolError("invalid_heartbeat", f"heartbeat.ranks has {len(hb.ranks)} timings, "
+                                                 f"at most {wire.MAX_TIMINGS_PER_HEARTBEAT}")
+    timings: dict[int, wire.RankTiming] = {}
+    for i, t in enumerate(hb.ranks):
+        try:
+            timing = wire.RankTiming(rank=t.rank, step=t.step, window=t.window, step_s=t.step_s,
+                                     wait_s=t.wait_s, sections=dict(t.sections)).check()
+        except wire.WireError as exc:
+            raise ProtocolError("invalid_heartbeat", f"heartbeat.ranks[{i}]: {exc}") from None
+        timings[timing.rank] = timing
+    return timings
 
 
 def _bearer(context: grpc.aio.ServicerContext) -> str | None:
@@ -182,8 +211,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         kind = message.WhichOneof("body")
         if kind == "heartbeat":
             hb = message.heartbeat
-            validate_heartbeat(hb)
+            timings = validate_heartbeat(hb)
             session.last_heartbeat = time.monotonic()
+            if timings:
+                session.rank_timings, session.timings_at = timings, session.last_heartbeat
             session.step, session.step_time_s = hb.step, hb.step_time_s
             session.step_at = hb.step_unix_ns / 1e9 if hb.step_unix_ns > 0 else 0.0
             session.regrouping = hb.regrouping
@@ -243,6 +274,18 @@ class ControlPlaneServer:
 
     def job_sessions(self, namespace: str, job: str) -> list[AgentSession]:
         return [s for (ns, j, _), s in list(self.servicer.sessions.items()) if ns == namespace and j == job]
+
+    def job_timings(self, namespace: str, job: str) -> dict[int, wire.RankTiming]:
+        """The newest section timing of every rank of a job, from its connected agents; a rank
+        two agents report (briefly, around a regroup) is taken from the newer heartbeat."""
+        merged: dict[int, tuple[float, wire.RankTiming]] = {}
+        for session in self.job_sessions(namespace, job):
+            if not session.connected:
+                continue
+            for rank, timing in list(session.rank_timings.items()):
+                if rank not in merged or merged[rank][0] < session.timings_at:
+                    merged[rank] = (session.timings_at, timing)
+        return {rank: merged[rank][1] for rank in sorted(merged)}
 
     @property
     def stats(self) -> ControlPlaneStats:

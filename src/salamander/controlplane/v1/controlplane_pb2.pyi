@@ -51,20 +51,45 @@ class Hello(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., job: _Optional[str] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ..., first_rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "step", "step_time_s", "sent_unix_ns", "step_unix_ns", "regrouping")
+    __slots__ = ("seq", "step", "step_time_s", "sent_unix_ns", "step_unix_ns", "regrouping", "ranks")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     STEP_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     REGROUPING_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     step: int
     step_time_s: float
     sent_unix_ns: int
     step_unix_ns: int
     regrouping: bool
-    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., step_unix_ns: _Optional[int] = ..., regrouping: _Optional[bool] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankTiming]
+    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., step_unix_ns: _Optional[int] = ..., regrouping: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
+
+class RankTiming(_message.Message):
+    __slots__ = ("rank", "step", "window", "step_s", "wait_s", "sections")
+    class SectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SECTIONS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    window: int
+    step_s: float
+    wait_s: float
+    sections: _containers.ScalarMap[str, float]
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., window: _Optional[int] = ..., step_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., sections: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
     __slots__ = ("exit_code", "signal")
