@@ -473,6 +473,13 @@ def ranks() -> Dashboard:
              [Target(f"quantile by ({JOB_BY}) (0.5, {step})", "{{trainingjob}}")], "s", w=6, decimals=3),
         stat("Slowest rank's busy time", "The largest of the ranks' mean busy time per step.",
              [Target(f"max by ({JOB_BY}) ({step})", "{{trainingjob}}")], "s", w=6, decimals=3),
+        stat("Stragglers now", "Ranks the operator's detector holds as stragglers (robust score against the "
+             "median, persistent over spec.stragglers.persistSteps); status.stragglers says which and why.",
+             [Target(f"max by ({JOB_BY}) ({sel('salamander_job_stragglers')})", "{{trainingjob}}")], "none", w=6,
+             decimals=0),
+        timeseries("Straggler actions", "Detections, evictions and undone evictions, per rate interval.",
+                   [Target(f"sum by (action) (increase({sel('salamander_straggler_actions_total')}[{RATE}]))",
+                           "{{action}}")], "none", w=6, bars=True, legend_calcs=("sum",)),
         stat("Ranks reporting", "Ranks whose timings are scraped (compare with the world size).",
              [Target(f"count by ({JOB_BY}) ({step})", "{{trainingjob}} reporting"),
               Target(f"max by ({JOB_BY}) ({sel('salamander_job_world_size')})", "{{trainingjob}} world size")],

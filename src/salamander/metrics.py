@@ -99,6 +99,10 @@ CATALOG: tuple[Metric, ...] = (
        "forward."),
     _m("job_lost_seconds", "gauge", "operator", "Wall time not productive, by cause: " + ", ".join(LOST_CAUSES)
        + ". With job_productive_seconds it adds up to the wall time.", (*JOB, "cause")),
+    _m("job_stragglers", "gauge", "operator", "Ranks the operator's straggler detector holds as stragglers now "
+       "(see status.stragglers for which, how slow and why)."),
+    _m("straggler_actions", "counter", "operator", "Straggler detections and mitigations, by action (Detected, "
+       "Evicted, Undone).", (*JOB, "action")),
     _m("controlplane_connections", "gauge", "operator", "Agents connected to the operator's control plane."),
     _m("controlplane_rejected_requests", "counter", "operator", "Control-plane messages refused, by reason "
        "(unauthenticated, malformed, out of order...).", ("reason",)),

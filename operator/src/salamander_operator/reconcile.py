@@ -35,6 +35,7 @@ from salamander_operator.failures import classify_worker
 from salamander_operator.incidents import Incident, fold_incidents, release_expired
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 from salamander_operator.policy import FailureEvidence, RestartHistory, decide
+from salamander_operator.straggler_watch import StragglerVerdict, quarantined
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,13 @@ def _unfinished(observed: Sequence[ObservedWorker]) -> tuple[int, ...]:
 
 def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
               previous: TrainingJobStatus, progress: Progress | None,
-              now: datetime.datetime, incidents: Sequence[Incident] = ()) -> Plan:
+              now: datetime.datetime, incidents: Sequence[Incident] = (),
+              straggling: StragglerVerdict | None = None) -> Plan:
     """Decide one pass for one job. Pure: the caller observes and applies. ``incidents`` are the
-    failures the in-band channels detected and decided since the last pass. The goodput
-    ledger is brought up to ``now`` on every pass of a live job, and frozen once it ends."""
-    plan = _decide(job, spec, observed, previous, progress, now, incidents)
+    failures the in-band channels detected and decided since the last pass; ``straggling`` what
+    straggler detection found and asks (status, an eviction, an undo). The goodput ledger is
+    brought up to ``now`` on every pass of a live job, and frozen once it ends."""
+    plan = _decide(job, spec, observed, previous, progress, now, incidents, straggling)
     if plan.status.phase.terminal and previous.phase.terminal:
         return plan
     ledger = goodput.account(plan.status.goodput, progress, plan.status.last_failure, now,
@@ -103,7 +106,8 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
 
 def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
             previous: TrainingJobStatus, progress: Progress | None,
-            now: datetime.datetime, incidents: Sequence[Incident] = ()) -> Plan:
+            now: datetime.datetime, incidents: Sequence[Incident] = (),
+            straggling: StragglerVerdict | None = None) -> Plan:
     if previous.phase.terminal:
         invalid_before = _reason(previous) == Reason.INVALID_SPEC
         if invalid_before and previous.observed_generation != job.generation:
@@ -155,7 +159,11 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
     status, released = _release_quarantine(status, now)
     events.extend(Event("Normal", Reason.NODE_RELEASED, f"node {node} is out of quarantine") for node in released)
 
-    replaced = {w.index for w in failed} | folded.replace | folded_pods.replace
+    evicted: set[int] = set()
+    if straggling is not None:
+        status, straggler_events, evicted = _with_stragglers(status, straggling, {w.index for w in running}, now)
+        events.extend(straggler_events)
+    replaced = {w.index for w in failed} | folded.replace | folded_pods.replace | evicted
     held = {w.index for w in observed}  # a deleting worker still holds its name
     create = tuple(i for i in range(spec.replicas.max) if i not in held)
     delete = tuple(sorted((replaced & {w.index for w in live})
@@ -164,6 +172,36 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
     events.extend(_membership_events(status, new_status, progress))
     return Plan(create=create, delete=delete, status=new_status, events=tuple(events),
                 incidents=(*incidents, *pod_incidents))
+
+
+def _with_stragglers(status: TrainingJobStatus, verdict: StragglerVerdict, running: set[int],
+                     now: datetime.datetime) -> tuple[TrainingJobStatus, list[Event], set[int]]:
+    """Status with the current stragglers, the evicted stragglers' nodes quarantined and the
+    undone ones released; the events (a straggler new since the last pass, an eviction, an
+    undo) and the workers to replace. An eviction is not a restart: it is not charged."""
+    events: list[Event] = []
+    known = {r.rank for r in status.stragglers}
+    for r in verdict.records:
+        if r.rank not in known:
+            where = f" on node {r.node}" if r.node else ""
+            events.append(Event("Warning", Reason.STRAGGLER_DETECTED,
+                                f"rank {r.rank}{where} is {r.slowdown:.0%} slower than the median rank "
+                                f"(z {r.score:.1f}, cause {r.cause})"))
+    quarantined_nodes = list(status.quarantined_nodes)
+    evicted: set[int] = set()
+    for e in verdict.evictions:
+        if e.worker in running:
+            evicted.add(e.worker)
+            quarantined_nodes = quarantined(quarantined_nodes, e)
+            events.append(Event("Warning", Reason.STRAGGLER_EVICTED,
+                                f"replacing worker {e.worker} and keeping node {e.node} out until "
+                                f"{e.until:%H:%M:%S} UTC: {e.why}"))
+    for node, why in verdict.releases:
+        if any(q.node == node for q in quarantined_nodes):
+            quarantined_nodes = [q for q in quarantined_nodes if q.node != node]
+            events.append(Event("Normal", Reason.STRAGGLER_EVICTION_UNDONE, f"node {node} is back: {why}"))
+    return status.model_copy(update={"stragglers": list(verdict.records),
+                                     "quarantined_nodes": quarantined_nodes}), events, evicted
 
 
 def decide_failed_workers(job: JobRef, spec: TrainingJobSpec, failed: Sequence[ObservedWorker],

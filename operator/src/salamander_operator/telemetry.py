@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from salamander.api import FailureAction, Phase, TrainingJobStatus
+from salamander.api import FailureAction, Phase, Reason, TrainingJobStatus
 from salamander.metrics import BY_NAME, LOST_CAUSES, instruments
 from salamander_operator.controlplane.server import ControlPlaneServer
 from salamander_operator.desired import JobRef
@@ -29,6 +29,8 @@ from salamander_operator.reconcile import Plan
 _RESTARTING = {FailureAction.RESTART_PROCESSES, FailureAction.REPLACE_POD, FailureAction.REPLACE_NODE,
                FailureAction.RETRY_IN_PLACE}
 RECONFIGURATIONS = ("shrink", "grow")
+STRAGGLER_ACTIONS = {Reason.STRAGGLER_DETECTED: "Detected", Reason.STRAGGLER_EVICTED: "Evicted",
+                     Reason.STRAGGLER_EVICTION_UNDONE: "Undone"}
 #: Why the control plane refuses a message (ControlPlaneServicer's counters); exported from 0.
 REJECT_REASONS = ("unauthenticated", "invalid_hello", "invalid_heartbeat", "invalid_failure", "no_hello",
                   "unexpected_message")
@@ -63,6 +65,8 @@ class OperatorTelemetry:
                     m["salamander_failures_detected"].labels(*labels, source.value, severity.name)
             for reason in RECONFIGURATIONS:
                 m["salamander_job_reconfigurations"].labels(*labels, reason)
+            for action in STRAGGLER_ACTIONS.values():
+                m["salamander_straggler_actions"].labels(*labels, action)
         m["salamander_reconcile_duration_seconds"].labels(*labels).observe(seconds)
         for phase in Phase:
             m["salamander_job_phase"].labels(*labels, phase.value).set(1 if status.phase is phase else 0)
@@ -87,6 +91,11 @@ class OperatorTelemetry:
         if previous.world_size > 0 and status.world_size > 0 and status.world_size != previous.world_size:
             reason = RECONFIGURATIONS[0] if status.world_size < previous.world_size else RECONFIGURATIONS[1]
             m["salamander_job_reconfigurations"].labels(*labels, reason).inc()
+        m["salamander_job_stragglers"].labels(*labels).set(len(status.stragglers))
+        for event in plan.events:
+            action = STRAGGLER_ACTIONS.get(event.reason)
+            if action is not None:
+                m["salamander_straggler_actions"].labels(*labels, action).inc()
         ledger = status.goodput
         if ledger is not None:
             m["salamander_job_goodput_ratio"].labels(*labels).set(ledger.ratio)

@@ -8,13 +8,15 @@ from salamander.api.manifest import InvalidSpec, check_name, parse_manifest, par
 from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, CheckpointSpec,
                                    Condition, ConditionType, FailureAction, FailurePolicy, FailureRecord,
                                    FailureRule, Fault, FaultKind, HangPolicy, ObservabilitySpec, Phase, QuarantinedNode, Reason,
-                                   Replicas, RestoreRecord, SnapshotSpec, TrainingJob, TrainingJobSpec,
+                                   Replicas, RestoreRecord, SnapshotSpec, StragglerAction,
+                                   StragglerPolicy, StragglerRecord, TrainingJob, TrainingJobSpec,
                                    TrainingJobStatus, WorkerTemplate)
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
     "CheckpointSpec", "Condition", "ConditionType", "FailureAction", "FailurePolicy", "FailureRecord",
     "FailureRule", "Fault", "FaultKind", "HangPolicy", "ObservabilitySpec", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas",
-    "RestoreRecord", "SnapshotSpec", "TrainingJob", "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate",
+    "RestoreRecord", "SnapshotSpec", "StragglerAction", "StragglerPolicy", "StragglerRecord", "TrainingJob",
+    "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate",
     "check_name", "parse_manifest", "parse_spec",
 ]

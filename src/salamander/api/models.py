@@ -229,6 +229,52 @@ class ObservabilitySpec(ApiModel):
         "The newest spans per rank a trace holds."))
 
 
+class StragglerAction(StrEnum):
+    """What is done about a straggler: ``Report`` lists it in status (and an event); ``Evict``
+    also replaces its node's worker and quarantines the node, for the causes an eviction can fix."""
+
+    REPORT = "Report"
+    EVICT = "Evict"
+
+
+class StragglerPolicy(ApiModel):
+    """How stragglers are detected and what is done about them (``salamander_operator.stragglers``).
+
+    Every rank's busy time (step time minus time waiting on peers, a mean over its last 32
+    steps) is compared with the job's median. A rank is a straggler when it is at least
+    ``minSlowdown`` slower and ``zThreshold`` robust standard deviations (median absolute
+    deviation) above the median, persistently: for at least ``persistSteps`` steps, which the
+    32-step means show up to one window later. It stops being one after as many steps below. With
+    ``action: Evict`` a straggler whose cause is its node (slow compute, or slow data loading
+    on that node alone) has its worker replaced and the node quarantined for
+    ``quarantineSeconds``, at most ``maxEvictionsPerHour`` times an hour and never below
+    ``replicas.min`` ready workers; an eviction after which the job's median step time did not
+    improve by ``minImprovement`` within ``evaluateSteps`` steps is undone (the quarantine is
+    lifted). Imbalance (the slow rank moves, or stays slow on a new node) is never evicted.
+    """
+
+    action: StragglerAction = Field(StragglerAction.REPORT, description=(
+        "Report: list stragglers in status and events only. Evict: also replace the worker of a straggler's "
+        "node and quarantine the node, when its cause is the node's compute or its data loading."))
+    min_slowdown: Annotated[float, Field(ge=0.01, le=10.0)] = Field(0.1, description=(
+        "The slowdown to catch, as a fraction of the median rank's busy time (0.1: 10% slower)."))
+    z_threshold: Annotated[float, Field(ge=1.0, le=100.0)] = Field(3.0, description=(
+        "How many robust standard deviations (1.4826 x the median absolute deviation, at least 1% of "
+        "the median) above the job's median a straggler's busy time must be."))
+    persist_steps: Annotated[Count, Field(ge=1, le=10_000_000)] = Field(30, description=(
+        "For how many steps a rank must have been slow to be a straggler, and below the threshold to stop "
+        "being one; detection takes up to one 32-step measurement window longer."))
+    max_evictions_per_hour: Annotated[Count, Field(ge=0, le=1000)] = Field(1, description=(
+        "At most this many evictions within any hour (0: never evict)."))
+    quarantine_seconds: Annotated[Count, Field(ge=0, le=30 * 86_400)] = Field(3600, description=(
+        "How long an evicted straggler's node is kept out of the job."))
+    evaluate_steps: Annotated[Count, Field(ge=1, le=10_000_000)] = Field(50, description=(
+        "Steps after an eviction over which the job's median step time is compared with the one before."))
+    min_improvement: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.05, description=(
+        "The fraction by which an eviction must have cut the job's median step time to be kept; "
+        "otherwise it is undone (the node's quarantine is lifted)."))
+
+
 class FaultKind(StrEnum):
     KILL_PROCESS = "KillProcess"    # SIGKILL one training process
     RAISE_EXCEPTION = "RaiseException"  # raise inside one training process
@@ -267,6 +313,8 @@ class TrainingJobSpec(ApiModel):
         "In-memory, erasure-coded snapshots of the training state, restored from the nearest copy."))
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec, description=(
         "Per-rank timelines (traces) on hangs."))
+    stragglers: StragglerPolicy = Field(default_factory=StragglerPolicy, description=(
+        "Straggler detection (always on) and what is done about stragglers: report, or evict their node."))
     faults: list[Fault] = Field(default_factory=list, description="Faults to inject, for rehearsal and tests.")
 
     @field_validator("snapshot")
@@ -343,6 +391,9 @@ class Reason(StrEnum):
     GREW = "Grew"
     FAULT_INJECTED = "FaultInjected"
     SNAPSHOT_RESTORED = "SnapshotRestored"
+    STRAGGLER_DETECTED = "StragglerDetected"
+    STRAGGLER_EVICTED = "StragglerEvicted"
+    STRAGGLER_EVICTION_UNDONE = "StragglerEvictionUndone"
 
 
 class Condition(ApiModel):
@@ -430,6 +481,24 @@ class GoodputRecord(ApiModel):
     failure_seen: datetime.datetime | None = None
 
 
+class StragglerRecord(ApiModel):
+    """A current straggler: which rank, where, how much slower than the job's median, why, and
+    what was done (see ``spec.stragglers``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rank: int = Field(description="The global rank.")
+    worker: int | None = Field(None, description="The worker (pod index) the rank runs in, when known.")
+    node: str = Field("", description="The Kubernetes node the rank runs on, when known.")
+    slowdown: float = Field(description="Busy time over the job's median, minus 1 (0.25: 25% slower).")
+    score: float = Field(description="Robust z-score: standard deviations (from the MAD) above the median.")
+    cause: str = Field(description=(
+        "node (every rank on its node is slow), compute, data (loading), communication, or imbalance "
+        "(the slow rank moves, or stays slow on a new node: no eviction fixes it)."))
+    since: datetime.datetime = Field(description="When the rank became a straggler.")
+    action: str = Field("Reported", description="What was done: Reported, Evicted or Undone.")
+
+
 class TrainingJobStatus(ApiModel):
     """What is. Written only by the operator; unknown fields are ignored when read back."""
 
@@ -451,6 +520,8 @@ class TrainingJobStatus(ApiModel):
     restart_times: list[datetime.datetime] = Field(default_factory=list, description=(
         "When the restarts of the newest policy window happened (for the storm guard)."))
     quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)
+    stragglers: list[StragglerRecord] = Field(default_factory=list, description=(
+        "The current stragglers, slowest first."))
     start_time: datetime.datetime | None = None
     completion_time: datetime.datetime | None = None
 

@@ -36,9 +36,10 @@ from salamander_operator.health import SETTLE_S, JobHealth, StepBeat, verdict
 from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
 from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_failed_nodes, node_state,
                                        quarantine_labels, quarantined_by, stranded)
-from salamander_operator.observed import observe_pod
+from salamander_operator.observed import WorkerPhase, observe_pod
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousStore
+from salamander_operator.straggler_watch import StragglerWatch, placement
 from salamander_operator.telemetry import OperatorTelemetry
 
 #: Set (to a fresh value) to ask for a trace of every rank; the trace ConfigMap carries the same value.
@@ -151,6 +152,7 @@ class JobSupervisor:
     node_labels: dict[str, datetime.datetime | None] = field(default_factory=dict)
     on_failed_nodes: frozenset[int] = frozenset()  # workers on a NotReady/deleted node, this pass
     stranded: tuple[int, ...] = ()  # workers being deleted on a failed node, stuck Terminating
+    stragglers: StragglerWatch = field(default_factory=StragglerWatch)
 
     def __post_init__(self) -> None:
         self.node_labels = {q.node: None for q in self.status.quarantined_nodes}
@@ -224,11 +226,21 @@ class JobSupervisor:
                 health = self.ctx.health[(ref.namespace, ref.name)] = JobHealth(ref, spec)
             health.sync(spec, self.status)
             incidents = health.drain()
-        plan = reconcile(ref, spec, observed, self.status, progress, datetime.datetime.now(datetime.UTC), incidents)
+        now = datetime.datetime.now(datetime.UTC)
+        straggling = None
+        if isinstance(spec, TrainingJobSpec) and self.ctx.control_plane is not None:
+            sessions = self.ctx.control_plane.job_sessions(ref.namespace, ref.name)
+            nodes_of, worker_of_node = placement(ref, sessions)
+            ready = sum(1 for w in observed if w.phase is WorkerPhase.RUNNING and w.ready and not w.deleting)
+            straggling = self.stragglers.verdict(spec, self.ctx.control_plane.job_timings(ref.namespace, ref.name),
+                                                 nodes_of, worker_of_node, ready, now)
+        plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling)
         if isinstance(spec, TrainingJobSpec):
             health.sync(spec, plan.status)  # restarts this pass charged start their recovery
         previous = self.status
         await self.apply(ref, spec, plan, body, logger)
+        if straggling is not None:
+            self.stragglers.applied(straggling, now)
         self.ctx.telemetry.observe_pass(ref, previous, plan, time.perf_counter() - started)
         return plan
 

@@ -33,6 +33,7 @@ from salamander_operator.local.workers import LocalWorkers
 from salamander_operator.observed import WorkerPhase
 from salamander_operator.reconcile import Event, Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
+from salamander_operator.straggler_watch import StragglerWatch, placement
 from salamander_operator.telemetry import OperatorTelemetry
 from salamander_worker.telemetry import ENV_MULTIPROC_DIR, PodCollector
 
@@ -106,6 +107,7 @@ class LocalRun:
         self._node_ready_at: dict[int, float] = {}  # worker -> when its replacement node is up
         self._wake = threading.Event()
         self._previous = self.status
+        self.stragglers = StragglerWatch()
         # `salamander trace <log_dir>` finds the run's store here (the store lives as long as the run)
         (log_dir / "run.json").write_text(json.dumps({
             "endpoint": self.host.endpoint, "run_id": self.ref.uid, "namespace": self.ref.namespace,
@@ -159,7 +161,13 @@ class LocalRun:
                 restart()
         incidents = self.health.drain()
         now = datetime.datetime.now(datetime.UTC)
-        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents)
+        nodes, worker_of_node = placement(self.ref, sessions)
+        ready = sum(1 for w in observed if w.phase is WorkerPhase.RUNNING and w.ready and not w.deleting)
+        straggling = self.stragglers.verdict(self.job.spec, self.plane.server.job_timings(self.ref.namespace,
+                                                                                          self.ref.name),
+                                             nodes, worker_of_node, ready, now)
+        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents, straggling)
+        self.stragglers.applied(straggling, now)
         self.health.sync(self.job.spec, plan.status)  # restarts this pass charged start their recovery
         for index in plan.delete:
             self.workers.delete(index)

@@ -1,0 +1,687 @@
+"""Straggler detection: every rank's timing in, stragglers with a cause and what to do out.
+
+Pure: no clock, no I/O; the operator keeps a :class:`DetectorState` per job in memory and
+feeds it the newest :class:`~salamander.wire.RankTiming` of every rank about once a second.
+
+**Signal.** In a synchronous job every rank's step takes about as long (the collectives line
+them up), so the step time names no one. What differs is *busy* time, ``step_s - wait_s``:
+the straggler computes (or loads data) longest while the others wait for it. :func:`score`
+compares every rank's busy time with the job's median: ``slowdown = busy / median - 1`` and a
+robust ``z = (busy - median) / max(1.4826 * MAD, 1% of median)``. The median and the MAD hold
+as long as fewer than half the ranks are slow (their breakdown point). Two ranks have no
+median to speak of: the slower is compared with the faster, its ``z`` is its slowdown in units
+of the 1% floor, so the slowdown threshold decides alone. One rank has nothing to compare with.
+
+**Evidence and persistence.** An observation is *evidence* against a rank when its slowdown
+is at least ``E = EVIDENCE_FRACTION * minSlowdown`` and its ``z`` at least ``zThreshold``. A
+rank becomes a straggler once it has been slow for ``persistSteps`` steps, judged from an
+unbroken run of evidence (steps counted with ``RankTiming.step``, never by observations: one
+observation or a dozen within a step add no evidence), and its newest slowdown is at least
+``CONFIRM_FRACTION * minSlowdown``.
+
+Each timing is a moving mean over the rank's last ``W = window`` (32) steps, which lags:
+evidence starts ``r`` steps after a slowdown of ``X`` starts (when ``r X / W`` reaches ``E``:
+``r = W E / X``) and lasts until ``W - r`` steps after it ends. So a slowdown that lasted
+``L`` steps shows evidence over ``L + W - 2r`` steps, and evidence spanning
+``persistSteps + W - 2r`` steps proves ``L >= persistSteps``: that is the span required.
+``X``, hence ``r``, is estimated from how fast the mean rose: its rise from the last
+observation without evidence over at least :data:`RISE_STEPS` steps, times ``W`` (the mean
+rises by ``X / W`` per slow step), and never below the run's peak; ``r`` is at most ``W / 2``.
+(A peak alone would not do: a short burst's mean peaks at ``L X / W``, far below ``X``.)
+Consequences: a single outlying step (a GC pause, a page-fault storm), however long, or a burst
+shorter than ``persistSteps`` never makes a straggler (exactly up to the noise of the rise and a
+few steps of rounding, when ``persistSteps >= 2 * RISE_STEPS``); a persistent slowdown is found
+about ``persistSteps + W - r`` steps after it starts (``W - r``: what the window needs to rule
+out a burst that has already ended), and a rank slow since it was first observed (no rise
+seen) once its evidence spans ``persistSteps + W - 2r`` with ``X`` its peak. A rank exactly
+``minSlowdown`` slower has a windowed slowdown below ``minSlowdown`` about half the time,
+hence evidence from half of it and confirmation at 3/4 of it (``z`` keeps the healthy ranks out).
+
+**Hysteresis.** By the same accounting, a straggler stops being one after it has been below
+the evidence threshold for ``persistSteps`` steps: observations without evidence spanning
+``persistSteps - W + r`` steps (at least :data:`MIN_WINDOW`), since its first calm window
+already holds about ``W - r`` calm steps. Evidence is judged at half of ``minSlowdown``, so a
+straggler hovering around the threshold does not flap.
+
+**Causes**, from where the straggler's excess over the median rank lies:
+
+* ``node``: every rank of its node (two or more) has evidence: the node is slow;
+* ``data``: the data section holds most of the excess busy time; ``compute``: the other
+  sections (forward, backward, optimizer, any others, and ``other``, the time outside any
+  section) do;
+* ``communication``: the rank's *step* is longer than the others' and the excess is in its own
+  communication section. Limits: a slow link in a ring all-reduce slows every rank's
+  communication alike, so no rank stands out and nothing here names it (the job's step time,
+  in the goodput ledger, shows it); and since waiting counts as communication, a rank that
+  merely computes faster has more communication but the same step, so only a longer step counts;
+* ``imbalance``: no eviction fixes it. Either the slow rank moves (within the last
+  :data:`IMBALANCE_SPANS` persistence spans at least :data:`IMBALANCE_RANKS` ranks on two or more
+  nodes had an *episode*, a run of evidence that reached ``minSlowdown`` and lasted a window but
+  ended before the rank became a straggler, and no rank is a straggler; once that has held for a
+  persistence span, the ranks in a run of evidence that reached ``minSlowdown`` and has lasted
+  half a window are reported), or the same rank is slow again on a new node after its old one
+  was evicted: the excess follows the rank's data shard, not the node.
+
+**Decision** (:func:`decide`, pure; :func:`applied` records what the operator did): every
+straggler is reported. With ``action: Evict`` one node at a time is evicted, only for causes
+``node``, ``compute``, or ``data`` when the data stragglers are on that one node; at most
+``maxEvictionsPerHour`` within any hour; never when the job would drop below ``replicas.min``
+ready workers; never while an earlier eviction is still being evaluated. :func:`observe`
+evaluates each eviction: once the evicted node no longer hosts a rank, it takes the job's
+median step time from full windows over ``evaluateSteps`` steps; if that is not at least
+``minImprovement`` below the step time before the eviction, :func:`decide` emits
+:class:`Undo` (release the node's quarantine early).
+
+Malformed timings are rejected with :class:`~salamander.wire.WireError` before any state
+changes. Ranks may be missing from an observation (their track is kept) or disappear (their
+track is dropped after two persistence spans of the job's steps); a rank whose step goes back
+(a restart) or that moves to another node starts over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from salamander.api import StragglerAction, StragglerPolicy, StragglerRecord
+from salamander.wire import RankTiming, WireError
+
+#: 1.4826 x MAD estimates the standard deviation of normally distributed values.
+MAD_SCALE = 1.4826
+#: The robust scale is never below this fraction of the median (all ranks equal: MAD 0).
+MAD_FLOOR = 0.01
+#: A window counts as evidence at this fraction of ``minSlowdown`` ...
+EVIDENCE_FRACTION = 0.5
+#: ... and a rank is confirmed a straggler when its newest window is at this fraction of it.
+CONFIRM_FRACTION = 0.75
+#: Timings over fewer steps than this (a process that just started) are not judged.
+MIN_WINDOW = 8
+#: The rise of a rank's mean is measured over at least this many steps (see :func:`_level`).
+RISE_STEPS = 16
+#: Ranks with episodes of evidence that did not persist, on two or more nodes within the last
+#: IMBALANCE_SPANS persistence spans, that make an imbalance.
+IMBALANCE_RANKS = 3
+IMBALANCE_SPANS = 4
+#: An eviction still unevaluated after this long (its node never left, the job stalled) expires.
+EVALUATION_TIMEOUT_S = 3600.0
+#: Eviction records kept beyond those the decision still needs (the last hour's, the ones
+#: being evaluated or to be undone).
+MAX_RECORDS = 32
+#: Below this many seconds a median busy time means nothing to compare.
+TINY_S = 1e-9
+
+Cause = Literal["node", "compute", "data", "communication", "imbalance"]
+CAUSES: tuple[str, ...] = ("node", "compute", "data", "communication", "imbalance")
+#: Sections whose excess is data loading; ``communication`` is waiting; every other is compute.
+DATA_SECTION = "data"
+COMMUNICATION_SECTION = "communication"
+Verdict = Literal["pending", "helped", "no_improvement", "expired"]
+HOUR = datetime.timedelta(hours=1)
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankScore:
+    """One rank against the job. ``slowdown`` and ``z`` compare its busy time with the median
+    rank's (``slowdown = busy / median - 1``, ``z`` in robust standard deviations);
+    ``step_slowdown`` and ``step_z`` do the same for its step time (nearly 0 in a synchronous
+    job, except for a rank whose own communication is slow)."""
+
+    rank: int
+    busy_s: float
+    slowdown: float
+    z: float
+    step_slowdown: float = 0.0
+    step_z: float = 0.0
+
+
+def _checked(timings: Mapping[int, RankTiming]) -> dict[int, RankTiming]:
+    """``timings`` if every one holds :meth:`RankTiming.check` and sits under its own rank;
+    raises :class:`WireError` naming the first that does not."""
+    out: dict[int, RankTiming] = {}
+    for rank, timing in timings.items():
+        if not isinstance(timing, RankTiming):
+            raise WireError(f"timing of rank {rank} is a {type(timing).__name__}, not a RankTiming")
+        if rank != timing.rank:
+            raise WireError(f"timing of rank {timing.rank} is filed under rank {rank}")
+        out[rank] = timing.check()
+    return out
+
+
+def _reference(values: Sequence[float]) -> tuple[float, float]:
+    """(reference, scale) of ``values`` (two or more): the median and max(1.4826 MAD, 1% of
+    the median); with exactly two, the smaller and 1% of it."""
+    if len(values) == 2:
+        ref = min(values)
+        return ref, MAD_FLOOR * ref
+    ref = statistics.median(values)
+    mad = statistics.median([abs(v - ref) for v in values])
+    return ref, max(MAD_SCALE * mad, MAD_FLOOR * ref)
+
+
+def score(timings: Mapping[int, RankTiming]) -> dict[int, RankScore]:
+    """Every rank's :class:`RankScore` against the others in ``timings`` (rank -> newest timing).
+
+    Invariants: the result has the keys of ``timings`` or is empty (fewer than two ranks, or a
+    median busy time of zero: nothing to compare); it does not depend on how ranks are
+    numbered (relabelling ranks relabels the scores); a rank with the median busy time has
+    slowdown 0 and z 0. Raises :class:`WireError` for a malformed timing.
+    """
+    checked = _checked(timings)
+    if len(checked) < 2:
+        return {}
+    busy = [t.busy_s for t in checked.values()]
+    steps = [t.step_s for t in checked.values()]
+    b_ref, b_scale = _reference(busy)
+    if b_ref <= TINY_S:
+        return {}
+    s_ref, s_scale = _reference(steps)
+    out = {}
+    for rank, t in checked.items():
+        step_slowdown = t.step_s / s_ref - 1.0 if s_ref > TINY_S else 0.0
+        step_z = (t.step_s - s_ref) / s_scale if s_scale > TINY_S else 0.0
+        out[rank] = RankScore(rank=rank, busy_s=t.busy_s, slowdown=t.busy_s / b_ref - 1.0,
+                              z=(t.busy_s - b_ref) / b_scale, step_slowdown=step_slowdown, step_z=step_z)
+    return out
+
+
+# --- state -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankTrack:
+    """What the detector remembers of one rank.
+
+    ``evidence_since`` is the step of the first observation of the rank's current unbroken run
+    of evidence (None: no evidence at its newest observation); ``calm_since`` the same for a
+    run without evidence. ``straggler_since`` is set exactly while the rank is a straggler;
+    ``cause`` is the cause of its newest evidence, ``peak`` the highest slowdown of its newest
+    run of evidence and ``level`` its estimated slowdown per step (None: not measured yet);
+    ``base_step`` and ``base_slowdown`` are its newest observation without evidence.
+    ``last_step`` is the newest step seen.
+    """
+
+    rank: int
+    node: str
+    last_step: int
+    slowdown: float = 0.0
+    z: float = 0.0
+    evidence_since: int | None = None
+    calm_since: int | None = None
+    cause: str | None = None
+    straggler_since: datetime.datetime | None = None
+    peak: float = 0.0
+    level: float | None = None
+    base_step: int | None = None
+    base_slowdown: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvictionRecord:
+    """An eviction the operator carried out (:func:`applied`), and its evaluation.
+
+    ``pre_step_s`` is the job's median step time when it was decided, ``window`` the steps
+    per timing then; ``samples`` are (job step, median step time) from full windows after the
+    node left; ``verdict`` is ``pending`` until they span ``evaluateSteps`` (or the record
+    expires), then ``helped`` or ``no_improvement``. ``undone``: its quarantine was released.
+    """
+
+    node: str
+    worker: int
+    rank: int
+    cause: str
+    at: datetime.datetime
+    step: int
+    pre_step_s: float
+    window: int
+    samples: tuple[tuple[int, float], ...] = ()
+    verdict: str = "pending"
+    undone: bool = False
+
+
+@dataclass(frozen=True)
+class DetectorState:
+    """A job's detector. Immutable: :func:`observe` and :func:`applied` return new states.
+    Plain data (:meth:`encode` / :meth:`decode` round-trip it through JSON), kept in memory by
+    the operator: after an operator restart detection starts over, which costs one
+    persistence span.
+
+    ``recent`` holds (job step, rank) of the episodes that ended in the last
+    :data:`IMBALANCE_SPANS` persistence spans (runs of evidence that reached ``minSlowdown``
+    and lasted a window, but ended before the rank became a straggler), for the imbalance rule,
+    which has held since ``imbalance_since`` (job step ``imbalance_step``) when set;
+    ``job_step``, ``job_step_s`` and ``job_window`` are the newest observation's highest step,
+    median step time and longest window.
+    """
+
+    tracks: Mapping[int, RankTrack] = field(default_factory=dict)
+    recent: tuple[tuple[int, int], ...] = ()
+    imbalance_since: datetime.datetime | None = None
+    imbalance_step: int | None = None
+    job_step: int = 0
+    job_step_s: float | None = None
+    job_window: int = 0
+    evictions: tuple[EvictionRecord, ...] = ()
+
+    def stragglers(self) -> list[int]:
+        """The ranks that are stragglers now."""
+        return sorted(r for r, t in self.tracks.items() if t.straggler_since is not None)
+
+    def encode(self) -> str:
+        """JSON text; :meth:`decode` reads it back equal."""
+        def when(value: datetime.datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+        return json.dumps({
+            "tracks": [{**_plain(t), "straggler_since": when(t.straggler_since)} for t in self.tracks.values()],
+            "recent": [list(e) for e in self.recent],
+            "imbalance_since": when(self.imbalance_since), "imbalance_step": self.imbalance_step,
+            "job_step": self.job_step, "job_step_s": self.job_step_s, "job_window": self.job_window,
+            "evictions": [{**_plain(e), "at": when(e.at), "samples": [list(p) for p in e.samples]}
+                          for e in self.evictions],
+        }, sort_keys=True)
+
+    @classmethod
+    def decode(cls, raw: str) -> DetectorState:
+        data = json.loads(raw)
+
+        def when(value: str | None) -> datetime.datetime | None:
+            return None if value is None else datetime.datetime.fromisoformat(value)
+        tracks = {t["rank"]: RankTrack(**{**t, "straggler_since": when(t["straggler_since"])})
+                  for t in data["tracks"]}
+        evictions = tuple(EvictionRecord(**{**e, "at": when(e["at"]),
+                                            "samples": tuple((int(s), float(v)) for s, v in e["samples"])})
+                          for e in data["evictions"])
+        return cls(tracks=tracks, recent=tuple((int(s), int(r)) for s, r in data["recent"]),
+                   imbalance_since=when(data["imbalance_since"]), imbalance_step=data["imbalance_step"],
+                   job_step=data["job_step"],
+                   job_step_s=data["job_step_s"], job_window=data["job_window"], evictions=evictions)
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A straggler now: its rank, node ("" when unknown), newest slowdown and z, cause, and
+    since when it has been one."""
+
+    rank: int
+    node: str
+    slowdown: float
+    z: float
+    cause: str
+    since: datetime.datetime
+
+
+# --- observation -------------------------------------------------------------------------------
+
+def _span(policy: StragglerPolicy, window: int) -> int:
+    """Steps evidence (or its absence) must span: ``persistSteps``, and at least one window."""
+    return max(policy.persist_steps, window)
+
+
+def _evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
+              policy: StragglerPolicy) -> str | None:
+    """The cause this observation suggests for the rank (``data``, ``compute`` or
+    ``communication``; ``node`` and ``imbalance`` are decided across ranks), None when it is
+    no evidence."""
+    floor = EVIDENCE_FRACTION * policy.min_slowdown
+    if s.slowdown >= floor and s.z >= policy.z_threshold:
+        excess = {name: t.sections.get(name, 0.0) - median_sections.get(name, 0.0)
+                  for name in set(t.sections) | set(median_sections) if name != COMMUNICATION_SECTION}
+        data = excess.pop(DATA_SECTION, 0.0)
+        compute = sum(excess.values())
+        return "data" if data > compute else "compute"
+    if s.step_slowdown >= floor and s.step_z >= policy.z_threshold:
+        step_excess = s.step_slowdown * (t.step_s / (1.0 + s.step_slowdown))
+        comm_excess = t.sections.get(COMMUNICATION_SECTION, 0.0) - median_sections.get(COMMUNICATION_SECTION, 0.0)
+        if comm_excess >= 0.5 * step_excess:
+            return "communication"
+    return None
+
+
+def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapping[int, str],
+            policy: StragglerPolicy, now: datetime.datetime) -> tuple[DetectorState, tuple[Finding, ...]]:
+    """Feed one observation: ``timings`` (rank -> its newest timing), ``nodes`` (rank -> the
+    node it runs on; missing: unknown). Returns the new state and the stragglers now, slowest
+    first.
+
+    Invariants: a rank is a straggler only after evidence spanning :func:`confirm_span` of its
+    steps, and stops being one only after :func:`clear_span` steps without; feeding the same
+    timings again changes nothing (no new step, no new evidence); a timing too old (more than a
+    window behind the job's newest) or over fewer than :data:`MIN_WINDOW` steps is not judged;
+    the result does not depend on how ranks are numbered. Raises :class:`WireError` for a
+    malformed timing, before anything changes.
+    """
+    checked = _checked(timings)
+    if not checked:
+        return state, ()
+    job_step = max(t.step for t in checked.values())
+    job_window = max(t.window for t in checked.values())
+    fresh = {r: t for r, t in checked.items() if t.window >= MIN_WINDOW and t.step >= job_step - job_window}
+    scores = score(fresh)
+    span = _span(policy, job_window)
+    median_sections = _median_sections(fresh.values())
+
+    evidence = {r: cause for r in scores
+                if (cause := _evidence(scores[r], fresh[r], median_sections, policy)) is not None}
+    # node: every rank (two or more) of a known node has busy evidence
+    by_node: dict[str, list[int]] = {}
+    for r in scores:
+        if nodes.get(r):
+            by_node.setdefault(nodes[r], []).append(r)
+    for ranks in by_node.values():
+        if len(ranks) >= 2 and all(evidence.get(r) in ("data", "compute") for r in ranks):
+            evidence.update({r: "node" for r in ranks})
+
+    tracks: dict[int, RankTrack] = {}
+    episodes: list[tuple[int, int]] = []
+    for rank, t in checked.items():
+        node = nodes.get(rank, "")
+        old = state.tracks.get(rank)
+        if old is not None and (old.node != node or t.step < old.last_step):
+            old = None  # moved to another node, or restarted: start over
+        if old is None:
+            old = RankTrack(rank=rank, node=node, last_step=t.step)
+        elif t.step == old.last_step or rank not in scores:
+            tracks[rank] = old  # nothing new (or not judged): no evidence either way
+            continue
+        tracks[rank] = new = _advance(old, t, scores.get(rank), evidence.get(rank), policy, now)
+        if (old.evidence_since is not None and new.evidence_since is None and old.straggler_since is None
+                and _episode(old, policy, t.window)):
+            episodes.append((t.step, rank))
+    for rank, old in state.tracks.items():  # missing now: kept a while, then forgotten
+        if rank not in checked and job_step - old.last_step <= 2 * span and old.last_step <= job_step:
+            tracks[rank] = old
+
+    recent = tuple(e for e in state.recent if job_step - IMBALANCE_SPANS * span <= e[0] <= job_step)
+    recent += tuple(sorted(episodes))
+    churn = _churn(recent, tracks, nodes, checked)
+    imbalance_since, imbalance_step = None, None
+    if churn:
+        ongoing = state.imbalance_step is not None and state.imbalance_step <= job_step
+        imbalance_since = state.imbalance_since if ongoing and state.imbalance_since else now
+        imbalance_step = state.imbalance_step if ongoing else job_step
+
+    evictions = tuple(_evaluate(e, fresh, nodes, job_step, policy, now) for e in state.evictions)
+    step_s = statistics.median(t.step_s for t in fresh.values()) if fresh else state.job_step_s
+    new = DetectorState(tracks=tracks, recent=recent, imbalance_since=imbalance_since,
+                        imbalance_step=imbalance_step, job_step=job_step, job_step_s=step_s, job_window=job_window,
+                        evictions=evictions)
+    imbalance = imbalance_step is not None and job_step - imbalance_step >= span
+    return new, _findings(new, checked, evidence, imbalance, policy)
+
+
+def _episode(track: RankTrack, policy: StragglerPolicy, window: int) -> bool:
+    """Whether the track's run of evidence is an episode: it reached ``minSlowdown`` and has
+    lasted a window."""
+    return (track.evidence_since is not None and track.peak >= policy.min_slowdown
+            and track.last_step - track.evidence_since >= window)
+
+
+def _median_sections(timings: Iterable[RankTiming]) -> dict[str, float]:
+    timings = list(timings)
+    names = {n for t in timings for n in t.sections}
+    return {n: statistics.median(t.sections.get(n, 0.0) for t in timings) for n in names}
+
+
+def _ramp(policy: StragglerPolicy, window: int, level: float) -> float:
+    """Steps a window's mean takes to show evidence of a slowdown of ``level`` per step:
+    ``W E / level``, at most half the window."""
+    floor = EVIDENCE_FRACTION * policy.min_slowdown
+    return window / 2 if level <= floor else min(window / 2, window * floor / level)
+
+
+def confirm_span(policy: StragglerPolicy, window: int, level: float) -> float:
+    """Steps of unbroken evidence that prove a slowdown of ``level`` per step lasted ``persistSteps``."""
+    return policy.persist_steps + window - 2 * _ramp(policy, window, level)
+
+
+def clear_span(policy: StragglerPolicy, window: int, level: float) -> float:
+    """Steps without evidence after which a straggler (slower by ``level`` per step) has been
+    below the threshold for ``persistSteps``."""
+    return max(MIN_WINDOW, policy.persist_steps - window + _ramp(policy, window, level))
+
+
+def _level(old: RankTrack, t: RankTiming, newest: float, peak: float, fresh_run: bool,
+           cause: str) -> float | None:
+    """The per-step slowdown ``X`` of a run of evidence: at least its peak, and at least the rise
+    of the window's mean from the last observation without evidence over :data:`RISE_STEPS`
+    or more steps, times the window (the mean rises by ``X / W`` a slow step). None while that
+    rise is not measured yet. Without an earlier calm observation (slow since it was first
+    judged) or for communication: the peak."""
+    if old.base_step is None or cause == "communication":
+        return peak
+    known = None if fresh_run else old.level
+    if known is None:
+        if t.step - old.base_step < RISE_STEPS:
+            return None
+        known = t.window * (newest - old.base_slowdown) / (t.step - old.base_step)
+    return max(known, peak)
+
+
+def _advance(old: RankTrack, t: RankTiming, s: RankScore | None, cause: str | None, policy: StragglerPolicy,
+             now: datetime.datetime) -> RankTrack:
+    """The track after one new observation of the rank (at a new step)."""
+    if s is None:  # a fresh track whose timing is not judged
+        return old
+    if cause is not None:
+        newest = s.step_slowdown if cause == "communication" else s.slowdown
+        fresh_run = old.evidence_since is None
+        since = t.step if fresh_run else old.evidence_since
+        peak = newest if fresh_run else max(old.peak, newest)
+        level = _level(old, t, newest, peak, fresh_run, cause)
+        track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z, evidence_since=since, calm_since=None,
+                        cause=cause, peak=peak, level=level)
+        if (track.straggler_since is None and level is not None
+                and t.step - since >= confirm_span(policy, t.window, level)
+                and newest >= CONFIRM_FRACTION * policy.min_slowdown):
+            track = replace(track, straggler_since=now)
+        return track
+    calm = old.calm_since if old.calm_since is not None else t.step
+    track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z, evidence_since=None, calm_since=calm,
+                    base_step=t.step, base_slowdown=s.slowdown)
+    level = old.level if old.level is not None else old.peak
+    if track.straggler_since is not None and t.step - calm >= clear_span(policy, t.window, level):
+        track = replace(track, straggler_since=None, cause=None)
+    return track
+
+
+def _churn(recent: tuple[tuple[int, int], ...], tracks: Mapping[int, RankTrack],
+           nodes: Mapping[int, str], present: Mapping[int, RankTiming]) -> bool:
+    """Imbalance: in the recent spans episodes of at least :data:`IMBALANCE_RANKS` ranks on two
+    or more nodes, and none of the present ranks persisted (is a straggler)."""
+    ranks = {r for _, r in recent}
+    if len(ranks) < IMBALANCE_RANKS:
+        return False
+    places = {nodes.get(r) or f"rank {r}" for r in ranks}
+    if len(places) < 2:
+        return False
+    return not any(tracks[r].straggler_since is not None for r in present if r in tracks)
+
+
+def _findings(state: DetectorState, present: Mapping[int, RankTiming], evidence: Mapping[int, str],
+              imbalance: bool, policy: StragglerPolicy) -> tuple[Finding, ...]:
+    out = []
+    for rank in present:
+        t = state.tracks[rank]
+        if t.straggler_since is not None:
+            cause = t.cause or "compute"
+            moved = any(e.rank == rank and e.node != t.node and t.node for e in state.evictions)
+            if moved and cause in ("node", "compute", "data"):
+                cause = "imbalance"  # slow again on a new node: the excess follows the rank's data
+            out.append(Finding(rank, t.node, t.slowdown, t.z, cause, t.straggler_since))
+        elif (imbalance and rank in evidence and state.imbalance_since is not None
+              and _episode(t, policy, present[rank].window // 2)):
+            out.append(Finding(rank, t.node, t.slowdown, t.z, "imbalance", state.imbalance_since))
+    return tuple(sorted(out, key=lambda f: (-f.slowdown, f.rank)))
+
+
+def _evaluate(record: EvictionRecord, fresh: Mapping[int, RankTiming], nodes: Mapping[int, str], job_step: int,
+              policy: StragglerPolicy, now: datetime.datetime) -> EvictionRecord:
+    """An eviction after one more observation: sampled once its node hosts no rank (and the
+    windows are full again), judged once the samples span ``evaluateSteps``."""
+    if record.verdict != "pending":
+        return record
+    if (now - record.at).total_seconds() > EVALUATION_TIMEOUT_S:
+        return replace(record, verdict="expired")
+    if not nodes or record.node in set(nodes.values()):
+        return record
+    full = [t.step_s for t in fresh.values() if t.window >= record.window]
+    if len(full) < max(1, len(fresh) // 2):
+        return record
+    samples = record.samples
+    if samples and job_step < samples[-1][0]:
+        samples = ()  # restarted again during the evaluation: start over
+    if not samples or job_step > samples[-1][0]:
+        samples += ((job_step, statistics.median(full)),)
+    record = replace(record, samples=samples)
+    if samples[-1][0] - samples[0][0] < policy.evaluate_steps:
+        return record
+    after = statistics.median(v for _, v in samples)
+    helped = after <= (1.0 - policy.min_improvement) * record.pre_step_s
+    return replace(record, verdict="helped" if helped else "no_improvement")
+
+
+# --- decision ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workers:
+    """The job's workers as the decision needs them: how many are ready, ``replicas.min``, and
+    which worker (pod index) runs on which node."""
+
+    ready: int
+    minimum: int
+    worker_of_node: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    """List a straggler in status (and an event when it is new)."""
+
+    rank: int
+    node: str
+    worker: int | None
+    slowdown: float
+    z: float
+    cause: str
+    since: datetime.datetime
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Replace ``worker`` and quarantine ``node`` for ``policy.quarantineSeconds``."""
+
+    node: str
+    worker: int
+    rank: int
+    cause: str
+    slowdown: float
+
+
+@dataclass(frozen=True)
+class Undo:
+    """Release ``node``'s quarantine early: evicting it did not make the job faster."""
+
+    node: str
+    worker: int
+    why: str
+
+
+Action = Report | Evict | Undo
+EVICTABLE = ("node", "compute", "data")
+
+
+def decide(state: DetectorState, findings: Sequence[Finding], policy: StragglerPolicy, workers: Workers,
+           now: datetime.datetime) -> list[Action]:
+    """What to do now: a :class:`Report` for every finding; an :class:`Undo` for every eviction
+    judged not to have helped and not yet undone; with ``action: Evict``, at most one
+    :class:`Evict`, for the slowest evictable straggler.
+
+    Invariants: pure and idempotent until :func:`applied` records what was done; never an
+    :class:`Evict` in ``Report`` mode, for cause ``communication`` or ``imbalance``, for
+    ``data`` stragglers on more than one node, for a node of unknown worker, while an eviction
+    is being evaluated, beyond ``maxEvictionsPerHour`` within the last hour, or when
+    ``workers.ready - 1 < workers.minimum``.
+    """
+    actions: list[Action] = [Report(f.rank, f.node, workers.worker_of_node.get(f.node) if f.node else None,
+                                    f.slowdown, f.z, f.cause, f.since) for f in findings]
+    for e in state.evictions:
+        if e.verdict == "no_improvement" and not e.undone:
+            before, after = e.pre_step_s, statistics.median(v for _, v in e.samples)
+            actions.append(Undo(e.node, e.worker, f"median step time {after:.4g}s after the eviction against "
+                                                  f"{before:.4g}s before: less than {policy.min_improvement:.0%} "
+                                                  "better"))
+    evict = _eviction(state, findings, policy, workers, now)
+    if evict is not None:
+        actions.append(evict)
+    return actions
+
+
+def _eviction(state: DetectorState, findings: Sequence[Finding], policy: StragglerPolicy, workers: Workers,
+              now: datetime.datetime) -> Evict | None:
+    if policy.action != StragglerAction.EVICT or policy.max_evictions_per_hour < 1:
+        return None
+    if sum(1 for e in state.evictions if now - e.at < HOUR) >= policy.max_evictions_per_hour:
+        return None
+    if any(e.verdict == "pending" for e in state.evictions):
+        return None
+    if workers.ready - 1 < workers.minimum:
+        return None
+    data_nodes = {f.node for f in findings if f.cause == "data"}
+    quarantined = {e.node for e in state.evictions
+                   if not e.undone and now < e.at + datetime.timedelta(seconds=policy.quarantine_seconds)}
+    candidates = [f for f in findings
+                  if f.node and f.node in workers.worker_of_node and f.node not in quarantined
+                  and (f.cause in ("node", "compute") or (f.cause == "data" and len(data_nodes) == 1))]
+    if not candidates:
+        return None
+    worst = min(candidates, key=lambda f: (-f.slowdown, f.rank))
+    return Evict(worst.node, workers.worker_of_node[worst.node], worst.rank, worst.cause, worst.slowdown)
+
+
+def applied(state: DetectorState, actions: Iterable[Action], now: datetime.datetime) -> DetectorState:
+    """The state after the operator carried out ``actions`` (only those it did): an
+    :class:`Evict` starts an evaluation against the job's current median step time, an
+    :class:`Undo` marks its eviction undone; reports change nothing."""
+    evictions = list(state.evictions)
+    for action in actions:
+        if isinstance(action, Evict):
+            evictions.append(EvictionRecord(node=action.node, worker=action.worker, rank=action.rank,
+                                            cause=action.cause, at=now, step=state.job_step,
+                                            pre_step_s=state.job_step_s or 0.0, window=max(1, state.job_window)))
+        elif isinstance(action, Undo):
+            evictions = [replace(e, undone=True) if e.node == action.node and e.verdict == "no_improvement" else e
+                         for e in evictions]
+    keep = len(evictions) - MAX_RECORDS
+    return replace(state, evictions=tuple(
+        e for i, e in enumerate(evictions)
+        if i >= keep or now - e.at < HOUR or e.verdict == "pending"
+        or (e.verdict == "no_improvement" and not e.undone)))
+
+
+def status_records(state: DetectorState, actions: Iterable[Action]) -> list[StragglerRecord]:
+    """``status.stragglers`` for the reports among ``actions``, slowest first; ``action`` says
+    what was done about the straggler's node: Evicted (a live eviction), Undone, or Reported."""
+    out = []
+    for a in actions:
+        if not isinstance(a, Report):
+            continue
+        done = [e for e in state.evictions if a.node and e.node == a.node]
+        what = "Reported"
+        if done:
+            what = "Undone" if done[-1].undone else "Evicted"
+        out.append(StragglerRecord(rank=a.rank, worker=a.worker, node=a.node,
+                                   slowdown=_finite(a.slowdown), score=_finite(a.z), cause=a.cause,
+                                   since=a.since, action=what))
+    return sorted(out, key=lambda r: (-r.slowdown, r.rank))
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0

@@ -1,0 +1,640 @@
+"""The straggler detector: scores, persistence, hysteresis, causes and the mitigation decision."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from salamander.api import (InvalidSpec, StragglerAction, StragglerPolicy, StragglerRecord, TrainingJobSpec,
+                            parse_spec)
+from salamander.wire import RankTiming, WireError
+from salamander_operator import stragglers as sg
+from salamander_operator.stragglers import (CONFIRM_FRACTION, EVIDENCE_FRACTION, MIN_WINDOW, DetectorState, Evict,
+                                            Finding, Report, Undo, Workers, applied, decide, observe, score)
+from tests.unit._support import FAST, QUICK
+from tests.unit.test_api import VALID_SPEC
+
+T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+POLICY = StragglerPolicy()
+EVICT = StragglerPolicy(action=StragglerAction.EVICT)
+WINDOW = 32
+
+
+def timing(rank: int, busy: float, *, step: int = 100, wait: float = 0.02, window: int = WINDOW,
+           data: float = 0.0, comm_extra: float = 0.0) -> RankTiming:
+    """A rank's timing with ``busy`` seconds of compute (``data`` of them loading data)."""
+    sections = {"data": data, "forward": busy - data, "communication": wait + comm_extra}
+    return RankTiming(rank=rank, step=step, window=window, step_s=busy + wait + comm_extra,
+                      wait_s=wait + comm_extra, sections=sections)
+
+
+def at(seconds: float) -> datetime.datetime:
+    return T0 + datetime.timedelta(seconds=seconds)
+
+
+# --- a simulated synchronous job: per-step times, windowed as the worker does ----------------------
+
+Busy = Callable[[int, int], float]          # (rank, step) -> busy seconds of that step
+DataShare = Callable[[int, int], float]     # (rank, step) -> the data part of it
+
+
+class Job:
+    """``n`` ranks whose per-step busy time comes from ``busy``; every rank reports the mean of
+    its last 32 steps, as ``salamander_worker.sections`` does; the operator observes every
+    ``every`` steps."""
+
+    def __init__(self, n: int, busy: Busy, *, nodes: dict[int, str] | None = None, data: DataShare | None = None,
+                 policy: StragglerPolicy = POLICY, every: int = 1, comm: float = 0.02) -> None:
+        self.n, self.busy, self.data, self.policy, self.every, self.comm = n, busy, data, policy, every, comm
+        self.nodes = nodes if nodes is not None else {r: f"node-{r}" for r in range(n)}
+        self.windows: dict[int, deque[tuple[float, float, float]]] = {r: deque(maxlen=WINDOW) for r in range(n)}
+        self.state = DetectorState()
+        self.step = 0
+        self.history: list[tuple[int, tuple[Finding, ...]]] = []
+
+    def timings(self) -> dict[int, RankTiming]:
+        out = {}
+        for r, w in self.windows.items():
+            k = len(w)
+            busy, data, step = (sum(x[i] for x in w) / k for i in range(3))
+            wait = step - busy
+            out[r] = RankTiming(rank=r, step=self.step, window=k, step_s=step, wait_s=wait,
+                                sections={"data": data, "forward": busy - data, "communication": wait})
+        return out
+
+    def advance(self, steps: int) -> tuple[Finding, ...]:
+        findings: tuple[Finding, ...] = ()
+        for _ in range(steps):
+            self.step += 1
+            busy = {r: self.busy(r, self.step) for r in range(self.n)}
+            step_s = max(busy.values()) + self.comm
+            for r in range(self.n):
+                data = self.data(r, self.step) if self.data else 0.0
+                self.windows[r].append((busy[r], data, step_s))
+            if self.step % self.every == 0 and self.step >= MIN_WINDOW:
+                self.state, findings = observe(self.state, self.timings(), self.nodes, self.policy, at(self.step))
+                self.history.append((self.step, findings))
+        return findings
+
+    def first(self, rank: int) -> int | None:
+        """The first step at which ``rank`` was a finding."""
+        return next((s for s, fs in self.history if any(f.rank == rank for f in fs)), None)
+
+
+def noisy(base: float = 0.1, noise: float = 0.02, seed: int = 0, slow: dict[int, float] | None = None,
+          onset: int = 0, until: int | None = None) -> Busy:
+    """Busy times with uniform relative noise, ranks in ``slow`` slower by their factor from
+    ``onset`` (until ``until``)."""
+    rng = random.Random(seed)
+    cache: dict[tuple[int, int], float] = {}
+
+    def busy(rank: int, step: int) -> float:
+        if (rank, step) not in cache:
+            value = base * (1.0 + rng.uniform(-noise, noise))
+            if slow and rank in slow and step > onset and (until is None or step <= until):
+                value *= 1.0 + slow[rank]
+            cache[rank, step] = value
+        return cache[rank, step]
+    return busy
+
+
+# --- score -------------------------------------------------------------------------------------------
+
+def test_score_is_relative_to_the_median_with_a_robust_scale() -> None:
+    timings = {r: timing(r, b) for r, b in enumerate([0.10, 0.10, 0.10, 0.10, 0.15])}
+    scores = score(timings)
+    assert scores[4].slowdown == pytest.approx(0.5)
+    assert scores[0].slowdown == pytest.approx(0.0) and scores[0].z == pytest.approx(0.0)
+    # MAD is 0: the scale is the 1% floor of the median
+    assert scores[4].z == pytest.approx(0.05 / (sg.MAD_FLOOR * 0.10))
+    spread = {r: timing(r, b) for r, b in enumerate([0.09, 0.10, 0.11, 0.10, 0.13])}
+    s = score(spread)
+    assert s[4].z == pytest.approx((0.13 - 0.10) / (sg.MAD_SCALE * 0.01))
+
+
+def test_two_ranks_compare_the_slower_with_the_faster() -> None:
+    scores = score({0: timing(0, 0.10), 1: timing(1, 0.11)})
+    assert scores[1].slowdown == pytest.approx(0.10) and scores[0].slowdown == pytest.approx(0.0)
+    assert scores[1].z == pytest.approx(10.0)
+
+
+def test_too_few_ranks_or_no_busy_time_score_nothing() -> None:
+    assert score({}) == {}
+    assert score({0: timing(0, 0.1)}) == {}
+    idle = {r: RankTiming(r, 10, 8, 0.05, 0.05, {"communication": 0.05}) for r in range(4)}
+    assert score(idle) == {}
+
+
+def test_a_synchronous_step_time_with_uneven_waits_names_the_busiest_rank() -> None:
+    # every rank's step takes 0.2 s; rank 2 computes 0.15 s while the others wait for it
+    timings = {r: RankTiming(r, 50, 32, 0.2, 0.2 - b, {"forward": b, "communication": 0.2 - b})
+               for r, b in enumerate([0.1, 0.1, 0.15, 0.1])}
+    scores = score(timings)
+    assert max(scores, key=lambda r: scores[r].slowdown) == 2
+    assert all(abs(s.step_slowdown) < 1e-9 for s in scores.values())
+
+
+busy_lists = st.lists(st.floats(0.001, 10.0, allow_nan=False), min_size=3, max_size=12)
+
+
+@FAST
+@given(busy_lists, st.randoms(use_true_random=False))
+def test_score_does_not_depend_on_how_ranks_are_numbered(busy: list[float], rnd: random.Random) -> None:
+    timings = {r: timing(r, b) for r, b in enumerate(busy)}
+    labels = list(range(100, 100 + len(busy)))
+    rnd.shuffle(labels)
+    relabelled = {labels[r]: timing(labels[r], b) for r, b in enumerate(busy)}
+    a, b = score(timings), score(relabelled)
+    for r in range(len(busy)):
+        assert a[r].slowdown == pytest.approx(b[labels[r]].slowdown)
+        assert a[r].z == pytest.approx(b[labels[r]].z)
+
+
+@FAST
+@given(busy_lists)
+def test_scores_are_finite_and_ordered_like_busy_time(busy: list[float]) -> None:
+    scores = score({r: timing(r, b) for r, b in enumerate(busy)})
+    assert set(scores) == set(range(len(busy)))
+    for r, s in scores.items():
+        assert math.isfinite(s.slowdown) and math.isfinite(s.z) and s.slowdown >= -1.0
+    order = sorted(range(len(busy)), key=lambda r: busy[r])
+    assert [scores[r].z for r in order] == sorted(scores[r].z for r in order)
+
+
+@pytest.mark.parametrize("bad", [
+    RankTiming(0, 10, 32, float("nan"), 0.0, {}),
+    RankTiming(0, 10, 32, -1.0, 0.0, {}),
+    RankTiming(0, 10, 32, 0.1, 0.5, {}),
+    RankTiming(0, 10, 0, 0.1, 0.0, {}),
+    RankTiming(0, 10, 32, 0.1, 0.0, {"forward": float("inf")}),
+    RankTiming(0, 10, 32, 0.1, 0.0, {"": 0.1}),
+])
+def test_malformed_timings_are_rejected_by_name_and_change_nothing(bad: RankTiming) -> None:
+    good = {r: timing(r, 0.1) for r in (1, 2, 3)}
+    with pytest.raises(WireError, match="rank 0"):
+        score({0: bad, **good})
+    state = DetectorState()
+    with pytest.raises(WireError):
+        observe(state, {0: bad, **good}, {}, POLICY, T0)
+
+
+def test_a_timing_under_the_wrong_rank_or_not_a_timing_is_rejected() -> None:
+    with pytest.raises(WireError, match="filed under rank 5"):
+        score({5: timing(1, 0.1), 2: timing(2, 0.1)})
+    with pytest.raises(WireError, match="not a RankTiming"):
+        score({1: {"step_s": 0.1}, 2: timing(2, 0.1)})  # type: ignore[dict-item]
+
+
+# --- persistence and hysteresis -----------------------------------------------------------------------
+
+def test_no_straggler_when_ranks_are_equal_up_to_noise_below_the_threshold() -> None:
+    job = Job(8, noisy(noise=0.02, seed=1))
+    job.advance(1000)
+    assert all(not fs for _, fs in job.history)
+    assert job.state.stragglers() == []
+
+
+@QUICK
+@given(st.integers(3, 16), st.integers(0, 2**32 - 1), st.floats(0.0, 0.02))
+def test_noise_below_the_evidence_threshold_never_makes_a_straggler(n: int, seed: int, noise: float) -> None:
+    # relative noise of +-2% keeps every windowed slowdown under 2 * 2% / 0.98 < 5% = half of minSlowdown
+    job = Job(n, noisy(noise=noise, seed=seed), every=3)
+    job.advance(200)
+    assert all(not fs for _, fs in job.history)
+
+
+def test_a_persistent_ten_percent_slowdown_is_found_after_the_persistence_span_and_not_before() -> None:
+    onset = 100
+    job = Job(8, noisy(noise=0.01, seed=2, slow={3: 0.10}, onset=onset))
+    job.advance(400)
+    found = job.first(3)
+    assert found is not None
+    # slow for persistSteps, and found within one more window
+    assert onset + POLICY.persist_steps <= found <= onset + POLICY.persist_steps + WINDOW, found
+    (finding,) = job.history[-1][1]
+    assert finding.rank == 3 and finding.cause == "compute" and finding.slowdown == pytest.approx(0.10, abs=0.02)
+    assert finding.since == at(found)
+    assert all(f.rank == 3 for _, fs in job.history for f in fs)
+
+
+@FAST
+@given(st.sampled_from([0.1, 0.15, 0.25, 0.5, 1.0, 3.0]), st.sampled_from([1, 8, 16, 30, 32, 50, 100]))
+def test_a_persistent_slowdown_is_found_after_persist_steps_and_within_one_more_window(level: float,
+                                                                                       persist: int) -> None:
+    onset = 60
+    policy = StragglerPolicy(persist_steps=persist)
+    job = Job(6, noisy(noise=0.0, slow={1: level}, onset=onset), policy=policy)
+    job.advance(onset + persist + WINDOW + 5)
+    found = job.first(1)
+    assert found is not None
+    assert found - onset <= persist + WINDOW, found - onset
+    if persist >= WINDOW - 2:   # exact once the persistence is about a window or longer
+        assert found - onset >= persist - 2, found - onset
+
+
+@FAST
+@given(st.floats(0.1, 20.0), st.integers(30, 100), st.data())
+def test_a_burst_shorter_than_persist_steps_is_never_a_straggler(level: float, persist: int,
+                                                                 data: st.DataObject) -> None:
+    length = data.draw(st.integers(1, persist - 4), label="burst length")
+    policy = StragglerPolicy(persist_steps=persist)
+    job = Job(6, noisy(noise=0.0, slow={2: level}, onset=60, until=60 + length), policy=policy)
+    job.advance(60 + length + 2 * WINDOW + persist)
+    assert job.first(2) is None
+
+
+def test_a_slowdown_longer_than_persist_steps_is_a_straggler_while_it_lasts() -> None:
+    job = Job(6, noisy(noise=0.0, slow={2: 0.5}, onset=60, until=60 + POLICY.persist_steps + WINDOW))
+    job.advance(300)
+    assert job.first(2) is not None
+
+
+def test_observations_at_one_step_or_many_per_step_count_the_same() -> None:
+    busy = noisy(noise=0.0, slow={2: 0.3}, onset=40)
+    every_step = Job(5, busy)
+    every_step.advance(200)
+    sparse = Job(5, busy, every=4)
+    sparse.advance(200)
+    a, b = every_step.first(2), sparse.first(2)
+    assert a is not None and b is not None and a <= b < a + 8
+    # the same timings observed again add no evidence
+    state, findings = observe(every_step.state, every_step.timings(), every_step.nodes, POLICY, at(999))
+    assert state == every_step.state
+
+
+def test_a_single_outlying_step_never_makes_a_straggler() -> None:
+    def busy(rank: int, step: int) -> float:
+        return 1.0 if (rank == 2 and step == 100) else 0.1   # one step 10x as long
+    job = Job(6, busy)
+    job.advance(400)
+    assert job.first(2) is None
+    assert all(job.state.tracks[r].straggler_since is None for r in range(6))
+
+
+def test_hysteresis_a_straggler_stays_one_until_it_has_been_calm_for_persist_steps() -> None:
+    end = 300
+    job = Job(8, noisy(noise=0.005, seed=3, slow={5: 0.25}, onset=50, until=end))
+    job.advance(end)
+    assert job.first(5) is not None and job.history[-1][1][0].rank == 5
+    cleared = None
+    for _ in range(200):
+        job.advance(1)
+        if not job.history[-1][1]:
+            cleared = job.step
+            break
+    assert cleared is not None
+    assert end + POLICY.persist_steps - 2 <= cleared <= end + POLICY.persist_steps + WINDOW, cleared - end
+    job.advance(200)
+    assert all(not fs for s, fs in job.history if s > cleared)
+
+
+def test_a_straggler_hovering_around_the_threshold_does_not_flap() -> None:
+    rng = random.Random(4)
+
+    def busy(rank: int, step: int) -> float:   # rank 1 is 8..12% slower, changing every 10 steps
+        return 0.1 * (1.0 + (0.08 + 0.04 * random.Random(step // 10).random() if rank == 1 and step > 50 else 0)
+                      + rng.uniform(-0.005, 0.005))
+    job = Job(6, busy)
+    job.advance(600)
+    found = job.first(1)
+    assert found is not None
+    assert all(any(f.rank == 1 for f in fs) for s, fs in job.history if s >= found)
+
+
+# --- robustness: missing, disappearing and restarted ranks ------------------------------------------
+
+def test_a_missing_rank_keeps_its_track_and_a_vanished_one_is_forgotten() -> None:
+    job = Job(6, noisy(noise=0.0, slow={4: 0.5}, onset=10))
+    job.advance(100)
+    assert 4 in job.state.stragglers()
+    timings = job.timings()
+    del timings[4]
+    state, findings = observe(job.state, timings, job.nodes, POLICY, at(101))
+    assert 4 in state.tracks and all(f.rank != 4 for f in findings)
+    later = {r: RankTiming(r, t.step + 200, t.window, t.step_s, t.wait_s, dict(t.sections))
+             for r, t in timings.items()}
+    state, findings = observe(state, later, job.nodes, POLICY, at(300))
+    assert 4 not in state.tracks and findings == ()
+
+
+def test_a_restarted_or_moved_rank_starts_over() -> None:
+    job = Job(6, noisy(noise=0.0, slow={4: 0.5}, onset=10))
+    job.advance(100)
+    assert 4 in job.state.stragglers()
+    timings = job.timings()
+    restarted = dict(timings)
+    restarted[4] = RankTiming(4, 20, 16, timings[4].step_s, timings[4].wait_s, dict(timings[4].sections))
+    state, findings = observe(job.state, restarted, job.nodes, POLICY, at(101))
+    assert 4 not in state.stragglers() and all(f.rank != 4 for f in findings)
+    moved = {**job.nodes, 4: "elsewhere"}
+    state, _ = observe(job.state, {r: RankTiming(r, t.step + 1, t.window, t.step_s, t.wait_s, dict(t.sections))
+                                   for r, t in timings.items()}, moved, POLICY, at(102))
+    assert 4 not in state.stragglers() and state.tracks[4].node == "elsewhere"
+
+
+def test_empty_stale_and_short_window_observations_judge_nothing() -> None:
+    state = DetectorState()
+    assert observe(state, {}, {}, POLICY, T0) == (state, ())
+    short = {r: timing(r, 0.1 if r else 0.3, window=MIN_WINDOW - 1) for r in range(4)}
+    state, findings = observe(state, short, {}, POLICY, T0)
+    assert findings == () and all(t.evidence_since is None for t in state.tracks.values())
+    stale = {r: timing(r, 0.1, step=1000) for r in range(1, 4)} | {0: timing(0, 0.3, step=100)}
+    state, _ = observe(DetectorState(), stale, {}, POLICY, T0)
+    assert state.tracks[0].evidence_since is None
+
+
+timing_values = st.builds(
+    lambda rank, step, window, busy, wait: RankTiming(rank, step, window, busy + wait, wait,
+                                                      {"forward": busy, "communication": wait}),
+    st.integers(0, 9), st.integers(0, 500), st.integers(1, 40), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+
+
+@QUICK
+@given(st.lists(st.lists(timing_values, max_size=10), min_size=1, max_size=12),
+       st.dictionaries(st.integers(0, 9), st.sampled_from(["a", "b", "c", ""])))
+def test_any_sequence_of_valid_observations_never_crashes(batches: list[list[RankTiming]],
+                                                          nodes: dict[int, str]) -> None:
+    state = DetectorState()
+    for i, batch in enumerate(batches):
+        timings = {t.rank: t for t in batch}
+        state, findings = observe(state, timings, nodes, EVICT, at(i))
+        assert {f.rank for f in findings} <= set(timings)
+        assert all(f.cause in sg.CAUSES for f in findings)
+        actions = decide(state, findings, EVICT, Workers(3, 1, {"a": 0, "b": 1, "c": 2}), at(i))
+        state = applied(state, [a for a in actions if not isinstance(a, Report)], at(i))
+        assert DetectorState.decode(state.encode()) == state
+
+
+@QUICK
+@given(st.integers(4, 10), st.integers(0, 2**32 - 1), st.randoms(use_true_random=False))
+def test_findings_do_not_depend_on_how_ranks_are_numbered(n: int, seed: int, rnd: random.Random) -> None:
+    busy = noisy(noise=0.02, seed=seed, slow={1: 0.3}, onset=20)
+    labels = list(range(n))
+    rnd.shuffle(labels)
+    plain = Job(n, busy, every=2)
+    relabelled = Job(n, lambda r, s: busy(labels.index(r), s), every=2)
+    for _ in range(5):
+        a, b = plain.advance(30), relabelled.advance(30)
+        assert sorted((labels[f.rank], f.cause, round(f.slowdown, 9)) for f in a) == \
+            sorted((f.rank, f.cause, round(f.slowdown, 9)) for f in b)
+
+
+# --- causes --------------------------------------------------------------------------------------
+
+def test_excess_in_the_data_section_is_data() -> None:
+    busy = noisy(noise=0.005, slow={2: 0.3}, onset=20)
+    job = Job(6, busy, data=lambda r, s: busy(r, s) - 0.1 * (1 - 0.005) if r == 2 and s > 20 else 0.01)
+    (finding,) = job.advance(200)
+    assert finding.rank == 2 and finding.cause == "data"
+
+
+def test_excess_in_compute_is_compute() -> None:
+    job = Job(6, noisy(noise=0.005, slow={2: 0.3}, onset=20), data=lambda r, s: 0.01)
+    (finding,) = job.advance(200)
+    assert finding.cause == "compute"
+
+
+def test_every_rank_of_a_node_slow_is_the_node() -> None:
+    nodes = {r: f"node-{r // 4}" for r in range(16)}
+    job = Job(16, noisy(noise=0.005, slow={4: 0.2, 5: 0.2, 6: 0.2, 7: 0.2}, onset=20), nodes=nodes)
+    findings = job.advance(200)
+    assert {f.rank for f in findings} == {4, 5, 6, 7} and {f.cause for f in findings} == {"node"}
+    # one slow rank of four on a node is its own compute
+    job = Job(16, noisy(noise=0.005, slow={4: 0.2}, onset=20), nodes=nodes)
+    (finding,) = job.advance(200)
+    assert finding.cause == "compute"
+
+
+def test_a_slow_rank_that_moves_around_is_imbalance() -> None:
+    def busy(rank: int, step: int) -> float:  # the heavy shard moves to another rank every 24 steps
+        return 0.1 * (1.4 if rank == (step // 24) % 8 else 1.0)
+    job = Job(8, busy)
+    job.advance(400)
+    causes = {f.cause for _, fs in job.history for f in fs}
+    assert causes == {"imbalance"}
+    assert job.state.stragglers() == []
+    actions = decide(job.state, job.history[-1][1], EVICT, Workers(8, 1, {f"node-{r}": r for r in range(8)}), at(400))
+    assert actions and all(isinstance(a, Report) for a in actions)
+
+
+def test_a_longer_step_in_a_ranks_own_communication_is_communication() -> None:
+    state = DetectorState()
+    findings: tuple[Finding, ...] = ()
+    for step in range(40, 140, 2):
+        timings = {r: timing(r, 0.1, step=step, comm_extra=0.05 if r == 3 else 0.0) for r in range(6)}
+        state, findings = observe(state, timings, {r: f"n{r}" for r in range(6)}, POLICY, at(step))
+    (finding,) = findings
+    assert finding.rank == 3 and finding.cause == "communication"
+    actions = decide(state, findings, EVICT, Workers(6, 1, {f"n{r}": r for r in range(6)}), at(140))
+    assert not any(isinstance(a, Evict) for a in actions)
+
+
+def test_waiting_longer_because_of_computing_less_is_no_straggler() -> None:
+    # rank 0 computes 20% less and so waits 20% longer: same step, more communication
+    state = DetectorState()
+    for step in range(40, 140, 2):
+        timings = {r: RankTiming(r, step, 32, 0.2, 0.2 - b, {"forward": b, "communication": 0.2 - b})
+                   for r, b in enumerate([0.08, 0.1, 0.1, 0.1, 0.1])}
+        state, findings = observe(state, timings, {}, POLICY, at(step))
+        assert findings == ()
+
+
+# --- the decision ----------------------------------------------------------------------------------
+
+def straggling(n: int = 6, slow: dict[int, float] | None = None, policy: StragglerPolicy = EVICT,
+               nodes: dict[int, str] | None = None) -> Job:
+    job = Job(n, noisy(noise=0.0, slow=slow or {2: 0.3}, onset=10), policy=policy, nodes=nodes)
+    job.advance(100)
+    return job
+
+
+def workers(n: int = 6, ready: int | None = None, minimum: int = 1) -> Workers:
+    return Workers(ready=n if ready is None else ready, minimum=minimum,
+                   worker_of_node={f"node-{r}": r for r in range(n)})
+
+
+def test_report_mode_reports_and_never_evicts() -> None:
+    job = straggling(policy=POLICY)
+    findings = job.history[-1][1]
+    actions = decide(job.state, findings, POLICY, workers(), at(100))
+    assert actions == [Report(2, "node-2", 2, findings[0].slowdown, findings[0].z, "compute", findings[0].since)]
+
+
+def test_evict_mode_evicts_the_slowest_evictable_straggler_once() -> None:
+    job = straggling(slow={2: 0.3, 4: 0.6})
+    findings = job.history[-1][1]
+    actions = decide(job.state, findings, EVICT, workers(), at(100))
+    assert [a.rank for a in actions if isinstance(a, Report)] == [4, 2]
+    evicts = [a for a in actions if isinstance(a, Evict)]
+    assert evicts == [Evict("node-4", 4, 4, "compute", findings[0].slowdown)]
+    assert decide(job.state, findings, EVICT, workers(), at(100)) == actions  # idempotent until applied
+    state = applied(job.state, evicts, at(100))
+    assert state.evictions[0].pre_step_s == pytest.approx(0.1 * 1.6 + 0.02)
+    # under evaluation: no second eviction
+    assert not any(isinstance(a, Evict) for a in decide(state, findings, EVICT, workers(), at(101)))
+
+
+def test_the_hourly_cap_and_zero_cap() -> None:
+    job = straggling()
+    findings = job.history[-1][1]
+    evict = next(a for a in decide(job.state, findings, EVICT, workers(), at(100)) if isinstance(a, Evict))
+    done = sg.replace(job.state.evictions[0], verdict="helped") if job.state.evictions else None
+    assert done is None
+    state = applied(job.state, [evict], at(100))
+    state = sg.replace(state, evictions=tuple(sg.replace(e, verdict="helped", node="gone") for e in state.evictions))
+    assert not any(isinstance(a, Evict) for a in decide(state, findings, EVICT, workers(), at(100 + 3599)))
+    assert any(isinstance(a, Evict) for a in decide(state, findings, EVICT, workers(), at(100 + 3601)))
+    two = StragglerPolicy(action=StragglerAction.EVICT, max_evictions_per_hour=2)
+    assert any(isinstance(a, Evict) for a in decide(state, findings, two, workers(), at(200)))
+    never = StragglerPolicy(action=StragglerAction.EVICT, max_evictions_per_hour=0)
+    assert not any(isinstance(a, Evict) for a in decide(job.state, findings, never, workers(), at(100)))
+
+
+def test_never_below_min_workers() -> None:
+    job = straggling()
+    findings = job.history[-1][1]
+    assert not any(isinstance(a, Evict) for a in decide(job.state, findings, EVICT, workers(ready=3, minimum=3),
+                                                        at(100)))
+    assert any(isinstance(a, Evict) for a in decide(job.state, findings, EVICT, workers(ready=4, minimum=3),
+                                                    at(100)))
+
+
+def test_unknown_nodes_data_on_several_nodes_and_imbalance_are_not_evicted() -> None:
+    f = lambda rank, node, cause: Finding(rank, node, 0.3, 10.0, cause, T0)  # noqa: E731
+    state = DetectorState(job_step=100, job_step_s=0.2, job_window=32)
+    for findings in ([f(1, "", "compute")], [f(1, "node-9", "compute")], [f(1, "node-1", "imbalance")],
+                     [f(1, "node-1", "communication")], [f(1, "node-1", "data"), f(2, "node-2", "data")]):
+        assert not any(isinstance(a, Evict) for a in decide(state, findings, EVICT, workers(), T0)), findings
+    one_node = [f(1, "node-1", "data"), f(2, "node-1", "data")]
+    assert [a for a in decide(state, one_node, EVICT, workers(), T0) if isinstance(a, Evict)] == \
+        [Evict("node-1", 1, 1, "data", 0.3)]
+    assert [a.node for a in decide(state, [f(3, "node-3", "node")], EVICT, workers(), T0) if isinstance(a, Evict)] \
+        == ["node-3"]
+
+
+def evicted(improvement: float) -> tuple[Job, DetectorState, float]:
+    """A job whose straggler on node-2 was evicted; afterwards its step time is ``improvement``
+    better (the replacement's speed is chosen to give it)."""
+    job = straggling(slow={2: 0.3})
+    findings = job.history[-1][1]
+    evict = next(a for a in decide(job.state, findings, EVICT, workers(), at(100)) if isinstance(a, Evict))
+    job.state = applied(job.state, [evict], at(100))
+    before = job.state.evictions[0].pre_step_s
+    # the worker is replaced: every rank restarts on the same step count, rank 2 on a new node
+    job.nodes = {**job.nodes, 2: "node-new"}
+    target = before * (1 - improvement) - job.comm
+    job.busy = lambda r, s: target if r == 2 else min(0.1, target)
+    job.windows = {r: deque(maxlen=WINDOW) for r in range(job.n)}
+    return job, job.state, before
+
+
+def test_an_eviction_that_did_not_help_is_undone_once() -> None:
+    job, _, before = evicted(improvement=0.02)
+    job.advance(WINDOW + EVICT.evaluate_steps + 5)
+    (record,) = job.state.evictions
+    assert record.verdict == "no_improvement"
+    findings = job.history[-1][1]
+    actions = decide(job.state, findings, EVICT, workers(), at(300))
+    undos = [a for a in actions if isinstance(a, Undo)]
+    assert len(undos) == 1 and undos[0].node == "node-2" and undos[0].worker == 2 and "5%" in undos[0].why
+    state = applied(job.state, undos, at(300))
+    assert state.evictions[0].undone
+    assert not any(isinstance(a, Undo) for a in decide(state, findings, EVICT, workers(), at(301)))
+
+
+def test_an_eviction_that_helped_is_kept_and_judged_only_after_the_evaluation_span() -> None:
+    job, _, _ = evicted(improvement=0.2)
+    job.advance(WINDOW + 10)
+    assert job.state.evictions[0].verdict == "pending"
+    job.advance(EVICT.evaluate_steps)
+    assert job.state.evictions[0].verdict == "helped"
+    assert not any(isinstance(a, Undo) for a in decide(job.state, (), EVICT, workers(), at(400)))
+
+
+def test_an_eviction_whose_node_never_leaves_expires() -> None:
+    job = straggling()
+    evict = next(a for a in decide(job.state, job.history[-1][1], EVICT, workers(), at(100)) if isinstance(a, Evict))
+    state = applied(job.state, [evict], at(100))
+    later = {r: RankTiming(r, t.step + 1, t.window, t.step_s, t.wait_s, dict(t.sections))
+             for r, t in job.timings().items()}
+    state, _ = observe(state, later, job.nodes, EVICT, at(100 + sg.EVALUATION_TIMEOUT_S + 1))
+    assert state.evictions[0].verdict == "expired"
+
+
+def test_the_same_rank_slow_again_on_a_new_node_is_imbalance() -> None:
+    job, _, _ = evicted(improvement=0.0)
+    job.busy = noisy(noise=0.0, slow={2: 0.3}, onset=0)   # the slowness followed rank 2's data
+    job.advance(150)
+    (finding,) = job.history[-1][1]
+    assert finding.rank == 2 and finding.node == "node-new" and finding.cause == "imbalance"
+
+
+# --- state and status ------------------------------------------------------------------------------
+
+def test_the_state_round_trips_through_json() -> None:
+    job, _, _ = evicted(improvement=0.2)
+    job.advance(60)
+    assert job.state.evictions and job.state.tracks
+    assert DetectorState.decode(job.state.encode()) == job.state
+
+
+def test_status_records_say_what_was_done() -> None:
+    job = straggling()
+    findings = job.history[-1][1]
+    actions = decide(job.state, findings, EVICT, workers(), at(100))
+    (record,) = sg.status_records(job.state, actions)
+    assert isinstance(record, StragglerRecord)
+    assert (record.rank, record.worker, record.node, record.cause, record.action) == (2, 2, "node-2", "compute",
+                                                                                      "Reported")
+    state = applied(job.state, [a for a in actions if isinstance(a, Evict)], at(100))
+    assert sg.status_records(state, actions)[0].action == "Evicted"
+    dumped = record.model_dump(mode="json", by_alias=True)
+    assert set(dumped) == {"rank", "worker", "node", "slowdown", "score", "cause", "since", "action"}
+
+
+# --- the spec -------------------------------------------------------------------------------------
+
+def test_policy_defaults_and_camel_case() -> None:
+    spec = parse_spec(VALID_SPEC)
+    assert isinstance(spec, TrainingJobSpec)
+    p = spec.stragglers
+    assert (p.action, p.min_slowdown, p.z_threshold, p.persist_steps) == (StragglerAction.REPORT, 0.1, 3.0, 30)
+    assert (p.max_evictions_per_hour, p.quarantine_seconds, p.evaluate_steps, p.min_improvement) == (1, 3600, 50, 0.05)
+    custom = parse_spec({**VALID_SPEC, "stragglers": {"action": "Evict", "minSlowdown": 0.25, "persistSteps": 64,
+                                                      "maxEvictionsPerHour": 3, "minImprovement": 0.1}})
+    assert custom.stragglers.action == StragglerAction.EVICT and custom.stragglers.persist_steps == 64
+    assert custom.model_dump(by_alias=True, mode="json")["stragglers"]["maxEvictionsPerHour"] == 3
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"action": "Kill"}, "action"), ({"minSlowdown": 0.0}, "minSlowdown"), ({"minSlowdown": 11}, "minSlowdown"),
+    ({"persistSteps": 0}, "persistSteps"), ({"maxEvictionsPerHour": -1}, "maxEvictionsPerHour"),
+    ({"zThreshold": 0.5}, "zThreshold"), ({"minImprovement": 1.5}, "minImprovement"),
+    ({"evaluateSteps": 0}, "evaluateSteps"), ({"persistSteps": "30"}, "persistSteps"), ({"typo": 1}, "typo"),
+])
+def test_policy_validation_names_the_field(bad: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec({**VALID_SPEC, "stragglers": bad})
+    assert f"stragglers.{field}" in str(info.value)
+
+
+def test_fractions_are_consistent() -> None:
+    assert 0 < EVIDENCE_FRACTION < CONFIRM_FRACTION <= 1
+
+
+def test_eviction_records_stay_bounded_but_keep_what_the_decision_needs() -> None:
+    state = DetectorState(job_step=100, job_step_s=0.2, job_window=32)
+    for i in range(100):
+        state = applied(state, [Evict(f"n{i}", i, i, "compute", 0.3)], at(3600.0 * i))
+        state = sg.replace(state, evictions=tuple(sg.replace(e, verdict="helped") for e in state.evictions))
+    assert len(state.evictions) == sg.MAX_RECORDS
+    busy = DetectorState(job_step=100, job_step_s=0.2, job_window=32)
+    busy = applied(busy, [Evict(f"n{i}", i, i, "compute", 0.3) for i in range(50)], at(0))
+    assert len(busy.evictions) == 50   # all within the hour: the cap counts them
