@@ -63,6 +63,17 @@ def test_a_second_report_of_the_same_recovery_is_not_charged() -> None:
     assert second.action is FailureAction.RETRY_IN_PLACE and not second.charged
 
 
+def test_processes_broken_by_a_planned_eviction_are_not_charged() -> None:
+    clock = Clock()
+    health = JobHealth(JOB, SPEC, clock=clock)
+    health.planned_disruption()  # the operator evicted a straggler's worker just now
+    clock.now = T0 + datetime.timedelta(seconds=2)
+    decision = health.on_report(AGENT, killed_report())
+    assert decision.action is FailureAction.RESTART_PROCESSES and not decision.charged
+    clock.now = T0 + datetime.timedelta(seconds=60)  # long after: a failure of its own again
+    assert health.on_report(AGENT, killed_report()).charged
+
+
 def test_exhausting_the_window_turns_reports_into_fail_job() -> None:
     spec = parse_spec({"failurePolicy": {"maxRestartsPerWindow": 1},
                        "worker": {"image": "i", "command": ["c"]}})

@@ -114,6 +114,15 @@ class JobHealth:
                 self._recovering_since = status.restart_times[-1]
                 self.watch.reset(time.monotonic())
 
+    def planned_disruption(self) -> None:
+        """The operator itself just took a worker away (a straggler's eviction): the survivors'
+        processes that break while the group re-forms are part of that change, so their reports
+        in the next moments are coalesced into it (not charged), and no hang is judged until
+        the training steps again."""
+        with self._lock:
+            self._recovering_since = self._clock()
+            self.watch.reset(time.monotonic())
+
     def drain(self, settle_s: float = SETTLE_S) -> list[Incident]:
         """The incidents detected at least ``settle_s`` ago, oldest first; each is handed out
         once. The newer ones wait for the next drain (see :data:`SETTLE_S`)."""

@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 
 from salamander import wire
-from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, TrainingJobSpec, TrainingJobStatus, check_name,
+from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus, check_name,
                             parse_spec)
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
@@ -237,6 +237,8 @@ class JobSupervisor:
         plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling)
         if isinstance(spec, TrainingJobSpec):
             health.sync(spec, plan.status)  # restarts this pass charged start their recovery
+            if any(e.reason == Reason.STRAGGLER_EVICTED for e in plan.events):
+                health.planned_disruption()
         previous = self.status
         await self.apply(ref, spec, plan, body, logger)
         if straggling is not None:

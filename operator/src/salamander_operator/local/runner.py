@@ -168,6 +168,8 @@ class LocalRun:
                                              nodes, worker_of_node, ready, now)
         plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents, straggling)
         self.stragglers.applied(straggling, now)
+        if any(e.reason == Reason.STRAGGLER_EVICTED for e in plan.events):
+            self.health.planned_disruption()
         self.health.sync(self.job.spec, plan.status)  # restarts this pass charged start their recovery
         for index in plan.delete:
             self.workers.delete(index)
