@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_stats import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -91,12 +93,6 @@ def run_child(mode: str, steps: int, warmup: int) -> dict[str, object]:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["metrics"] == (mode == "on"), f"mode {mode}: telemetry enabled={result['metrics']}"
     return result
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "p10": ordered[len(ordered) // 10],
-            "p90": ordered[(len(ordered) * 9) // 10], "n": len(ordered)}
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker/src"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench_stats import spread  # noqa: E402
 from salamander import wire  # noqa: E402
 from salamander_worker.snapshot import erasure, payload  # noqa: E402
 from salamander_worker.snapshot.capture import capture  # noqa: E402
@@ -53,12 +54,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "p10": ordered[len(ordered) // 10],
-            "p90": ordered[(len(ordered) * 9) // 10], "n": len(ordered)}
 
 
 def main() -> int:

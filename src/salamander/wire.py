@@ -96,8 +96,9 @@ RestoreTier = Literal["memory", "peers", "persistent", "none"]
 RESTORE_TIERS: tuple[str, ...] = get_args(RestoreTier)
 
 
-def _json_object(raw: str | bytes, what: str) -> dict[str, Any]:
-    """``raw`` parsed as a JSON object; raises :class:`WireError` (naming ``what``), never anything else."""
+def json_object(raw: str | bytes, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; raises :class:`WireError` (naming ``what``), never anything else.
+    Every record read from the wire (and the traces' answers) is parsed by this one function."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, huge integers
@@ -160,7 +161,7 @@ class SnapshotConfig:
         """Parse ``$SALAMANDER_SNAPSHOT``. Every field is optional (its default then); raises
         :class:`WireError` naming the bad field, never anything else."""
         what = "snapshot config"
-        data = _json_object(raw, what)
+        data = json_object(raw, what)
         _check_fields(data, {"interval": int, "group_size": int, "parity": int, "persist_every": int,
                              "persist_directory": (str, type(None))}, set(), what)
         return cls(**data).check()
@@ -219,7 +220,7 @@ class Progress:
     @classmethod
     def decode(cls, raw: bytes) -> Progress:
         """Parse a record; raises :class:`WireError` naming the bad field, never anything else."""
-        data = _json_object(raw, "progress record")
+        data = json_object(raw, "progress record")
         fields = {
             "step": int, "samples": int, "world_size": int, "time": (int, float),
             "loss": (int, float, type(None)), "restart_count": int, "total_steps": (int, type(None)),
@@ -352,7 +353,7 @@ def decode_rank_timing(raw: str | bytes) -> RankTiming:
     anything else. Integers must fit the wire (rank and window in int32, step in int64)."""
     if len(raw) > MAX_TIMING_BYTES:
         raise WireError(f"rank timing is {len(raw)} bytes, at most {MAX_TIMING_BYTES}")
-    data = _json_object(raw, "rank timing")
+    data = json_object(raw, "rank timing")
     fields = {"rank": int, "step": int, "window": int, "step_s": (int, float), "wait_s": (int, float),
               "sections": dict}
     _check_fields(data, fields, set(fields), "rank timing")

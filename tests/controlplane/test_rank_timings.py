@@ -13,14 +13,14 @@ import grpc
 import pytest
 
 from salamander import wire
-from salamander.controlplane import AUTH_METADATA, BEARER, AgentIdentity
+from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_worker import controlplane as client_module
 from salamander_worker.controlplane import AgentClient
 from salamander_worker.heartbeat import Heartbeat, timings_reader
+from tests.controlplane.test_controlplane import _raw_session
 
-SESSION = "/salamander.controlplane.v1.ControlPlane/Session"
 POD0 = AgentIdentity("ns", "llm", "llm-worker-0", "node-a", 0, 2)
 POD1 = AgentIdentity("ns", "llm", "llm-worker-1", "node-b", 2, 2)
 
@@ -81,17 +81,6 @@ async def test_timings_reach_the_session_and_merge_per_job(plane) -> None:
     await first.close()
 
 
-async def _raw(port: int, token: str, messages: list[bytes]) -> grpc.aio.AioRpcError | None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.stream_stream(SESSION, request_serializer=lambda b: b, response_deserializer=lambda b: b)(
-            iter(messages), metadata=((AUTH_METADATA, BEARER + token),))
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            return exc
-    return None
-
 
 HELLO = pb.AgentMessage(hello=pb.Hello(namespace="ns", job="llm", pod="p", node="n", first_rank=0,
                                        rank_count=1)).SerializeToString()
@@ -119,7 +108,7 @@ def _pb(rank: int = 4, **fields) -> pb.RankTiming:
 ])
 async def test_a_malformed_timing_is_refused_by_name(plane, bad, words) -> None:
     server, token = plane
-    error = await _raw(server.port, token, [HELLO, _beat(_pb(rank=3), bad)])
+    error = await _raw_session(server.port, token, [HELLO, _beat(_pb(rank=3), bad)])
     assert error is not None and error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert all(w in (error.details() or "") for w in words), error.details()
     assert server.stats.rejected["invalid_heartbeat"] == 1
@@ -127,7 +116,7 @@ async def test_a_malformed_timing_is_refused_by_name(plane, bad, words) -> None:
 
 async def test_too_many_timings_are_refused_and_the_client_stays_within_bounds(plane, monkeypatch) -> None:
     server, token = plane
-    error = await _raw(server.port, token, [HELLO, _beat(*[_pb(rank=r) for r in range(1025)])])
+    error = await _raw_session(server.port, token, [HELLO, _beat(*[_pb(rank=r) for r in range(1025)])])
     assert error is not None and "at most 1024" in (error.details() or "")
 
     client = AgentClient(f"127.0.0.1:{server.port}", token, POD0)

@@ -196,27 +196,30 @@ def declare_resources(emulator: ApiServer) -> None:
         verbs=verbs)
 
 
-def write_kubeconfig(tmp_path: Path, server: str) -> Path:
+def write_kubeconfig(tmp_path: Path, server: str, token: str = "test") -> Path:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": server}}],
-        "users": [{"name": "kmock", "user": {"token": "test"}}],
+        "users": [{"name": "kmock", "user": {"token": token}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}],
     }))
     return kubeconfig
 
 
-@contextlib.asynccontextmanager
-async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
-    declare_resources(kmock)
-    kubeconfig = write_kubeconfig(tmp_path, str(kmock.url).rstrip("/"))
+def use_kubeconfig(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point this process's Kubernetes client (and kopf's login) at ``kubeconfig``; an API client."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     import kubernetes
     # The client reads $KUBECONFIG once, at import; this process imported it long ago.
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
 
-    api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+
+@contextlib.asynccontextmanager
+async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    declare_resources(kmock)
+    api_client = use_kubeconfig(write_kubeconfig(tmp_path, str(kmock.url).rstrip("/")), monkeypatch)
     rendezvous = RendezvousHost(advertise_host="127.0.0.1", port=0, bind_host="127.0.0.1")
     registry = kopf.OperatorRegistry()
     register(registry)

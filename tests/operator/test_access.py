@@ -27,7 +27,6 @@ import aiohttp.web
 import kmock
 import kopf
 import pytest
-import yaml
 
 from salamander_operator.kube.access import ACCESS, Rule, cluster_role_rules, role_rules
 from salamander_operator.kube.cluster import KubeCluster
@@ -37,7 +36,7 @@ from salamander_operator.rendezvous import RendezvousHost
 from salamander_worker.sections import Recorder
 from salamander_worker.store import connect_store
 from salamander_worker.timeline import Responder
-from tests.operator.conftest import NS, ApiServer, Cluster, declare_resources, job_manifest
+from tests.operator.conftest import NS, ApiServer, Cluster, declare_resources, job_manifest, use_kubeconfig, write_kubeconfig
 from tests.operator.test_nodes import bind, make_node, node, replaced, set_node_ready
 
 OPERATOR_TOKEN = "salamander-operator-service-account"
@@ -145,17 +144,8 @@ async def recorded_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     emulator.namespace_names = (NS, "elsewhere")
     async with emulator, kmock.Server(emulator):
         declare_resources(emulator)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
-            "users": [{"name": "operator", "user": {"token": OPERATOR_TOKEN}}],
-            "contexts": [{"name": "operator", "context": {"cluster": "kmock", "user": "operator"}}],
-        }))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        import kubernetes
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        api_client = use_kubeconfig(write_kubeconfig(tmp_path, str(emulator.url).rstrip("/"), OPERATOR_TOKEN),
+                                    monkeypatch)
         rendezvous = RendezvousHost(advertise_host="127.0.0.1", port=0, bind_host="127.0.0.1")
         registry = kopf.OperatorRegistry()
         register(registry)

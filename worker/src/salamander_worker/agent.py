@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from salamander import wire
 
 log = logging.getLogger("salamander_worker.agent")
@@ -201,7 +203,7 @@ def snapshot_memory(run_id: str, root: Path = SHM_ROOT) -> Path | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(f"{host}-*"):
             pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         memory = run_dir / f"{host}-{os.getpid()}"
         memory.mkdir(exist_ok=True)
@@ -225,7 +227,7 @@ def timings_directory() -> Path | None:
 
     for stale in Path(tempfile.gettempdir()).glob("salamander-timings-*-*"):
         pid = stale.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     try:
         path = Path(tempfile.mkdtemp(prefix=f"salamander-timings-{os.getpid()}-"))
@@ -234,16 +236,6 @@ def timings_directory() -> Path | None:
         return None
     os.environ[wire.ENV_TIMINGS_DIR] = str(path)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _start_heartbeat(nproc_per_node: int, rdzv_endpoint: str, run_id: str):  # -> Heartbeat | None

@@ -268,23 +268,14 @@ class PodCollector:
         self._inner = MultiProcessCollector(None, str(path))
 
     def collect(self):  # -> Iterable[Metric]
+        import psutil
         from prometheus_client import multiprocess
 
         for file in self._path.glob("gauge_live*_*.db"):
             pid = file.stem.rsplit("_", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
                 multiprocess.mark_process_dead(int(pid), str(self._path))
         return self._inner.collect()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serve(port: int, path: str | Path, addr: str = "0.0.0.0") -> tuple[Any, int]:

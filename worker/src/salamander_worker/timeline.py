@@ -249,14 +249,9 @@ def _inflate_json(raw: bytes, what: str) -> dict[str, Any]:
     if not inflater.eof:
         raise TraceError(f"{what} is truncated zlib data")
     try:
-        data = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise TraceError(f"{what} is not JSON: {str(exc)[:120]}") from None
-    except RecursionError:
-        raise TraceError(f"{what} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise TraceError(f"{what} is not a JSON object")
-    return data
+        return wire.json_object(text, what)
+    except wire.WireError as exc:
+        raise TraceError(str(exc)) from None
 
 
 def _finite(value: object) -> bool:
