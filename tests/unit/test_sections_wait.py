@@ -390,7 +390,7 @@ def test_the_agent_gives_its_processes_a_timings_directory(monkeypatch: pytest.M
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = tmp_path / "salamander-timings-999999999-abc"  # an agent killed without cleanup
     dead.mkdir()
-    monkeypatch.setattr(agent, "_alive", lambda pid: pid != 999999999)
+    monkeypatch.setattr(agent.psutil, "pid_exists", lambda pid: pid != 999999999)
     monkeypatch.setenv(wire.ENV_TIMINGS_DIR, "")  # restored, then removed, after the test
     monkeypatch.delenv(wire.ENV_TIMINGS_DIR)
     made = agent.timings_directory()
