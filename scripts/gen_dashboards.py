@@ -452,6 +452,25 @@ def failures() -> Dashboard:
                    "per rate interval.",
                    [Target(f"sum by (trainingjob) (increase({sel('salamander_agent_worker_restarts_total')}[{RATE}]))",
                            "{{trainingjob}}")], "none", w=6, bars=True, legend_calcs=("sum",)),
+        Row("Cluster planner (when the operator plans capacity across jobs)"),
+        timeseries("Planned workers by job", "The worker count the cluster planner gives each job (0: "
+                   "suspended), against the workers ready.",
+                   [Target(f"max by (trainingjob) ({sel('salamander_job_workers_planned')})", "{{trainingjob}} planned"),
+                    Target(f"max by (trainingjob) ({sel('salamander_job_workers_ready')})", "{{trainingjob}} ready")],
+                   "none", w=6, legend_calcs=("lastNotNull", "min")),
+        timeseries("Capacity and plan", "Schedulable nodes the planner divides, and the workers its newest "
+                   "plan gives all jobs together. Operator-wide.",
+                   [Target(raw("salamander_cluster_capacity_nodes"), "schedulable nodes"),
+                    Target(raw("salamander_cluster_planned_workers"), "planned workers")],
+                   "none", w=6, legend_calcs=("lastNotNull", "min")),
+        timeseries("Planned WAF", "Weighted achieved throughput of the newest plan (sum of weight x throughput, "
+                   "in worker-equivalents). Operator-wide.",
+                   [Target(raw("salamander_cluster_planned_waf"), "WAF")], "none", w=6,
+                   legend_calcs=("lastNotNull", "min")),
+        timeseries("Plans", "Cluster plans per rate interval, and the p99 time to compute one.",
+                   [Target(f"sum (increase({raw('salamander_cluster_plans_total')}[{RATE}]))", "plans"),
+                    Target(hq(0.99, raw("salamander_cluster_plan_duration_seconds_bucket"), ""), "p99 plan time (s)")],
+                   "none", w=6, legend_calcs=("sum", "max")),
     )
 
 

@@ -116,7 +116,31 @@ def _cmd_operator(args: argparse.Namespace) -> int:
                         liveness=args.liveness, verbose=args.verbose, control_port=args.control_port,
                         rendezvous_endpoint=args.rendezvous_endpoint,
                         rendezvous_advertise=args.rendezvous_advertise,
-                        metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+                        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        plan=args.plan, plan_node_selector=args.plan_node_selector,
+                        plan_horizon_s=args.plan_horizon)
+
+
+def _node_selector(text: str) -> str:
+    """A ``key=value,...`` node selector for argparse, checked here and passed on as text."""
+    from salamander_operator.allocations import parse_selector
+
+    try:
+        parse_selector(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _horizon(text: str) -> float:
+    """A positive, finite number of seconds for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _cmd_rendezvous(args: argparse.Namespace) -> int:
@@ -381,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve the operator's Prometheus metrics on this port (default 9400; -1: off)")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="kopf's liveness endpoint ('' to turn it off)")
+    op.add_argument("--plan", action="store_true",
+                    help="plan capacity across jobs: divide the schedulable nodes among the TrainingJobs "
+                         "(grow, shrink, suspend) on every capacity change, weighing spec.scheduling")
+    op.add_argument("--plan-node-selector", metavar="KEY=VALUE,...", type=_node_selector, default="",
+                    help="with --plan: the nodes that count as capacity (default: every node)")
+    op.add_argument("--plan-horizon", metavar="SECONDS", type=_horizon, default=3600.0,
+                    help="with --plan: the time a plan is expected to hold, against which transitions are "
+                         "weighed (default 3600)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)
 

@@ -15,6 +15,8 @@ Conventions (https://prometheus.io/docs/practices/naming/):
   series a ``job`` label of its own (the scrape job); a metric label of that name would be
   renamed ``exported_job``. Scrape Salamander's endpoints with ``honor_labels: true`` so the
   ``namespace`` label is the job's and not the pod's;
+* the cluster planner's ``salamander_cluster_*`` series and the control plane's rejected
+  requests are operator-wide, with no job labels;
 * ``rank`` appears only where the per-rank value is the point (section and step times, the
   straggler view), so a series count grows with the world size only there.
 
@@ -108,6 +110,18 @@ CATALOG: tuple[Metric, ...] = (
        "(unauthenticated, malformed, out of order...).", ("reason",)),
     _m("reconcile_duration_seconds", "histogram", "operator", "Time of one reconcile pass (observe, decide, "
        "apply).", buckets=RECONCILE_BUCKETS),
+    # --- operator: the cluster planner (only when the operator plans capacity across jobs)
+    _m("job_workers_planned", "gauge", "operator", "Workers the cluster planner gives the job (0: suspended)."),
+    _m("cluster_capacity_nodes", "gauge", "operator", "Schedulable nodes the cluster planner divides among the "
+       "jobs.", ()),
+    _m("cluster_planned_workers", "gauge", "operator", "Workers the newest cluster plan gives all jobs together.",
+       ()),
+    _m("cluster_planned_waf", "gauge", "operator", "Weighted achieved throughput of the newest cluster plan: the "
+       "sum over jobs of weight times throughput, in worker-equivalents.", ()),
+    _m("cluster_plans", "counter", "operator", "Cluster plans computed (on capacity changes, jobs submitted or "
+       "finished).", ()),
+    _m("cluster_plan_duration_seconds", "histogram", "operator", "Time to compute one cluster plan.", (),
+       buckets=RECONCILE_BUCKETS),
     # --- worker: written by the training processes (rank 0 for job-wide figures)
     _m("worker_steps", "counter", "worker", "Training steps completed (counted by rank 0)."),
     _m("worker_samples", "counter", "worker", "Samples (sequences, images) trained on, all ranks together "

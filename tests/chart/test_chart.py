@@ -26,6 +26,7 @@ import yaml
 from salamander import wire
 from salamander.api import parse_spec
 from salamander.cli import build_parser
+from salamander_operator.allocations import parse_selector
 from salamander_operator.desired import METRICS_PORT, JobRef, build_worker_pod
 from salamander_operator.kube.access import ACCESS, Rule, cluster_role_rules, role_rules
 from salamander_operator.kube.main import parse_advertise
@@ -58,6 +59,8 @@ VALUES: dict[str, dict[str, Any]] = {
              "serviceAccount": {"create": False, "name": "existing"}},
     "standalone-rendezvous": {"rendezvous": {"standalone": True, "nodeSelector": {"kubernetes.io/os": "linux"}},
                               "watchNamespaces": ["a"]},
+    "planner": {"planner": {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true", "pool": "a100"},
+                            "horizonSeconds": 1800}},
     "custom": {
         "fullnameOverride": "salamander",
         "operator": {
@@ -259,6 +262,15 @@ def test_watch_namespaces_and_custom_values_reach_the_operator(rendered: dict[st
     assert only(bare, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
     kinds = Counter(d["kind"] for d in bare)
     assert kinds == Counter({"Deployment": 1, "Service": 1, "Pod": 1}), kinds
+
+
+def test_the_planner_values_reach_the_operator(rendered: dict[str, dict[str, str]]) -> None:
+    container = operator_container(manifests(rendered["planner"]))
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert args.plan and args.plan_horizon == 1800.0
+    assert parse_selector(args.plan_node_selector) == {"nvidia.com/gpu.present": "true", "pool": "a100"}
+    default = operator_container(manifests(rendered["default"]))
+    assert not build_parser().parse_args(default["command"][1:] + default["args"]).plan
 
 
 def test_a_standalone_rendezvous_store_outlives_the_operator(rendered: dict[str, dict[str, str]]) -> None:
@@ -531,6 +543,10 @@ BAD_VALUES = [
     ({"operator": {"resources": {"limits": {"memory": "1 GB"}}}}, "/operator/resources/limits/memory",
      "'1 GB' does not match pattern"),
     ({"operator": {"tolerations": [{"effect": "NoRun"}]}}, "/operator/tolerations/0/effect", "must be one of"),
+    ({"planner": {"enabled": True, "nodeSelector": {"pool": "a,b"}}}, "/planner/nodeSelector/pool",
+     "does not match pattern"),
+    ({"planner": {"horizonSeconds": 0}}, "/planner/horizonSeconds", "exclusiveMinimum"),
+    ({"planner": {"enable": True}}, "/planner", "'enable' not allowed"),
 ]
 
 

@@ -382,7 +382,7 @@ class SyntheticJob:
             for combo in itertools.product(*(values[label] for label in extra)):
                 lv = dict(zip(extra, combo))
                 job = {"namespace": namespace, "trainingjob": trainingjob} if "namespace" in m.labels else {}
-                child = metric.labels(**job, **lv)
+                child = metric.labels(**job, **lv) if m.labels else metric  # operator-wide: no labels
                 if m.kind == "counter":
                     self._counters.append((m.name, child))
                 elif m.kind == "histogram":

@@ -217,14 +217,16 @@ def use_kubeconfig(kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+async def _operator(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    allocations: Any = None) -> AsyncIterator[Cluster]:
     declare_resources(kmock)
     api_client = use_kubeconfig(write_kubeconfig(tmp_path, str(kmock.url).rstrip("/")), monkeypatch)
     rendezvous = RendezvousHost(advertise_host="127.0.0.1", port=0, bind_host="127.0.0.1")
     registry = kopf.OperatorRegistry()
     register(registry)
     stop = asyncio.Event()
-    memo = build_memo(KubeCluster(api_client), rendezvous, control_port=0, control_host="127.0.0.1")
+    memo = build_memo(KubeCluster(api_client), rendezvous, control_port=0, control_host="127.0.0.1",
+                      allocations=allocations)
 
     logging.getLogger("kopf").setLevel(logging.INFO)
     task = asyncio.create_task(kopf.operator(registry=registry, memo=memo, clusterwide=True, standalone=True,

@@ -350,6 +350,9 @@ def test_manifest_parser_and_crd_agree_on_the_example() -> None:
 def test_jsonschema_accepts_the_example_spec() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
-    jsonschema.validate(spec, SPEC_SCHEMA)
-    jsonschema.validate(parse_spec(VALID_SPEC).model_dump(mode="json", by_alias=True, exclude_none=True),
-                        SPEC_SCHEMA)
+    # OpenAPI 3.0 schemas use draft 4's keywords (exclusiveMinimum is a boolean beside minimum)
+    validator = jsonschema.Draft4Validator(SPEC_SCHEMA)
+    validator.validate(spec)
+    validator.validate(parse_spec(VALID_SPEC).model_dump(mode="json", by_alias=True, exclude_none=True))
+    with pytest.raises(jsonschema.ValidationError, match="less than or equal to the minimum"):
+        validator.validate({**spec, "scheduling": {"weight": 0}})

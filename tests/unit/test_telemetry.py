@@ -50,7 +50,9 @@ def test_names_follow_prometheus_conventions(metric: catalog.Metric) -> None:
         assert metric.name.endswith("_seconds") and metric.buckets
     if "duration" in metric.name or "latency" in metric.name:
         assert metric.name.endswith("_seconds")
-    if metric.name != "salamander_controlplane_rejected_requests":  # not about one job
+    operator_wide = metric.name == "salamander_controlplane_rejected_requests" \
+        or metric.name.startswith("salamander_cluster_")
+    if not operator_wide:  # everything else is about one job
         assert metric.labels[:2] == ("namespace", "trainingjob")
     assert "job" not in metric.labels, "Prometheus owns the job label"
     if "rank" in metric.labels:

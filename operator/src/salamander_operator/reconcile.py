@@ -15,9 +15,15 @@ the operator, so running it twice on the same input is harmless. Rules, in order
    by the failure policy (:mod:`.policy`). A worker to replace is deleted, to be recreated
    under the same name on a later pass; a ``ReplaceNode`` also quarantines its node. A
    ``FailJob`` decision (a rule, a restart storm, the budget spent) fails the job.
-5. Every index in ``[0, max)`` without a worker gets one; indices ``>= max`` are removed.
-   Waiting (Pending) workers never block or restart running ones: the job is Running with
-   any ready count in ``[min, max]``, and grows when a waiting worker becomes ready.
+5. The job wants ``max`` workers, or the cluster planner's count when it plans (an
+   ``allocation``, clamped to ``max``). Missing workers get the lowest free indices in
+   ``[0, max)``; indices ``>= max`` are removed; beyond the wanted count, waiting workers go
+   first, then the highest indices. Waiting (Pending) workers never block or restart running
+   ones: the job is Running with any ready count in ``[min, max]``, and grows when a waiting
+   worker becomes ready.
+6. An allocation of 0 suspends the job: every worker is removed, the phase is ``Suspended``
+   (not terminal), and a later allocation resumes it. Resizes by the planner are not failures:
+   nothing is charged.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from salamander.api import ConditionType, InvalidSpec, Phase, Reason, TrainingJobSpec, TrainingJobStatus
-from salamander.api.models import Condition, RestoreRecord
+from salamander.api.models import AllocationRecord, Condition, RestoreRecord
 from salamander.wire import Progress
 from salamander_operator import goodput
 from salamander_operator.desired import JobRef, worker_name
@@ -91,12 +97,13 @@ def _unfinished(observed: Sequence[ObservedWorker]) -> tuple[int, ...]:
 def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
               previous: TrainingJobStatus, progress: Progress | None,
               now: datetime.datetime, incidents: Sequence[Incident] = (),
-              straggling: StragglerVerdict | None = None) -> Plan:
+              straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None) -> Plan:
     """Decide one pass for one job. Pure: the caller observes and applies. ``incidents`` are the
     failures the in-band channels detected and decided since the last pass; ``straggling`` what
-    straggler detection found and asks (status, an eviction, an undo). The goodput ledger is
-    brought up to ``now`` on every pass of a live job, and frozen once it ends."""
-    plan = _decide(job, spec, observed, previous, progress, now, incidents, straggling)
+    straggler detection found and asks (status, an eviction, an undo); ``allocation`` the
+    cluster planner's worker count (None: no planning, the job wants ``max``). The goodput
+    ledger is brought up to ``now`` on every pass of a live job, and frozen once it ends."""
+    plan = _decide(job, spec, observed, previous, progress, now, incidents, straggling, allocation)
     if plan.status.phase.terminal and previous.phase.terminal:
         return plan
     ledger = goodput.account(plan.status.goodput, progress, plan.status.last_failure, now,
@@ -107,7 +114,7 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
 def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
             previous: TrainingJobStatus, progress: Progress | None,
             now: datetime.datetime, incidents: Sequence[Incident] = (),
-            straggling: StragglerVerdict | None = None) -> Plan:
+            straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None) -> Plan:
     if previous.phase.terminal:
         invalid_before = _reason(previous) == Reason.INVALID_SPEC
         if invalid_before and previous.observed_generation != job.generation:
@@ -159,19 +166,73 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
     status, released = _release_quarantine(status, now)
     events.extend(Event("Normal", Reason.NODE_RELEASED, f"node {node} is out of quarantine") for node in released)
 
+    status, allocation_events = _with_allocation(status, allocation)
+    events.extend(allocation_events)
     evicted: set[int] = set()
     if straggling is not None:
         status, straggler_events, evicted = _with_stragglers(status, straggling, {w.index for w in running}, now)
         events.extend(straggler_events)
     replaced = {w.index for w in failed} | folded.replace | folded_pods.replace | evicted
-    held = {w.index for w in observed}  # a deleting worker still holds its name
-    create = tuple(i for i in range(spec.replicas.max) if i not in held)
-    delete = tuple(sorted((replaced & {w.index for w in live})
-                          | {w.index for w in live if w.index >= spec.replicas.max}))
-    new_status = _running_status(status, job, spec, [w for w in running if w.index not in replaced], progress, now)
+    wanted = spec.replicas.max if allocation is None else min(allocation.workers, spec.replicas.max)
+    create, delete = _membership(observed, live, replaced, wanted, spec.replicas.max)
+    kept = [w for w in running if w.index not in replaced and w.index not in delete]
+    if wanted == 0:
+        new_status = _suspended_status(status, job, allocation, now)
+    else:
+        new_status = _running_status(status, job, spec, kept, progress, now, wanted=wanted)
     events.extend(_membership_events(status, new_status, progress))
     return Plan(create=create, delete=delete, status=new_status, events=tuple(events),
                 incidents=(*incidents, *pod_incidents))
+
+
+def _membership(observed: Sequence[ObservedWorker], live: Sequence[ObservedWorker], replaced: set[int],
+                wanted: int, maximum: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which indices to create and delete so that ``wanted`` workers (not being replaced) are
+    kept or on the way. Live workers at ``>= maximum`` go; beyond ``wanted``, waiting ones
+    go before running ones, higher indices first; the missing get the lowest free indices
+    below ``maximum`` (a deleting worker still holds its name until it is gone). With
+    ``wanted == maximum`` this is every free index created and nothing healthy deleted."""
+    held = {w.index for w in observed}
+    staying = [w for w in live if w.index not in replaced and w.index < maximum]
+    staying.sort(key=lambda w: (w.phase is not WorkerPhase.RUNNING, not w.ready, w.index))
+    surplus = {w.index for w in staying[wanted:]}
+    delete = (replaced & {w.index for w in live}) | {w.index for w in live if w.index >= maximum} | surplus
+    missing = max(0, wanted - len(staying))
+    create = [i for i in range(maximum) if i not in held][:missing]
+    return tuple(create), tuple(sorted(delete))
+
+
+def _with_allocation(status: TrainingJobStatus,
+                     allocation: AllocationRecord | None) -> tuple[TrainingJobStatus, list[Event]]:
+    """Status with the planner's ``allocation`` recorded, and an event when its count changed:
+    ``Suspended`` (to 0), ``Resumed`` (from 0) or ``Rescaled``. None leaves status as it is."""
+    if allocation is None:
+        return status, []
+    before = status.allocation
+    events: list[Event] = []
+    if before is None or before.workers != allocation.workers:
+        old = "none" if before is None else str(before.workers)
+        if allocation.workers == 0:
+            events.append(Event("Warning", Reason.SUSPENDED, f"the cluster planner suspended the job: "
+                                                              f"{allocation.reason}"))
+        elif before is not None and before.workers == 0:
+            events.append(Event("Normal", Reason.RESUMED, f"the cluster planner resumed the job with "
+                                                           f"{allocation.workers} workers: {allocation.reason}"))
+        elif before is not None:
+            events.append(Event("Normal", Reason.RESCALED, f"the cluster planner moved the job from {old} to "
+                                                            f"{allocation.workers} workers: {allocation.reason}"))
+    return status.model_copy(update={"allocation": allocation}), events
+
+
+def _suspended_status(status: TrainingJobStatus, job: JobRef, allocation: AllocationRecord | None,
+                      now: datetime.datetime) -> TrainingJobStatus:
+    message = f"suspended by the cluster planner: {allocation.reason}" if allocation is not None else "suspended"
+    conditions = set_condition(status.conditions, ConditionType.READY, False, Reason.SUSPENDED, message,
+                               job.generation, now)
+    return status.model_copy(update={
+        "phase": Phase.SUSPENDED, "conditions": conditions, "observed_generation": job.generation,
+        "desired_workers": 0, "ready_workers": 0, "world_size": 0,
+    })
 
 
 def _with_stragglers(status: TrainingJobStatus, verdict: StragglerVerdict, running: set[int],
@@ -280,9 +341,10 @@ def with_restore(status: TrainingJobStatus, progress: Progress | None,
 
 def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpec,
                     running: Sequence[ObservedWorker], progress: Progress | None,
-                    now: datetime.datetime, completing: bool = False) -> TrainingJobStatus:
-    """The status of a live job. While ``completing`` (some workers already exited 0), the
-    workers still finishing are not a shortfall: phase and conditions stay as they were."""
+                    now: datetime.datetime, completing: bool = False, wanted: int | None = None) -> TrainingJobStatus:
+    """The status of a live job that wants ``wanted`` workers (default ``max``). While
+    ``completing`` (some workers already exited 0), the workers still finishing are not a
+    shortfall: phase and conditions stay as they were."""
     ready = sum(1 for w in running if w.ready)
     enough = ready >= spec.replicas.min
     phase, conditions = status.phase, list(status.conditions)
@@ -293,6 +355,8 @@ def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpe
                                                       "workers ready")
         else:
             phase = Phase.RESTARTING if status.phase in (Phase.RUNNING, Phase.RESTARTING) else Phase.PENDING
+            if status.phase is Phase.SUSPENDED:
+                phase = Phase.PENDING  # resumed: waiting for its workers again
             reason, message = Reason.WAITING_FOR_WORKERS, (f"{ready} workers ready, "
                                                            f"waiting for at least {spec.replicas.min}")
         conditions = set_condition(conditions, ConditionType.READY, enough, reason, message, job.generation, now)
@@ -306,7 +370,7 @@ def _running_status(status: TrainingJobStatus, job: JobRef, spec: TrainingJobSpe
     return status.model_copy(update={
         "phase": phase, "conditions": conditions, "observed_generation": job.generation,
         "last_failure": last_failure,
-        "desired_workers": spec.replicas.max, "ready_workers": ready,
+        "desired_workers": spec.replicas.max if wanted is None else wanted, "ready_workers": ready,
         "world_size": (status.world_size if completing else
                        progress.world_size if progress is not None and enough else ready * spec.procs_per_node),
         "start_time": status.start_time or (now if enough else None),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +25,9 @@ from salamander_operator.controlplane.server import ControlPlaneServer
 from salamander_operator.desired import JobRef
 from salamander_operator.failures import Severity, Source
 from salamander_operator.reconcile import Plan
+
+if TYPE_CHECKING:
+    from salamander_operator.allocations import ClusterAllocations
 
 _RESTARTING = {FailureAction.RESTART_PROCESSES, FailureAction.REPLACE_POD, FailureAction.REPLACE_NODE,
                FailureAction.RETRY_IN_PLACE}
@@ -74,6 +77,8 @@ class OperatorTelemetry:
         m["salamander_job_workers_ready"].labels(*labels).set(status.ready_workers)
         m["salamander_job_world_size"].labels(*labels).set(status.world_size)
         m["salamander_quarantined_nodes"].labels(*labels).set(len(status.quarantined_nodes))
+        if status.allocation is not None:
+            m["salamander_job_workers_planned"].labels(*labels).set(status.allocation.workers)
         for incident in plan.incidents:
             c, d = incident.classification, incident.decision
             m["salamander_failures_detected"].labels(*labels, c.source.value, c.severity.name).inc()
@@ -103,11 +108,24 @@ class OperatorTelemetry:
             for cause in LOST_CAUSES:
                 m["salamander_job_lost_seconds"].labels(*labels, cause).set(ledger.lost_seconds.get(cause, 0.0))
 
+    def observe_plan(self, allocations: ClusterAllocations) -> None:
+        """Record the newest cluster plan of ``allocations``."""
+        m, result = self.m, allocations.last_plan
+        if result is None:
+            return
+        m["salamander_cluster_plans"].inc()
+        m["salamander_cluster_plan_duration_seconds"].observe(allocations.last_plan_s)
+        m["salamander_cluster_capacity_nodes"].set(result.capacity)
+        m["salamander_cluster_planned_workers"].set(result.used)
+        m["salamander_cluster_planned_waf"].set(result.waf)
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted job."""
         with self._lock:
             self._jobs.discard((namespace, name))
         for metric in self.m.values():
+            if not metric._labelnames:  # noqa: SLF001 - operator-wide, not any job's
+                continue
             # prometheus_client keeps label values as a tuple in declaration order
             for values in list(metric._metrics):  # noqa: SLF001 - no public listing of children
                 if values[:2] == (namespace, name):

@@ -5,18 +5,19 @@ operator and ``salamander run`` parse manifests with them (:mod:`salamander.api.
 """
 
 from salamander.api.manifest import InvalidSpec, check_name, parse_manifest, parse_spec
-from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, CheckpointSpec,
+from salamander.api.models import (API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION, AllocationRecord,
+                                   CheckpointSpec,
                                    Condition, ConditionType, FailureAction, FailurePolicy, FailureRecord,
                                    FailureRule, Fault, FaultKind, HangPolicy, ObservabilitySpec, Phase, QuarantinedNode, Reason,
-                                   Replicas, RestoreRecord, SnapshotSpec, StragglerAction,
+                                   Replicas, RestoreRecord, SchedulingSpec, SnapshotSpec, StragglerAction,
                                    StragglerPolicy, StragglerRecord, TrainingJob, TrainingJobSpec,
                                    TrainingJobStatus, WorkerTemplate)
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAME", "VERSION",
-    "CheckpointSpec", "Condition", "ConditionType", "FailureAction", "FailurePolicy", "FailureRecord",
+    "AllocationRecord", "CheckpointSpec", "Condition", "ConditionType", "FailureAction", "FailurePolicy", "FailureRecord",
     "FailureRule", "Fault", "FaultKind", "HangPolicy", "ObservabilitySpec", "QuarantinedNode", "InvalidSpec", "Phase", "Reason", "Replicas",
-    "RestoreRecord", "SnapshotSpec", "StragglerAction", "StragglerPolicy", "StragglerRecord", "TrainingJob",
+    "RestoreRecord", "SchedulingSpec", "SnapshotSpec", "StragglerAction", "StragglerPolicy", "StragglerRecord", "TrainingJob",
     "TrainingJobSpec", "TrainingJobStatus", "WorkerTemplate",
     "check_name", "parse_manifest", "parse_spec",
 ]

@@ -1,7 +1,8 @@
 """Generate the TrainingJob CustomResourceDefinition from the pydantic models.
 
 The output is a *structural* openAPIV3Schema: every ``$ref`` inlined, no ``anyOf`` at the
-top of a property, ``nullable`` instead of ``null`` types, ``x-kubernetes-int-or-string``
+top of a property, ``nullable`` instead of ``null`` types, exclusive bounds as OpenAPI 3.0's
+booleans, ``x-kubernetes-int-or-string``
 for quantities, defaults kept, and cross-field rules as CEL ``x-kubernetes-validations``.
 ``crds/trainingjobs.salamander.dev.yaml`` is this module's output; a test fails when it is stale.
 """
@@ -54,6 +55,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = " ".join(value.replace("``", "`").split())
         elif key == "const":
             out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020-12 (a number) to OpenAPI v3.0 (a bound plus a boolean)
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         elif key == "default" and value is None:
             continue
         else:

@@ -275,6 +275,29 @@ class StragglerPolicy(ApiModel):
         "otherwise it is undone (the node's quarantine is lifted)."))
 
 
+class SchedulingSpec(ApiModel):
+    """What the cluster planner (``salamander_operator.planner``) weighs when it divides the
+    healthy nodes among jobs, on every capacity change, when the operator runs with planning on.
+
+    A job given ``x`` workers earns ``weight * T(x)``, where ``T`` is its throughput measured at
+    the world sizes it has run with, extended by ``x ** scalingExponent`` where unmeasured
+    (throughput is in worker-equivalents: only the job's own scaling is measured; ``weight``
+    says what one worker of this job is worth beside another job's). Any change of its count
+    costs ``transitionSeconds`` of no progress. Priorities are strict: a job of a higher
+    priority is planned first and may suspend lower ones; ``weight`` trades within a priority.
+    """
+
+    weight: Annotated[float, Field(gt=0.0, le=1e6)] = Field(1.0, description=(
+        "What one worker-equivalent of this job's throughput is worth beside other jobs' (Unicron's WAF weight)."))
+    priority: Annotated[Count, Field(ge=-1000, le=1000)] = Field(0, description=(
+        "Strict priority: higher priorities are planned first and may shrink or suspend lower ones."))
+    scaling_exponent: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.9, description=(
+        "Throughput at unmeasured worker counts grows as workers ** scalingExponent (1: perfect scaling)."))
+    transition_seconds: Annotated[float, Field(ge=0.0, le=86_400.0)] | None = Field(None, description=(
+        "Seconds of no progress a change of worker count costs; unset: the job's last measured recovery, "
+        "else 60."))
+
+
 class FaultKind(StrEnum):
     KILL_PROCESS = "KillProcess"    # SIGKILL one training process
     RAISE_EXCEPTION = "RaiseException"  # raise inside one training process
@@ -315,6 +338,8 @@ class TrainingJobSpec(ApiModel):
         "Per-rank timelines (traces) on hangs."))
     stragglers: StragglerPolicy = Field(default_factory=StragglerPolicy, description=(
         "Straggler detection (always on) and what is done about stragglers: report, or evict their node."))
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description=(
+        "Weight and priority for the cluster planner, when the operator plans capacity across jobs."))
     faults: list[Fault] = Field(default_factory=list, description="Faults to inject, for rehearsal and tests.")
 
     @field_validator("snapshot")
@@ -356,6 +381,7 @@ class Phase(StrEnum):
     PENDING = "Pending"        # fewer than min workers have ever been ready
     RUNNING = "Running"        # at least min workers are ready
     RESTARTING = "Restarting"  # was running, lost workers below min, replacements on the way
+    SUSPENDED = "Suspended"    # the cluster planner gave it no workers; resumes when it gives some
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -394,6 +420,9 @@ class Reason(StrEnum):
     STRAGGLER_DETECTED = "StragglerDetected"
     STRAGGLER_EVICTED = "StragglerEvicted"
     STRAGGLER_EVICTION_UNDONE = "StragglerEvictionUndone"
+    RESCALED = "Rescaled"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
 
 
 class Condition(ApiModel):
@@ -499,6 +528,15 @@ class StragglerRecord(ApiModel):
     action: str = Field("Reported", description="What was done: Reported, Evicted or Undone.")
 
 
+class AllocationRecord(ApiModel):
+    """The cluster planner's latest decision for this job: how many workers, and why."""
+
+    workers: int = Field(description="The worker count the planner gives the job (0: suspended).")
+    capacity: int = Field(0, description="The healthy nodes the plan divided.")
+    reason: str = Field("", description="Why the count is what it is, in words.")
+    planned_at: datetime.datetime
+
+
 class TrainingJobStatus(ApiModel):
     """What is. Written only by the operator; unknown fields are ignored when read back."""
 
@@ -522,6 +560,8 @@ class TrainingJobStatus(ApiModel):
     quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)
     stragglers: list[StragglerRecord] = Field(default_factory=list, description=(
         "The current stragglers, slowest first."))
+    allocation: AllocationRecord | None = Field(None, description=(
+        "The cluster planner's worker count for the job, when the operator plans capacity across jobs."))
     start_time: datetime.datetime | None = None
     completion_time: datetime.datetime | None = None
 

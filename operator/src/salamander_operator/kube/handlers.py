@@ -25,6 +25,7 @@ from salamander import wire
 from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus, check_name,
                             parse_spec)
 from salamander.controlplane.v1 import controlplane_pb2 as pb
+from salamander_operator.allocations import ClusterAllocations, ThroughputMeter, transition_seconds
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.controlplane.server import AgentSession
 from salamander_operator import trace
@@ -37,6 +38,7 @@ from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_
 from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_failed_nodes, node_state,
                                        quarantine_labels, quarantined_by, stranded)
 from salamander_operator.observed import WorkerPhase, observe_pod
+from salamander_operator.planner import JobDemand
 from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousStore
 from salamander_operator.straggler_watch import StragglerWatch, placement
@@ -50,6 +52,8 @@ RESYNC_S = 10.0        # a pass at least this often, even without events
 ERROR_BACKOFF_S = 5.0  # after an unexpected error in a pass
 NODE_TOMBSTONE_S = 3600.0  # how long a deleted node is remembered as deleted
 LIVENESS_SCAN_S = 0.2  # how often agents' silence and hangs are checked (in memory)
+PLAN_DEBOUNCE_S = 0.5  # capacity changes this close together are planned once (a rack going down)
+PLAN_STARTUP_S = 3.0   # no plan in the operator's first seconds, while it lists the nodes and jobs
 
 
 @dataclass
@@ -70,6 +74,38 @@ class OperatorContext:
     node_quarantined_by: dict[str, str] = field(default_factory=dict)  # node -> its quarantined-by label
     job_nodes: dict[str, frozenset[str]] = field(default_factory=dict)  # job uid -> the nodes of its workers
     telemetry: OperatorTelemetry = field(default_factory=OperatorTelemetry)
+    allocations: ClusterAllocations | None = None  # cross-job planning, when on
+    started: float = field(default_factory=time.monotonic)
+    _plan_causes: list[str] = field(default_factory=list)
+    _plan_handle: asyncio.TimerHandle | None = None
+
+    def request_plan(self, cause: str) -> None:
+        """Plan the cluster soon (debounced; not before the startup grace), then wake the jobs
+        whose worker count changed. Call on the operator's event loop."""
+        if self.allocations is None:
+            return
+        if cause not in self._plan_causes:
+            self._plan_causes.append(cause)
+        if self._plan_handle is None:
+            delay = max(PLAN_DEBOUNCE_S, self.started + PLAN_STARTUP_S - time.monotonic())
+            self._plan_handle = asyncio.get_running_loop().call_later(delay, self._plan_now)
+
+    def _plan_now(self) -> None:
+        self._plan_handle = None
+        causes, self._plan_causes = self._plan_causes, []
+        if self.allocations is None or not causes:
+            return
+        cause = "; ".join(causes[:3]) + (f" (and {len(causes) - 3} more)" if len(causes) > 3 else "")
+        try:
+            changed = self.allocations.replan(cause)
+        except Exception:  # noqa: BLE001 - a bad plan must never stop the operator; jobs keep their counts
+            logging.getLogger(__name__).exception("cluster plan failed (%s)", cause)
+            return
+        self.telemetry.observe_plan(self.allocations)
+        logging.getLogger(__name__).info("cluster plan (%s): %d jobs changed in %.1f ms", cause, len(changed),
+                                         self.allocations.last_plan_s * 1000)
+        for uid in changed.values():
+            self.wake(uid)
 
     def on_agent_failure(self, session: AgentSession, report: pb.FailureReport) -> pb.Verdict | None:
         """A failure report from an agent (on the control plane's loop): decide now, so the agent
@@ -139,6 +175,10 @@ def _status_of(raw: Any, logger: logging.Logger | logging.LoggerAdapter) -> Trai
         return TrainingJobStatus()
 
 
+#: Changes the operator makes itself: the survivors' broken processes are part of them, not failures.
+_PLANNED_DISRUPTIONS = {Reason.STRAGGLER_EVICTED, Reason.RESCALED, Reason.SUSPENDED}
+
+
 @dataclass
 class JobSupervisor:
     """The per-job loop state. ``status`` is the last status written (or read at start)."""
@@ -153,6 +193,7 @@ class JobSupervisor:
     on_failed_nodes: frozenset[int] = frozenset()  # workers on a NotReady/deleted node, this pass
     stranded: tuple[int, ...] = ()  # workers being deleted on a failed node, stuck Terminating
     stragglers: StragglerWatch = field(default_factory=StragglerWatch)
+    meter: ThroughputMeter = field(default_factory=ThroughputMeter)
 
     def __post_init__(self) -> None:
         self.node_labels = {q.node: None for q in self.status.quarantined_nodes}
@@ -227,6 +268,21 @@ class JobSupervisor:
             health.sync(spec, self.status)
             incidents = health.drain()
         now = datetime.datetime.now(datetime.UTC)
+        allocation = None
+        if self.ctx.allocations is not None and isinstance(spec, TrainingJobSpec) and not self.status.phase.terminal:
+            key = f"{ref.namespace}/{ref.name}"
+            self.meter.procs_per_node = spec.procs_per_node
+            self.meter.observe(progress)
+            demand = JobDemand(key, spec.replicas.min, spec.replicas.max, weight=spec.scheduling.weight,
+                               priority=spec.scheduling.priority,
+                               throughput=self.meter.curve(spec.scheduling.scaling_exponent),
+                               transition_s=transition_seconds(spec, self.status))
+            if self.ctx.allocations.submit(key, ref.uid, demand, self.status.allocation):
+                self.ctx.request_plan(f"job {key} {'changed' if self.status.allocation else 'submitted'}")
+            allocation = self.ctx.allocations.allocation(key)
+            if allocation is None:
+                logger.debug("waiting for the cluster planner's first plan")
+                return Plan(status=self.status)
         straggling = None
         if isinstance(spec, TrainingJobSpec) and self.ctx.control_plane is not None:
             sessions = self.ctx.control_plane.job_sessions(ref.namespace, ref.name)
@@ -234,11 +290,14 @@ class JobSupervisor:
             ready = sum(1 for w in observed if w.phase is WorkerPhase.RUNNING and w.ready and not w.deleting)
             straggling = self.stragglers.verdict(spec, self.ctx.control_plane.job_timings(ref.namespace, ref.name),
                                                  nodes_of, worker_of_node, ready, now)
-        plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling)
+        plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling, allocation)
         if isinstance(spec, TrainingJobSpec):
             health.sync(spec, plan.status)  # restarts this pass charged start their recovery
-            if any(e.reason == Reason.STRAGGLER_EVICTED for e in plan.events):
+            if any(e.reason in _PLANNED_DISRUPTIONS for e in plan.events):
                 health.planned_disruption()
+        if plan.status.phase.terminal and self.ctx.allocations is not None:
+            if self.ctx.allocations.finish(f"{ref.namespace}/{ref.name}"):
+                self.ctx.request_plan(f"job {ref.namespace}/{ref.name} finished")
         previous = self.status
         await self.apply(ref, spec, plan, body, logger)
         if straggling is not None:
@@ -450,6 +509,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
         else:
             labels = body.get("metadata", {}).get("labels") or {}
             ctx.observe_node(name, node_state(body), labels.get(LABEL_QUARANTINED_BY) or "")
+        if ctx.allocations is not None:
+            was = ctx.allocations.nodes.get(name)
+            if ctx.allocations.observe_node(name, None if type == "DELETED" else body):
+                now = ctx.allocations.nodes.get(name)
+                what = "deleted" if now is None else "schedulable" if now else \
+                    "not schedulable" if was is not None else "seen, not schedulable"
+                ctx.request_plan(f"node {name} {what}")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     async def cleanup(name: str, namespace: str, uid: str, status: kopf.Status, memo: kopf.Memo,
@@ -465,6 +531,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
             except Exception as exc:  # noqa: BLE001 - labels inform; never block the job's deletion
                 logger.warning("could not remove the quarantine labels of node %s: %s", q.node, exc)
         ctx.job_nodes.pop(uid, None)
+        if ctx.allocations is not None and ctx.allocations.finish(f"{namespace}/{name}"):
+            ctx.request_plan(f"job {namespace}/{name} deleted")
         for pod in await ctx.cluster.list_worker_pods(namespace, name, uid):
             await ctx.cluster.delete("Pod", namespace, pod["metadata"]["name"])
         await ctx.cluster.delete("Service", namespace, service_name(ref))

@@ -10,9 +10,11 @@ import socket
 import kopf
 import kubernetes
 
+from salamander_operator.allocations import ClusterAllocations, parse_selector
 from salamander_operator.kube.cluster import KubeCluster, api_client_from_environment
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
 from salamander_operator.kube.handlers import OperatorContext, register
+from salamander_operator.planner import DEFAULT_HORIZON_S
 from salamander_operator.rendezvous import RendezvousClient, RendezvousError, RendezvousHost, RendezvousStore
 
 log = logging.getLogger(__name__)
@@ -56,20 +58,30 @@ def open_rendezvous(rendezvous_port: int, advertise: str | None, rendezvous_endp
 
 
 def build_memo(cluster: KubeCluster, rendezvous: RendezvousStore | None, control_port: int | None = None,
-               control_host: str = "") -> kopf.Memo:
+               control_host: str = "", allocations: ClusterAllocations | None = None) -> kopf.Memo:
     """The handlers' shared context. With ``control_port`` the operator also serves the control
-    plane there (0 picks a port), and tells agents ``control_host:<port>``."""
+    plane there (0 picks a port), and tells agents ``control_host:<port>``. With
+    ``allocations`` it plans capacity across jobs."""
     credentials = JobCredentials()
     server = ControlPlaneServer(credentials, port=control_port) if control_port is not None else None
     return kopf.Memo(context=OperatorContext(cluster=cluster, rendezvous=rendezvous, control_plane=server,
-                                             control_host=control_host, credentials=credentials))
+                                             control_host=control_host, credentials=credentials,
+                                             allocations=allocations))
 
 
 def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: int, advertise: str | None,
                  liveness: str | None, verbose: bool, control_port: int = 29401,
                  rendezvous_endpoint: str | None = None, rendezvous_advertise: str | None = None,
-                 metrics_port: int | None = None) -> int:
+                 metrics_port: int | None = None, plan: bool = False, plan_node_selector: str = "",
+                 plan_horizon_s: float = DEFAULT_HORIZON_S) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
+    allocations = None
+    if plan:
+        try:
+            allocations = ClusterAllocations(selector=parse_selector(plan_node_selector), horizon_s=plan_horizon_s)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
     try:
         rendezvous, host = open_rendezvous(rendezvous_port, advertise, rendezvous_endpoint, rendezvous_advertise)
     except (ValueError, RendezvousError) as exc:
@@ -88,7 +100,7 @@ def run_operator(namespaces: list[str], all_namespaces: bool, rendezvous_port: i
     registry = kopf.OperatorRegistry()
     register(registry)
     kopf.configure(verbose=verbose)
-    memo = build_memo(KubeCluster(api_client), rendezvous, control_port, host)
+    memo = build_memo(KubeCluster(api_client), rendezvous, control_port, host, allocations)
     if metrics_port is not None:
         ctx = memo.context
         ctx.telemetry.watch_control_plane(lambda: ctx.control_plane)
