@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import time
+
 import kmock
 import pytest
 
 from salamander_operator.allocations import ClusterAllocations
 from salamander_operator.kube import handlers
 from tests.operator.conftest import ApiServer, Cluster, _operator, job_manifest
-from tests.operator.test_nodes import make_node, set_node_ready
+from tests.operator.test_nodes import UNTIL, make_node, set_node_ready
 
 
 @pytest.fixture
@@ -110,6 +112,20 @@ async def test_a_higher_priority_job_shrinks_a_running_one(planning: Cluster) ->
     assert batch["restarts"] == 0 and batch["desiredWorkers"] == 1
     # the highest indices go
     await cluster.eventually(lambda: _pods_are(cluster, "batch", {"batch-worker-0"}), "batch down to worker 0")
+
+
+async def test_a_quarantined_node_is_not_capacity(planning: Cluster) -> None:
+    """A node a job quarantines (its quarantined-until label, in the future) leaves the capacity."""
+    cluster = planning
+    for name in ("n1", "n2", "n3"):
+        await gpu_node(cluster, name)
+    await cluster.apply_job(workers("solo", replicas={"min": 1, "max": 3}))
+    await cluster.wait_status("solo", "solo planned 3", lambda s: (s.get("allocation") or {}).get("workers") == 3)
+    code, body = await cluster._json("patch", "/api/v1/nodes/n3",
+                                     {"metadata": {"labels": {UNTIL: str(int(time.time()) + 3600)}}})
+    assert code == 200, body
+    solo = await cluster.wait_status("solo", "solo shrunk", lambda s: (s.get("allocation") or {}).get("workers") == 2)
+    assert solo["allocation"]["capacity"] == 2 and "node n3 not schedulable" in solo["allocation"]["reason"]
 
 
 async def _pods_are(cluster: Cluster, job: str, names: set[str]) -> bool:

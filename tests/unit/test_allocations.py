@@ -57,6 +57,12 @@ def test_a_larger_allocation_fills_the_lowest_free_indices() -> None:
     assert [e.reason for e in plan.events] == [Reason.RESCALED]
 
 
+def test_without_planning_a_stale_allocation_is_cleared() -> None:
+    status = reconcile(JOB, spec(1, 4), [], FRESH, None, T0, allocation=alloc(2)).status
+    plan = reconcile(JOB, spec(1, 4), [], status, None, T1)
+    assert plan.status.allocation is None and plan.create == (0, 1, 2, 3) and plan.events == ()
+
+
 def test_an_allocation_above_max_is_clamped() -> None:
     plan = reconcile(JOB, spec(1, 2), [], FRESH, None, T0, allocation=alloc(5))
     assert plan.create == (0, 1) and plan.status.desired_workers == 2

@@ -205,9 +205,10 @@ def _membership(observed: Sequence[ObservedWorker], live: Sequence[ObservedWorke
 def _with_allocation(status: TrainingJobStatus,
                      allocation: AllocationRecord | None) -> tuple[TrainingJobStatus, list[Event]]:
     """Status with the planner's ``allocation`` recorded, and an event when its count changed:
-    ``Suspended`` (to 0), ``Resumed`` (from 0) or ``Rescaled``. None leaves status as it is."""
+    ``Suspended`` (to 0), ``Resumed`` (from 0) or ``Rescaled``. None (no planning, e.g. the
+    operator restarted without it) clears a stale record."""
     if allocation is None:
-        return status, []
+        return (status if status.allocation is None else status.model_copy(update={"allocation": None})), []
     before = status.allocation
     events: list[Event] = []
     if before is None or before.workers != allocation.workers:
