@@ -5,9 +5,12 @@
     salamander validate JOB.yaml   check a manifest without running it
     salamander crd [--write DIR]   print (or write) the CRD generated from the API models
     salamander operator            run the operator against the current Kubernetes context
+                                   (--plan: divide the nodes among the jobs with the cluster planner)
     salamander rendezvous          host the rendezvous store on its own, apart from the operator
     salamander trace RUN_DIR       collect every rank's timeline of a running local job as one
                                    Chrome/Perfetto trace (--out FILE, --timeout S, --spans N)
+    salamander simulate            simulate a large cluster through weeks of published failure rates
+                                   under four recovery policies; print a table, write plots and JSON
 
 Every usage or manifest error exits 2 with one line naming the problem; ``trace`` exits 1 when
 the job cannot be reached or no rank answers.
@@ -360,6 +363,82 @@ def _world_size(store: TraceStore, target: RunTarget) -> int | None:
     return progress.world_size if progress is not None else target.world_size
 
 
+#: The most nodes ``simulate`` takes: the planner's cost grows with nodes x jobs (4,096 nodes for
+#: 7 days: ~30 s; 8,192 for 28 days: an estimated ~10 min); beyond, runs would take hours.
+SIMULATE_MAX_NODES = 8192
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    """``salamander simulate``: every recovery policy over one seeded cluster scenario (failure
+    trace from published rates); prints a table, writes plots and JSON into ``--out``."""
+    import datetime
+
+    def number(flag: str, text: str, whole: bool, low: float, high: float, above: bool = False) -> float:
+        try:
+            value = float(int(text)) if whole else float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            kind = "a whole number" if whole else "a number"
+            span = f"above {low:g} and at most {high:g}" if above else f"from {low:g} to {high:g}"
+            raise UsageError(f"simulate: {flag} must be {kind} {span}, got {text!r}")
+        return value
+
+    from salamander_operator.simulator import ClusterConfig, SimulationError, prepare, run_scenario
+    from salamander_operator.simulator import report as sim_report
+
+    try:
+        config = ClusterConfig(
+            nodes=int(number("--nodes", args.nodes, True, 1, SIMULATE_MAX_NODES)),
+            gpus_per_node=int(number("--gpus-per-node", args.gpus_per_node, True, 1, 64)),
+            days=number("--days", args.days, False, 0, 366, above=True),
+            seed=int(number("--seed", args.seed, True, 0, 2**32 - 1)),
+            failure_rate_scale=number("--failure-rate-scale", args.failure_rate_scale, False, 0, 1000),
+            load=number("--load", args.load, False, 0, 4, above=True),
+            jobs=None if args.jobs is None else int(number("--jobs", args.jobs, True, 1, 1_000_000)))
+        prepared = prepare(config)
+    except SimulationError as exc:
+        raise UsageError(f"simulate: {exc}") from None
+    out = Path(args.out) if args.out else Path("runs") / f"simulate-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    errors = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), console=errors, transient=True, disable=not errors.is_terminal)
+    tasks: dict[str, object] = {}
+
+    def report_progress(policy: object, fraction: float) -> None:
+        name = getattr(policy, "label", str(policy))
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=1.0)
+        progress.update(tasks[name], completed=fraction)  # type: ignore[arg-type]
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(f"simulating {config.nodes:,} nodes x {config.gpus_per_node} GPUs ({config.gpus:,} GPUs) for "
+                  f"{config.days:g} days, seed {config.seed}, failure rate x{config.failure_rate_scale:g}, "
+                  f"load {config.load:g}", highlight=False)
+    with progress:
+        scenario = run_scenario(config, progress=report_progress, prepared=prepared)
+    summaries = scenario.summaries()
+    console.print(f"{len(scenario.jobs)} jobs, {len(scenario.trace)} failures "
+                  f"({', '.join(f'{n} {k}' for k, n in scenario.trace.counts().items())})", highlight=False)
+    for table in sim_report.tables(summaries):
+        console.print(table)
+    console.print(sim_report.headline(summaries), highlight=False)
+    written = [sim_report.write_json(out / "results.json",
+                                     sim_report.to_json(config, scenario.trace, scenario.runs, summaries))]
+    try:
+        written += sim_report.plot(scenario.runs, summaries, out)
+    except ImportError:
+        print("salamander: simulate: matplotlib is not installed, so no plots were drawn", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="salamander", description="Elastic, self-healing PyTorch training.")
     parser.add_argument("--version", action="version", version=f"salamander {__version__}")
@@ -439,6 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--timeout", metavar="S", default="5", help="how long to wait for the ranks (default 5 s)")
     tr.add_argument("--spans", metavar="N", default="2000", help="the newest finished spans per rank (default 2000)")
     tr.set_defaults(func=_cmd_trace)
+
+    sim = sub.add_parser(
+        "simulate", help="simulate a large GPU cluster under failures: restart vs elastic vs Salamander",
+        description="Run a discrete-event simulation of a GPU cluster over weeks, with a failure trace drawn "
+                    "from published rates (Llama 3, MegaScale) and mixes (Unicron), through four recovery "
+                    "policies: whole-job restart from disk checkpoints, elastic per job, Salamander without its "
+                    "planner, and Salamander's full stack. Prints each policy's goodput, WAF and its ratio over "
+                    "the restart baseline, and lost GPU-hours by cause; writes results.json and PNG plots into "
+                    "--out. See docs/simulator.md.")
+    sim.add_argument("--nodes", default="1024", metavar="N", help="nodes in the cluster (default 1024)")
+    sim.add_argument("--gpus-per-node", default="8", metavar="G", help="GPUs per node (default 8)")
+    sim.add_argument("--days", default="28", metavar="D", help="simulated days (default 28)")
+    sim.add_argument("--jobs", default=None, metavar="J",
+                     help="jobs over the run (default: enough for --load with windows of a few days)")
+    sim.add_argument("--seed", default="0", metavar="S", help="seed of the workload and the failure trace (default 0)")
+    sim.add_argument("--failure-rate-scale", default="1", metavar="X",
+                     help="multiply the published failure rate (1 per 264 node-days for 8 GPUs) by X (default 1; "
+                          "0: no failures)")
+    sim.add_argument("--load", default="0.9", metavar="L",
+                     help="the jobs' mean demand, as a share of the cluster's nodes (default 0.9)")
+    sim.add_argument("--out", default=None, metavar="DIR",
+                     help="where results.json and the plots go (default runs/simulate-<time>)")
+    sim.set_defaults(func=_cmd_simulate)
     return parser
 
 
