@@ -15,6 +15,8 @@ What happens at a snapshot (every ``interval`` steps):
   (the default when there is an optimizer) the tensor copy itself runs on the background
   thread during the next forward and backward, and the next ``optimizer.step()`` waits for it
   (a step pre-hook): parameters and optimizer state must change only in ``optimizer.step()``.
+  On a GPU the copy is DMA into the page-locked slot on a copy stream (:mod:`.device`), and
+  the hook is a GPU-side wait: the host thread does not block at all.
 * **Background** (one thread, overlapping the next steps): crc32c of the payload, the atomic
   commit, then the erasure-coding exchange within the rank's group (gloo ``reduce_scatter``
   with ``BXOR`` on a dedicated group; rotating parity, :mod:`.erasure`), the parity commit, and
@@ -57,9 +59,10 @@ from salamander import wire
 from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
+from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
                                              plan_restore)
-from salamander_worker.snapshot.region import Committed, SlotFile, checksum
+from salamander_worker.snapshot.region import SLOTS, Committed, SlotFile, checksum
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Stats:
     waiting_s: list[float] = field(default_factory=list)    # waiting for the previous background
     copy_wait_s: list[float] = field(default_factory=list)  # optimizer.step() waiting for the copy
     background_s: list[float] = field(default_factory=list)
+    dma_s: list[float] = field(default_factory=list)        # GPU copy-stream time of a snapshot's DMA
     protected_step: int | None = None
     persisted_step: int | None = None
     restore_tier: str | None = None
@@ -139,6 +143,7 @@ class Snapshotter:
         self._idle.set()
         self._copied = threading.Event()   # set when no tensor copy is pending
         self._copied.set()
+        self._copier: DeviceCopier | None = None   # created at the first snapshot of CUDA tensors
         self.overlap = overlap and optimizer is not None
         if self.overlap:
             # Parameters and optimizer state change only in optimizer.step(): the copy of a
@@ -187,22 +192,25 @@ class Snapshotter:
         waited = time.perf_counter() - started
         tree = capture(self.trainee, step, data)
         layout = self._layout
-        if layout is None or layout.signature != payload.plan(tree).signature:
+        if layout is None or layout.signature != payload.signature(tree):
             layout = self._layout = payload.plan(tree)
         if self._data is None or self._data.capacity < layout.length:
-            self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+            self._open_data(layout.length)
+        assert self._data is not None
         slot = self._data.begin()
         try:
             pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
         except payload.PayloadError:
             layout = self._layout = payload.plan(tree)
             if self._data.capacity < layout.length:
-                self._data.close()
-                self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+                self._open_data(layout.length)
                 slot = self._data.begin()
             pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
         crc = None
-        if not self.overlap:
+        by_dma = self._copy_by_dma(pending, self._data.payload(slot))
+        if by_dma:
+            pending = []
+        elif not self.overlap:
             crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length)
             pending = []
         blocking = time.perf_counter() - started - waited
@@ -214,9 +222,39 @@ class Snapshotter:
         self._idle.clear()
         if pending:
             self._copied.clear()
-        self._jobs.put((step, slot, layout.length, pending, crc))
+        self._jobs.put((step, slot, layout.length, pending, crc, by_dma))
+
+    def _open_data(self, length: int) -> None:
+        """(Re)open this rank's data file with room for ``length`` bytes (plus headroom)."""
+        if self._data is not None:
+            self._unpin_data()
+            self._data.close()
+        self._data = SlotFile.open(self._path("data"), int(length * HEADROOM))
+
+    def _unpin_data(self) -> None:
+        if self._data is not None:
+            for slot in range(SLOTS):
+                PINNED.unpin(self._data.payload(slot))
+
+    def _copy_by_dma(self, pending: payload.Pending, buffer: memoryview) -> bool:
+        """Start the copy of a snapshot whose tensors live on a GPU, straight into the
+        page-locked slot (:mod:`.device`); host tensors in the same state (e.g. Adam's step
+        counts) are copied here and now. Returns False, having done nothing, when the state
+        has no CUDA tensors or its memory cannot be page-locked: the caller copies it."""
+        device, host = DeviceCopier.split(pending)
+        if not device or not PINNED.pin(buffer):
+            return False
+        if self._copier is None:
+            self._copier = DeviceCopier(device[0][0].device)
+        payload.copy_tensors(host, buffer)
+        self._copier.start(device, buffer, stable_pointers(self.trainee.model, self.trainee.optimizer))
+        if not self.overlap:
+            self._copier.wait()
+        return True
 
     def _await_copy(self) -> None:
+        if self._copier is not None:
+            self._copier.fence()   # a GPU-side wait: the host goes on queueing the step
         if self._copied.is_set():
             return
         started = time.perf_counter()
@@ -238,6 +276,7 @@ class Snapshotter:
         self._closed = True
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        self._unpin_data()
 
     def _raise_background_error(self) -> None:
         if self._error is not None:
@@ -250,8 +289,14 @@ class Snapshotter:
             if job is None:
                 return
             started = time.perf_counter()
-            step, slot, length, pending, crc = job
+            step, slot, length, pending, crc, by_dma = job
             try:
+                if by_dma:
+                    assert self._copier is not None
+                    self._copier.wait()   # the checksum is computed at commit, over the bytes as landed
+                    copied = time.perf_counter() - started
+                    self.stats.dma_s.append(self._copier.copy_seconds() or 0.0)
+                    telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 if pending:
                     assert self._data is not None
                     crc = payload.copy_tensors(pending, self._data.payload(slot), length)
