@@ -15,8 +15,9 @@ How a snapshot's device tensors are copied (:meth:`DeviceCopier.start`):
 * :meth:`fence`, called before the next ``optimizer.step()``, makes the current stream wait
   for the copy on the GPU: the host thread never blocks, and the step's kernels run only once
   the bytes they overwrite are out;
-* :meth:`wait` blocks a host thread (the snapshot thread) until every byte is in host memory,
-  before the payload is checksummed and committed.
+* :meth:`landed` yields, as the copy engines progress, payload offsets below which every byte
+  is in host memory, so the snapshot thread checksums each stretch while later ones are still
+  in flight; :meth:`wait` blocks until every byte is there.
 
 Invariants: a source tensor's memory is not reused by the caching allocator before the copy
 that reads it has run (``record_stream``); at most one copy is in flight per copier; a region
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,8 @@ import torch
 from salamander_worker.snapshot.payload import Pending
 
 log = logging.getLogger(__name__)
+
+MARK_EVERY = 64 << 20    # bytes of copies between two progress marks
 
 
 class DeviceCopyError(RuntimeError):
@@ -102,6 +106,7 @@ class DeviceCopier:
         self.stream = torch.cuda.Stream(device=device)
         self._begun: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
+        self._marks: list[tuple[torch.cuda.Event, int]] = []
         self._fenced = True
 
     @staticmethod
@@ -127,18 +132,41 @@ class DeviceCopier:
         self.stream.wait_stream(current)
         begun, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begun.record(self.stream)
+        marks: list[tuple[torch.cuda.Event, int]] = []
+        since_mark = 0
         with torch.cuda.stream(self.stream):
             for tensor, ref in late:
                 _copy(tensor, host, ref.offset, ref.nbytes)
                 tensor.record_stream(self.stream)
+                since_mark += ref.nbytes
+                # Pending copies come in payload order, so once this mark completes every byte
+                # below this tensor's end has landed: earlier tensors were copied before it on
+                # this stream, the early ones before this stream started, and the host-written
+                # bytes before any of it.
+                if since_mark >= MARK_EVERY:
+                    mark = torch.cuda.Event()
+                    mark.record(self.stream)
+                    marks.append((mark, ref.offset + ref.nbytes))
+                    since_mark = 0
         done.record(self.stream)
-        self._begun, self._done, self._fenced = begun, done, False
+        self._begun, self._done, self._marks, self._fenced = begun, done, marks, False
 
     def fence(self) -> None:
         """Make the current stream wait (on the GPU) for the copy in flight, once."""
         if self._done is not None and not self._fenced:
             torch.cuda.current_stream(self.device).wait_event(self._done)
             self._fenced = True
+
+    def landed(self) -> Iterator[int]:
+        """Offsets into the payload, increasing: when one is yielded, every byte below it has
+        reached host memory. Blocks (GIL released) until each does. Ends at the last mark; call
+        :meth:`wait` for the rest."""
+        reached = 0
+        for mark, offset in self._marks:
+            mark.synchronize()
+            if offset > reached:
+                reached = offset
+                yield offset
 
     def wait(self) -> None:
         """Block until the copy in flight has reached host memory (releases the GIL)."""

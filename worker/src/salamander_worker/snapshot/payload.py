@@ -139,7 +139,7 @@ def write(tree: Any, layout: Layout, buffer: memoryview) -> None:
     copy_tensors(write_skeleton(tree, layout, buffer), buffer)
 
 
-Pending = list[tuple[torch.Tensor, TensorRef]]
+Pending = list[tuple[torch.Tensor, TensorRef]]   # in increasing payload offset, as planned
 
 
 def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:

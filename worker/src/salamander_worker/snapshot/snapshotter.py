@@ -62,7 +62,7 @@ from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
                                              plan_restore)
-from salamander_worker.snapshot.region import SLOTS, Committed, SlotFile, checksum
+from salamander_worker.snapshot.region import SLOTS, Committed, SlotFile, checksum, checksum_update
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,8 @@ class Snapshotter:
             step, slot, length, pending, crc, by_dma = job
             try:
                 if by_dma:
-                    assert self._copier is not None
-                    self._copier.wait()   # the checksum is computed at commit, over the bytes as landed
+                    assert self._copier is not None and self._data is not None
+                    crc = self._checksum_as_landed(self._data.payload(slot), length)
                     copied = time.perf_counter() - started
                     self.stats.dma_s.append(self._copier.copy_seconds() or 0.0)
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
@@ -311,6 +311,17 @@ class Snapshotter:
                 self._copied.set()
                 self.stats.background_s.append(time.perf_counter() - started)
                 self._idle.set()
+
+    def _checksum_as_landed(self, buffer: memoryview, length: int) -> int:
+        """The crc32c of ``buffer[:length]`` while a device copy into it is in flight: each
+        stretch is checksummed as soon as the copy engines have written it."""
+        assert self._copier is not None
+        crc, done = 0, 0
+        for reached in self._copier.landed():
+            crc = checksum_update(buffer[done:reached], crc)
+            done = reached
+        self._copier.wait()
+        return checksum_update(buffer[done:length], crc)
 
     def _protect(self, step: int, slot: int, length: int, crc: int | None) -> None:
         assert self._data is not None
