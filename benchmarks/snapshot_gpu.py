@@ -128,6 +128,29 @@ def overhead(args: argparse.Namespace, config: str, memory: Path) -> dict:
             "overhead": {mode: statistics.median(times[mode]) / base - 1 for mode in MODES if mode != "none"}}
 
 
+def profile(args: argparse.Namespace, memory: Path) -> None:
+    """Where the host's time goes in ``Snapshotter.snapshot`` (cProfile over 10 snapshots)."""
+    import cProfile
+    import pstats
+
+    model, optimizer = build(args)
+    idx = torch.randint(0, 50304, (8, args.seq + 1), device="cuda")
+    snap = Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1), memory_dir=memory / "p")
+    for step in range(1, 4):
+        train_step(model, optimizer, idx)
+        snap.step(step)
+    snap.wait()
+    profiler = cProfile.Profile()
+    for step in range(4, 14):
+        train_step(model, optimizer, idx)
+        snap.wait()
+        profiler.enable()
+        snap.step(step)
+        profiler.disable()
+    snap.close()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(22)
+
+
 def _timed(fn, repeats: int) -> float:
     values = []
     for _ in range(repeats + 1):
@@ -285,6 +308,8 @@ def main() -> int:
                                   "background_ms": {m: v["median"] * 1e3 for m, v in row["background_s"].items()},
                                   "host_blocking_ms": {m: v["median"] * 1e3
                                                        for m, v in row["host_blocking_s"].items()}}), flush=True)
+        if "profile" in parts:
+            profile(args, memory)
         if "throughput" in parts:
             result["throughput"] = throughput(args, memory)
             print(json.dumps(result["throughput"], indent=1), flush=True)

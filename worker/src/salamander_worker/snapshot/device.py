@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ class DeviceCopier:
         self._begun: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
         self._marks: list[tuple[torch.cuda.Event, int]] = []
+        self._cached: dict[int, _CopyPlan] = {}   # by the slot's address
         self._fenced = True
 
     @staticmethod
@@ -124,32 +126,57 @@ class DeviceCopier:
         if self._done is not None and not self._done.query():
             raise DeviceCopyError("a snapshot's device copy is still in flight")
         current = torch.cuda.current_stream(self.device)
-        host = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
-        early = [(t, ref) for t, ref in pending if t.data_ptr() not in stable]
-        late = [(t, ref) for t, ref in pending if t.data_ptr() in stable]
-        for tensor, ref in early:
-            _copy(tensor, host, ref.offset, ref.nbytes)
+        plan = self._plan(pending, buffer, stable)
+        for source, target, _ in plan.early:
+            target.copy_(source, non_blocking=True)
         self.stream.wait_stream(current)
         begun, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begun.record(self.stream)
         marks: list[tuple[torch.cuda.Event, int]] = []
-        since_mark = 0
         with torch.cuda.stream(self.stream):
-            for tensor, ref in late:
-                _copy(tensor, host, ref.offset, ref.nbytes)
-                tensor.record_stream(self.stream)
-                since_mark += ref.nbytes
-                # Pending copies come in payload order, so once this mark completes every byte
-                # below this tensor's end has landed: earlier tensors were copied before it on
-                # this stream, the early ones before this stream started, and the host-written
-                # bytes before any of it.
-                if since_mark >= MARK_EVERY:
+            for source, target, mark_at in plan.late:
+                target.copy_(source, non_blocking=True)
+                source.record_stream(self.stream)
+                if mark_at:
                     mark = torch.cuda.Event()
                     mark.record(self.stream)
-                    marks.append((mark, ref.offset + ref.nbytes))
-                    since_mark = 0
+                    marks.append((mark, mark_at))
         done.record(self.stream)
         self._begun, self._done, self._marks, self._fenced = begun, done, marks, False
+
+    def _plan(self, pending: Pending, buffer: memoryview, stable: set[int]) -> _CopyPlan:
+        """The copies to queue, reused while the tensors, their places and the buffer stay the
+        same (the usual case: every snapshot of a run copies the same parameters and moments),
+        so a snapshot costs one ``copy_`` call per tensor and nothing else in Python."""
+        key = (address(buffer), len(buffer), tuple((t.data_ptr(), t.is_contiguous(), t.data_ptr() in stable,
+                                                    ref.offset, ref.nbytes) for t, ref in pending))
+        cached = self._cached.get(key[0])
+        if cached is not None and cached.key == key:
+            return cached
+        host = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+        early: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        late: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        since_mark = 0
+        for tensor, ref in pending:
+            source = _bytes(tensor, ref.nbytes)
+            target = host[ref.offset:ref.offset + ref.nbytes]
+            if tensor.data_ptr() not in stable:
+                early.append((source, target, 0))
+                continue
+            # Pending copies come in payload order, so once a mark completes every byte below
+            # its offset has landed: earlier tensors were copied before it on the copy stream,
+            # the early ones before that stream started, the host-written bytes before any.
+            since_mark += ref.nbytes
+            mark_at = ref.offset + ref.nbytes if since_mark >= MARK_EVERY else 0
+            since_mark = 0 if mark_at else since_mark
+            late.append((source, target, mark_at))
+        plan = _CopyPlan(key, early, late)
+        # A non-contiguous tensor's bytes are a fresh copy, valid for this snapshot only.
+        if all(t.is_contiguous() for t, _ in pending):
+            if len(self._cached) >= 4:   # one plan per slot: more means the files were reopened
+                self._cached.clear()
+            self._cached[key[0]] = plan
+        return plan
 
     def fence(self) -> None:
         """Make the current stream wait (on the GPU) for the copy in flight, once."""
@@ -184,14 +211,24 @@ class DeviceCopier:
         return self._done is not None and not self._done.query()
 
 
-def _copy(tensor: torch.Tensor, host: torch.Tensor, offset: int, nbytes: int) -> None:
+@dataclass(frozen=True)
+class _CopyPlan:
+    """One snapshot's copies as (device bytes, host bytes, progress mark offset or 0)."""
+
+    key: tuple[Any, ...]
+    early: list[tuple[torch.Tensor, torch.Tensor, int]]
+    late: list[tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def _bytes(tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``tensor``'s bytes as a flat uint8 view (a contiguous copy if it is not contiguous)."""
     source = tensor.detach()
     if not source.is_contiguous():
         source = source.contiguous()
     raw = source.reshape(-1).view(torch.uint8)
     if raw.numel() != nbytes:
         raise DeviceCopyError(f"device tensor of {raw.numel()} bytes does not fit its {nbytes}-byte place")
-    host[offset:offset + nbytes].copy_(raw, non_blocking=True)
+    return raw
 
 
 UPLOAD_PIECE = 16 << 20    # bytes per staged host-to-device piece
