@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from salamander_worker.snapshot import pool
+from salamander_worker.snapshot.device import upload
 
 
 class CaptureError(RuntimeError):
@@ -144,12 +145,16 @@ COPY_PIECE = 16 << 20
 def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Run ``dst.copy_(src)`` for every pair, without autograd. Copies into CPU tensors run on
     the bulk thread pool (:mod:`.pool`; torch releases the GIL), large contiguous ones cut into
-    ``COPY_PIECE`` pieces, largest first; copies into other devices (CUDA) run in order in the
-    calling thread, on its current stream, as a plain loop would."""
+    ``COPY_PIECE`` pieces, largest first; copies from the host into a GPU go through
+    :func:`.device.upload` (staged through page-locked buffers on several threads, overlapping
+    the copy engines); any other pair runs in order in the calling thread."""
     parallel: list[tuple[torch.Tensor, torch.Tensor]] = []
+    uploads: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for dst, src in copies:
-            if dst.device.type != "cpu" or src.device.type != "cpu":
+            if dst.device.type == "cuda" and src.device.type == "cpu":
+                uploads.append((dst, src))
+            elif dst.device.type != "cpu" or src.device.type != "cpu":
                 dst.copy_(src)
             elif (dst.nbytes > 2 * COPY_PIECE and dst.is_contiguous() and src.is_contiguous()
                   and dst.dtype == src.dtype and dst.shape == src.shape):
@@ -158,6 +163,8 @@ def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
                 parallel += [(flat_dst[i:i + step], flat_src[i:i + step]) for i in range(0, flat_dst.numel(), step)]
             else:
                 parallel.append((dst, src))
+    if uploads:
+        upload(uploads)
     parallel.sort(key=lambda pair: -pair[0].nbytes)
     pool.run(_copy, parallel)
 
