@@ -275,6 +275,38 @@ def test_the_planner_suspends_the_lighter_job_when_capacity_drops() -> None:
     assert lost_of(run, "a")["queueing"] == 0
 
 
+def test_a_job_that_lost_every_node_and_gets_none_is_suspended_not_run_on_nothing() -> None:
+    """The shrunk case of a rare property-test failure: two 1-node jobs on 2 nodes, j0's node lost
+    at once. At the detection the planner keeps j1 on the one healthy node (a tie keeps the current
+    count) and gives j0 none: no change of j0's count (0 -> 0), but j0 must be suspended, not left
+    restarting and then running on 0 nodes. The repair at 1 h finds both jobs departed."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("j0", 1, 1, depart_h=1), job("j1", 1, 1, depart_h=1)]
+    trace = trace_of(config, (0, 0, FailureKind.NODE, 1))
+    run = simulate(config, jobs, trace, salamander_full(), check=True)
+    assert_books(run)
+    assert run.counts["suspensions"] == 1 and "resumes" not in run.counts
+    j0 = next(j for j in run.jobs if j.key == "j0")
+    assert j0.productive_s == 0 and j0.waf_flop == 0
+    assert j0.lost_s["detection"] == pytest.approx(10) and j0.lost_s["suspended"] == pytest.approx(H - 10)
+    assert j0.lost_s["recovery"] == 0
+    for policy in (restart_baseline(), elastic_per_job(), salamander_no_planner()):  # they wait for a node
+        assert_books(simulate(config, jobs, trace, policy, check=True))
+
+
+def test_a_job_left_below_its_minimum_is_suspended_and_frees_its_survivor() -> None:
+    """j0 (2 nodes, needs both) loses one at once; at the detection the planner gives it none and
+    its survivor, the one healthy node, to j1, which was pending (j2 and j3 wait)."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("j0", 2, 2, depart_h=1), *(job(f"j{i}", 1, 1, depart_h=1) for i in (1, 2, 3))]
+    run = simulate(config, jobs, trace_of(config, (0, 0, FailureKind.NODE, 1)), salamander_full(), check=True)
+    assert_books(run)
+    assert run.counts["suspensions"] == 1
+    assert lost_of(run, "j0")["suspended"] == pytest.approx(H - 10)
+    assert lost_of(run, "j1")["queueing"] == pytest.approx(10)  # from the arrivals to j0's detection
+    assert [j.key for j in run.jobs if j.productive_s > 0] == ["j1"]  # one healthy node: one job trains
+
+
 # --- the comparison -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -20,8 +20,11 @@ Invariants (checked by the tests; ``check=True`` verifies the node books after e
   job, and a job's nodes are healthy;
 - the cluster's GPU-seconds split exactly into productive, the lost causes of held nodes, idle
   (healthy and free) and down (under repair): the sum is ``nodes * gpus_per_node * horizon``;
-- a job holds 0 nodes or, when running, a count its policy allows (rigid: its size; elastic and
-  planner: ``[min, size]``).
+- a job that is running, restarting (RECOVERING) or resizing holds a count its policy allows
+  (rigid: its size; elastic and planner: ``[min, size]``): those phases end in RUNNING without
+  another allocation. Other phases may hold fewer (a failed job's survivors) or none (pending,
+  suspended). So a job the planner gives no nodes is suspended even when it already held none
+  (it lost every node): a plan of 0 for a restarting job is a suspension, not "no change".
 
 The planner policy calls :func:`salamander_operator.planner.plan` on every capacity change: a
 node lost (at its detection when it was a job's, at once when it was free) or repaired, a job
@@ -438,7 +441,14 @@ class Engine:
             return
         result = planner.plan(demands, self.healthy - unknown, policy.plan_horizon_s)
         by_key = {job.spec.key: job for job in self.alive.values()}
-        changes = sorted(result.changes(demands).items(), key=lambda kv: kv[1][1] - kv[1][0])  # shrinks first
+        planned_changes = result.changes(demands)
+        for key, count in result.workers.items():
+            # a job restarting on no nodes (it lost every node) that the plan gives none is no
+            # change of its count (0 -> 0) to the planner, but it must be suspended here: never
+            # restarted onto nothing
+            if count == 0 and not by_key[key].nodes and by_key[key].phase is Phase.RECOVERING:
+                planned_changes[key] = (0, 0)
+        changes = sorted(planned_changes.items(), key=lambda kv: kv[1][1] - kv[1][0])  # shrinks first
         for key, (current, planned) in changes:
             job = by_key[key]
             self._settle(job)
@@ -472,10 +482,12 @@ class Engine:
                 if self.owner[node] != job.index or self.down[node]:
                     raise SimulationError(f"node {node} of {job.spec.key} is not its own or is down")
             x = len(job.nodes)
-            if job.phase is Phase.RUNNING:
+            if job.phase in (Phase.RUNNING, Phase.RECOVERING, Phase.RESIZING):  # each ends in RUNNING as it is
                 low = job.spec.nodes if self.policy.allocation is Allocation.RIGID else job.spec.min_nodes
                 if not low <= x <= job.spec.nodes:
-                    raise SimulationError(f"{job.spec.key} runs on {x} nodes, outside [{low}, {job.spec.nodes}]")
+                    doing = {Phase.RUNNING: "runs", Phase.RECOVERING: "restarts", Phase.RESIZING: "resizes"}
+                    raise SimulationError(f"{job.spec.key} {doing[job.phase]} on {x} nodes, "
+                                          f"outside [{low}, {job.spec.nodes}]")
         if held != self.held or len(self.free) != self.healthy - self.held or self.held > self.healthy:
             raise SimulationError(f"node books disagree: held {held}/{self.held}, free {len(self.free)}, "
                                   f"healthy {self.healthy}")
