@@ -235,6 +235,27 @@ def test_a_second_node_lost_during_the_rebuild_falls_back_to_disk() -> None:
     assert lost_of(twice, "a")["recovery"] >= 300
 
 
+def test_a_fallback_to_disk_takes_back_what_the_lost_work_earned_at_its_node_counts() -> None:
+    """b (1 node) departs at 1 h; a (2 nodes, min 1) trained on 1 node until then and grows to 2.
+    At 4,290 s a loses a node, at 4,350 s (rebuilding) the other: it falls back to disk. The disk
+    tier was saved once, at 3,000 s of training, all on 1 node; what followed spans the resize
+    (582 s on 1 node, then 540 s on 2 after the in-memory recompute), and all of it is lost. What
+    a keeps is those 3,000 s on 1 node: its GPU-seconds and WAF, not the recompute priced at 2."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("b", 1, 1, depart_h=1), job("a", 2, 1, depart_h=2)]
+    trace = trace_of(config, (4290 / H, 0, FailureKind.NODE, 10), (4350 / H, 1, FailureKind.NODE, 10))
+    run = simulate(config, jobs, trace, salamander_no_planner(), check=True)
+    assert_books(run)
+    assert run.counts["grows"] == 1 and run.counts["fallbacks_to_disk"] == 1
+    a, b = (next(j for j in run.jobs if j.key == k) for k in "ab")
+    assert a.productive_s == pytest.approx(3000)
+    assert a.lost_s["recompute"] == pytest.approx(57 + 1122)  # the in-memory snapshot's 57 s, then the disk's
+    assert a.waf_flop == pytest.approx(jobs[1].throughput(1) * 3000)
+    g = config.gpus_per_node
+    assert run.gpu_s["productive"] == pytest.approx(g * (3000 + b.productive_s))  # both on 1 node
+    assert run.gpu_s["recompute"] == pytest.approx(g * (57 * 2 + 582 * 1 + 540 * 2))
+
+
 # --- the planner's part -------------------------------------------------------------------------
 
 def test_the_planner_runs_on_every_capacity_change_and_reallocates(monkeypatch: pytest.MonkeyPatch) -> None:
