@@ -436,3 +436,60 @@ def test_a_strided_array_is_left_to_crc32c() -> None:
 def test_crc32c_combine_refuses_an_impossible_length(length: int) -> None:
     with pytest.raises(ValueError, match="length2"):
         region_mod.crc32c_combine(1, 2, length)
+
+
+# -- allocating slot 1 in the background ---------------------------------------------------------
+
+
+def test_allocate_later_hands_out_slot_0_at_once_and_slot_1_once_allocated(path: Path) -> None:
+    region = SlotFile.open(path, 3 * PAGE, allocate_later=True)
+    try:
+        first = put(region, b"a" * 5000, step=1)          # slot 0: allocated before open returned
+        assert first.slot == 0
+        second = put(region, b"b" * 7000, step=2)         # slot 1: begin() waited for it
+        assert second.slot == 1
+        assert steps(region) == [2, 1]
+    finally:
+        region.close()
+    reopened = SlotFile.open(path, 0, create=False)        # whole: its magic is written
+    try:
+        assert steps(reopened) == [2, 1] and reopened.capacity == 3 * PAGE
+        assert all(reopened.verify(e) for e in reopened.committed())
+        assert os.stat(path).st_blocks * 512 >= DATA_START + SLOTS * 3 * PAGE   # all allocated
+    finally:
+        reopened.close()
+
+
+def test_a_file_whose_background_allocation_never_finished_is_not_reused(path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SlotFile, "_allocate_slot_1", lambda self: None)   # the process "died" first
+    region = SlotFile.open(path, PAGE, allocate_later=True)
+    put(region, b"x" * 100, step=1)
+    region.close()
+    with pytest.raises(RegionError):
+        SlotFile.open(path, 0, create=False)
+    fresh = SlotFile.open(path, PAGE)
+    try:
+        assert fresh.committed() == []
+    finally:
+        fresh.close()
+
+
+def test_a_failed_background_allocation_is_reported_when_slot_1_is_wanted(path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, where: Path, start: int, length: int) -> None:
+        if start > 0:
+            raise RegionError(f"cannot allocate {length} bytes of {where}: no space")
+        os.posix_fallocate(fd, start, length)
+
+    monkeypatch.setattr(region_mod, "_allocate", full)
+    region = SlotFile.open(path, PAGE, allocate_later=True)
+    try:
+        put(region, b"x" * 100, step=1)
+        with pytest.raises(RegionError, match="slot 1"):
+            region.begin()
+        with pytest.raises(RegionError, match="no space"):
+            region.settle()
+        assert steps(region) == [1]
+    finally:
+        region.close()

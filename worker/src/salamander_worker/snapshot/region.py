@@ -19,6 +19,9 @@ snapshot readable, except the one being overwritten, which is never the newest):
 3. :meth:`commit` writes the record (with the payload's crc32c and ``seq = current seq + 1``),
    then stores ``current = seq << 1 | slot`` as one aligned 8-byte write: the commit marker.
 
+The magic is written last, once the whole file is allocated: a file without it (a process
+died while creating it) is never reused.
+
 A record counts only if its own crc32c matches and its ``seq`` is at most ``current``'s, so a
 record written by a process that died before step 3 is ignored. :meth:`verify` checks the
 payload against the record's crc32c before anyone reads it; corrupt memory is reported, never
@@ -32,6 +35,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -51,12 +55,22 @@ PAGE = 4096
 _HEAD = struct.Struct("<8sIIQQ")   # magic, version, slots, capacity, current
 _CURRENT_AT = 24
 _REC = struct.Struct("<II")
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux 5.14+
 
 Buffer = Union[memoryview, bytes, bytearray, np.ndarray]
 
 
 class RegionError(RuntimeError):
     """A snapshot file cannot be created, mapped or read; the message names the file."""
+
+
+def _allocate(fd: int, path: Path, start: int, length: int) -> None:
+    """Allocate ``length`` bytes of the file from ``start`` (so a full /dev/shm is an error
+    here, not a SIGBUS on a later write)."""
+    try:
+        os.posix_fallocate(fd, start, length)
+    except OSError as exc:
+        raise RegionError(f"cannot allocate {length} bytes of {path} (is /dev/shm large enough?): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -185,12 +199,21 @@ class SlotFile:
         self._fd = fd
         self._map = mapping
         self.view = memoryview(mapping)
+        self._allocating: threading.Thread | None = None   # allocating slot 1 (allocate_later)
+        self._allocation_error: BaseException | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], capacity: int, *, create: bool = True) -> SlotFile:
+    def open(cls, path: str | os.PathLike[str], capacity: int, *, create: bool = True,
+             allocate_later: bool = False) -> SlotFile:
         """Map ``path``, reusing it (and the snapshots in it) if it is a valid slot file with at
         least ``capacity`` per slot; otherwise (re)create it with ``capacity`` rounded up to a
-        page, allocated with ``posix_fallocate`` and pre-faulted (``MAP_POPULATE``) once."""
+        page, allocated with ``posix_fallocate`` and pre-faulted (``MAP_POPULATE``) once.
+
+        With ``allocate_later``, a new file has only its head and slot 0 allocated (and
+        pre-faulted) before this returns; slot 1 is allocated on a background thread, which
+        :meth:`begin` waits for before handing slot 1 out. A file's magic is written only once
+        all of it is allocated, so a file left half-allocated (its process died) is never
+        reused: it is recreated."""
         path = Path(path)
         capacity = max(PAGE, -(-capacity // PAGE) * PAGE)
         existing = cls._existing_capacity(path)
@@ -207,25 +230,57 @@ class SlotFile:
         except OSError as exc:
             raise RegionError(f"cannot open snapshot file {path}: {exc}") from None
         try:
+            later = fresh and allocate_later
             if fresh:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as exc:
-                    raise RegionError(f"cannot allocate {size} bytes for {path} (is /dev/shm large "
-                                      f"enough?): {exc}") from None
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                _allocate(fd, path, 0, DATA_START + capacity if later else size)
+            flags = mmap.MAP_SHARED | (0 if later else getattr(mmap, "MAP_POPULATE", 0))
             mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         region = cls(path, capacity, fd, mapping)
         if fresh:
-            _HEAD.pack_into(region.view, 0, MAGIC, VERSION, SLOTS, capacity, 0)
+            _HEAD.pack_into(region.view, 0, bytes(len(MAGIC)), VERSION, SLOTS, capacity, 0)
             for slot in range(SLOTS):
                 region._wipe_record(slot)
+            if later:
+                region._populate(0, DATA_START + capacity)
+                region._allocating = threading.Thread(target=region._allocate_slot_1, daemon=True,
+                                                      name=f"salamander-allocate-{path.name}")
+                region._allocating.start()
+            else:
+                region.view[:len(MAGIC)] = MAGIC
         return region
+
+    def _populate(self, start: int, length: int) -> None:
+        """Pre-fault ``length`` bytes of the mapping from ``start`` (page-aligned), best effort
+        (``MADV_POPULATE_WRITE``; nothing where the kernel lacks it)."""
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE, start, length)
+        except (OSError, ValueError):
+            pass
+
+    def _allocate_slot_1(self) -> None:
+        """The background half of ``allocate_later``: allocate and pre-fault slot 1, then write
+        the magic (the file is whole)."""
+        try:
+            start = DATA_START + self.capacity
+            _allocate(self._fd, self.path, start, self.capacity)
+            self._populate(start, self.capacity)
+            self.view[:len(MAGIC)] = MAGIC
+        except BaseException as exc:  # noqa: BLE001 - reported by settle()/begin()
+            self._allocation_error = exc
+
+    def settle(self) -> None:
+        """Wait for a background allocation (``allocate_later``) to finish; raise
+        :class:`RegionError` if it failed. Returns at once for a whole file."""
+        if self._allocating is not None:
+            self._allocating.join()
+            self._allocating = None
+        if self._allocation_error is not None:
+            raise RegionError(f"cannot allocate slot 1 of {self.path}: {self._allocation_error}")
 
     @staticmethod
     def _existing_capacity(path: Path) -> int | None:
@@ -243,8 +298,12 @@ class SlotFile:
         return capacity if size == DATA_START + SLOTS * capacity else None
 
     def close(self) -> None:
-        """Unmap and close. If arrays still view the mapping, it stays mapped until they are
-        garbage-collected (closing it under them would crash the process)."""
+        """Unmap and close (after any background allocation). If arrays still view the mapping,
+        it stays mapped until they are garbage-collected (closing it under them would crash the
+        process)."""
+        if self._allocating is not None:
+            self._allocating.join()
+            self._allocating = None
         try:
             self.view.release()
             self._map.close()
@@ -270,8 +329,11 @@ class SlotFile:
         return 0 if current is None else 1 - current[1]
 
     def begin(self) -> int:
-        """The slot to write next (never the newest committed one), its record wiped."""
+        """The slot to write next (never the newest committed one), its record wiped; waits
+        until it is allocated (``allocate_later``), raising :class:`RegionError` if that failed."""
         slot = self.next_slot()
+        if slot != 0:
+            self.settle()
         self._wipe_record(slot)
         return slot
 

@@ -468,6 +468,7 @@ class Snapshotter:
                  self.stats.restore_s)
         if plan.tier in ("peers", "persistent") and plan.step is not None:
             with self._timed("protect"):
+                self._settle_data_file()
                 self.snapshot(plan.step, data)   # protect the restored state at once
         return step, data
 
@@ -573,11 +574,24 @@ class Snapshotter:
         if size is None or self._data is not None:
             return
         with self._timed("verify.allocate"):
-            try:
-                self._data = SlotFile.open(self._path("data"), max(size, int(size * HEADROOM)))
+            try:   # slot 1 is allocated in the background, while the payload arrives in slot 0
+                self._data = SlotFile.open(self._path("data"), max(size, int(size * HEADROOM)),
+                                           allocate_later=True)
             except RegionError as exc:
                 log.warning("cannot create %s to receive into (%s); receiving into process memory",
                             self._path("data"), exc)
+
+    def _settle_data_file(self) -> None:
+        """Wait for the background allocation of a data file created to receive into; if it
+        failed, drop the file, so the next snapshot creates it again (and reports the error)."""
+        if self._data is None:
+            return
+        try:
+            self._data.settle()
+        except RegionError as exc:
+            log.warning("%s; the next snapshot creates the file again", exc)
+            self._data.close()
+            self._data = None
 
     def _receive_into(self, plan: RestorePlan, size: int) -> tuple[np.ndarray, int | None]:
         """Where this rank receives ``size`` bytes of its payload: the slot of its data file
