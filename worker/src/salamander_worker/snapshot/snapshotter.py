@@ -599,10 +599,13 @@ class Snapshotter:
         nothing from that slot (its record is wiped now); otherwise new process memory.
         Returns the buffer and the slot (None for process memory)."""
         region = self._data
-        if region is not None and region.capacity >= size:
-            slot = region.next_slot()
-            if ("data", slot) not in plan.reads(self.rank):
+        free = region is not None and ("data", region.next_slot()) not in plan.reads(self.rank)
+        if region is not None and free and region.capacity >= size:
+            try:
                 slot = region.begin()
+            except RegionError as exc:   # its background allocation failed
+                log.warning("cannot receive into %s (%s); receiving into process memory", region.path, exc)
+            else:
                 return np.frombuffer(region.payload(slot), dtype=np.uint8, count=size), slot
         return np.empty(size, dtype=np.uint8), None
 
@@ -671,13 +674,17 @@ class Snapshotter:
         roles = erasure.roles(k, m)
         lost = sorted(rb.dests)
         provides = sorted(j for j, q in rb.providers.items() if q == self.rank)
-        if provides and (self._data is None or self._parity is None):
-            raise SnapshotError(f"rank {self.rank} provides members {provides} of group {rb.group} "
-                                "but has no snapshot files")
-        data_views = {j: np.frombuffer(self._data.payload(rb.data_slots[j]), dtype=np.uint8,  # type: ignore[union-attr]
-                                       count=rb.lengths[j]) for j in provides}
-        parity_views = {j: np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,  # type: ignore[union-attr]
-                                         count=m * block_len) for j in provides}
+        data_views: dict[int, np.ndarray] = {}
+        parity_views: dict[int, np.ndarray] = {}
+        if provides:
+            if self._data is None or self._parity is None:
+                raise SnapshotError(f"rank {self.rank} provides members {provides} of group {rb.group} "
+                                    "but has no snapshot files")
+            for j in provides:
+                data_views[j] = np.frombuffer(self._data.payload(rb.data_slots[j]), dtype=np.uint8,
+                                              count=rb.lengths[j])
+                parity_views[j] = np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,
+                                                count=m * block_len)
         receive: dict[int, tuple[np.ndarray, int | None]] = {
             j: self._receive_into(plan, (k - m) * block_len) for j in lost if rb.dests[j] == self.rank}
         missing = [j for j in range(k) if j not in rb.providers]
