@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 
 
@@ -10,3 +12,13 @@ def spread(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "p10": ordered[len(ordered) // 10],
             "p90": ordered[(len(ordered) * 9) // 10], "n": len(ordered)}
+
+
+def machine() -> str:
+    """The machine a result came from, e.g. "16 cores, x86_64, NVIDIA H100 80GB HBM3"."""
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    except Exception:  # noqa: BLE001 - a description only
+        gpu = "GPU unknown"
+    return f"{os.cpu_count()} cores, {platform.machine()}, {gpu}"

@@ -264,6 +264,17 @@ def restore(args: argparse.Namespace, memory: Path, disk: Path) -> dict:
                 set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
                 torch.cuda.synchronize()
                 dcp_s.append(time.perf_counter() - started)
+    if args.profile_restore:   # where one more restore from memory spends its time
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        restored = Snapshotter(fresh, fresh_opt, config=wire.SnapshotConfig(interval=1), memory_dir=memory / "r")
+        profiler.enable()
+        restored.restore()
+        torch.cuda.synchronize()
+        profiler.disable()
+        restored.close()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)
     got = [t.detach().cpu() for t in _leaves(capture(Trainee(fresh, fresh_opt), 7))]
     identical = len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
     return {"memory_s": spread(memory_s), "dcp_s": spread(dcp_s), "tiers": sorted(tiers), "cache": cache,
@@ -287,6 +298,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per mode per round")
     parser.add_argument("--only", default="overhead,throughput,restore")
+    parser.add_argument("--profile-restore", action="store_true", help="profile one more restore from memory")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/snapshot_gpu.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker/src"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_stats import spread  # noqa: E402
+from bench_stats import machine, spread  # noqa: E402
 from salamander import wire  # noqa: E402
 from salamander_worker.snapshot import erasure, payload  # noqa: E402
 from salamander_worker.snapshot.capture import capture  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> int:
         return 0
     base = statistics.median(times["none"])
     result = {
-        "machine": "2 cores, x86-64, no GPU", "params": params, "state_bytes": state_bytes,
+        "machine": machine(), "params": params, "state_bytes": state_bytes,
         "batch": args.batch, "step_s": {mode: spread(values) for mode, values in times.items()},
         "overhead": {mode: statistics.median(times[mode]) / base - 1 for mode in MODES if mode != "none"},
         "throughput": through,

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker/src"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench_stats import machine  # noqa: E402
+
 WORLD = 4
 
 
@@ -181,7 +183,7 @@ def main() -> int:
                          "dcp_median_s": statistics.median(r["dcp_s"] for r in picked),
                          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                          "ratio_max": max(ratios), "tiers": sorted({r["tier"] for r in picked})}
-    result = {"machine": "2 cores, x86-64, no GPU", "world": WORLD, "dcp_page_cache": "warm" if args.warm else "dropped", "params": args.width * (args.width + 1) * args.layers,
+    result = {"machine": machine(), "world": WORLD, "dcp_page_cache": "warm" if args.warm else "dropped", "params": args.width * (args.width + 1) * args.layers,
               "summary": summary, "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
