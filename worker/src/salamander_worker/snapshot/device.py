@@ -245,11 +245,13 @@ def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int = UPLO
     one of its two page-locked staging buffers and queues the DMA from it on its own stream,
     so host copies, on all workers at once, overlap the copy engines. A worker reuses a
     staging buffer only after the DMA out of it has finished. Host destinations, sources that
-    are already page-locked, and dtypes that differ are copied directly."""
+    are already page-locked, dtypes that differ, and GPUs other than the first one met are
+    copied directly."""
     direct: list[tuple[torch.Tensor, torch.Tensor]] = []
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    staged = next((dst.device for dst, _ in copies if dst.device.type == "cuda"), None)
     for dst, src in copies:
-        if (dst.device.type != "cuda" or src.device.type != "cpu" or src.is_pinned() or dst.dtype != src.dtype
+        if (dst.device != staged or src.device.type != "cpu" or src.is_pinned() or dst.dtype != src.dtype
                 or not dst.is_contiguous() or not src.is_contiguous() or dst.numel() != src.numel()):
             direct.append((dst, src))
             continue

@@ -245,8 +245,8 @@ class Snapshotter:
         counts) are copied here and now. Returns False, having done nothing, when the state
         has no CUDA tensors or its memory cannot be page-locked: the caller copies it."""
         device, host = DeviceCopier.split(pending)
-        if not device or not PINNED.pin(buffer):
-            return False
+        if not device or len({t.device for t, _ in device}) > 1 or not PINNED.pin(buffer):
+            return False   # (state spread over several GPUs in one process: copied as on a CPU node)
         if self._copier is None:
             self._copier = DeviceCopier(device[0][0].device)
         payload.copy_tensors(host, buffer)
