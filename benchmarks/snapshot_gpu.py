@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench_stats import spread  # noqa: E402
 from examples.gpt.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from salamander import wire  # noqa: E402
-from salamander_worker.snapshot import erasure  # noqa: E402
+from salamander_worker.snapshot import device, erasure  # noqa: E402
 from salamander_worker.snapshot.capture import Trainee, capture  # noqa: E402
 from salamander_worker.snapshot.snapshotter import Snapshotter  # noqa: E402
 
@@ -149,6 +149,54 @@ def profile(args: argparse.Namespace, memory: Path) -> None:
         profiler.disable()
     snap.close()
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(22)
+
+
+def uploads(args: argparse.Namespace, memory: Path) -> dict:
+    """Host-to-device copies of 1.65 GB from pageable shared memory: torch's plain ``copy_``,
+    page-locking the source first, and :func:`device.upload` with several piece sizes and
+    thread counts (medians of 3, after one warm-up that also fills torch's page-locked cache)."""
+    import mmap
+
+    size = 1_648_312_064
+    path = memory / "upload"
+    memory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    source = torch.frombuffer(mapping, dtype=torch.uint8)
+    source.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8))
+    target = torch.empty(size, dtype=torch.uint8, device="cuda")
+    out: dict = {}
+
+    def run(name: str, fn) -> None:
+        times = []
+        for _ in range(4):
+            target.fill_(0)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        out[name] = {"s": statistics.median(times[1:]), "first_s": times[0],
+                     "GBps": size / statistics.median(times[1:]) / 1e9}
+        assert torch.equal(target[:4096].cpu(), source[:4096]) and torch.equal(target[-4096:].cpu(), source[-4096:])
+        print(f"upload {name:>28}: {out[name]['GBps']:.1f} GB/s (first {times[0]:.3f} s)", flush=True)
+
+    run("plain copy_ (pageable)", lambda: target.copy_(source))
+    for piece_mb, threads in ((16, 8), (4, 8), (4, 16), (1, 16), (8, 4)):
+        run(f"staged {piece_mb} MiB x {threads} threads",
+            lambda p=piece_mb, t=threads: device.upload([(target, source)], piece=p << 20, threads=t))
+    started = time.perf_counter()
+    pinned = device.PINNED.pin(memoryview(mapping))
+    out["register_s"] = time.perf_counter() - started
+    if pinned:
+        run("page-locked source, copy_", lambda: target.copy_(source))
+        device.PINNED.unpin(memoryview(mapping))
+    del source
+    mapping.close()
+    os.close(fd)
+    path.unlink()
+    return out
 
 
 def _timed(fn, repeats: int) -> float:
@@ -299,6 +347,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per mode per round")
     parser.add_argument("--only", default="overhead,throughput,restore")
     parser.add_argument("--profile-restore", action="store_true", help="profile one more restore from memory")
+    parser.add_argument("--upload-piece-mb", type=int, help="device.UPLOAD_PIECE for the restores, in MiB")
+    parser.add_argument("--upload-threads", type=int, help="device.UPLOAD_THREADS for the restores")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/snapshot_gpu.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -306,8 +356,14 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     parts = set(args.only.split(","))
+    if args.upload_piece_mb:
+        device.UPLOAD_PIECE = args.upload_piece_mb << 20
+    if args.upload_threads:
+        device.UPLOAD_THREADS = args.upload_threads
+    result_tuning = {"upload_piece": device.UPLOAD_PIECE, "upload_threads": device.UPLOAD_THREADS}
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "layers": args.layers, "d_model": args.d_model, "seq": args.seq}
+                    "cpus": os.cpu_count(), "layers": args.layers, "d_model": args.d_model, "seq": args.seq,
+                    **result_tuning}
     memory = Path(tempfile.mkdtemp(prefix="snapgpu-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="snapgpu-dcp-", dir=os.environ.get("DCP_DIR", "/var/tmp")))
     try:
@@ -320,6 +376,8 @@ def main() -> int:
                                   "background_ms": {m: v["median"] * 1e3 for m, v in row["background_s"].items()},
                                   "host_blocking_ms": {m: v["median"] * 1e3
                                                        for m, v in row["host_blocking_s"].items()}}), flush=True)
+        if "upload" in parts:
+            result["upload"] = uploads(args, memory)
         if "profile" in parts:
             profile(args, memory)
         if "throughput" in parts:

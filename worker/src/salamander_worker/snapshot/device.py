@@ -235,8 +235,8 @@ UPLOAD_PIECE = 16 << 20    # bytes per staged host-to-device piece
 UPLOAD_THREADS = 8
 
 
-def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int = UPLOAD_PIECE,
-           threads: int = UPLOAD_THREADS) -> None:
+def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int | None = None,
+           threads: int | None = None) -> None:
     """``dst.copy_(src)`` for every ``(dst, src)`` pair, where ``src`` is on the host (typically
     a view of pageable snapshot memory) and ``dst`` anywhere; returns when every byte is in place.
 
@@ -247,6 +247,8 @@ def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int = UPLO
     staging buffer only after the DMA out of it has finished. Host destinations, sources that
     are already page-locked, dtypes that differ, and GPUs other than the first one met are
     copied directly."""
+    piece = UPLOAD_PIECE if piece is None else piece
+    threads = UPLOAD_THREADS if threads is None else threads
     direct: list[tuple[torch.Tensor, torch.Tensor]] = []
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     staged = next((dst.device for dst, _ in copies if dst.device.type == "cuda"), None)
