@@ -7,7 +7,9 @@ holds the parameters and a unique quarter of the Adam state. After a snapshot (k
 DCP save of the same state to local disk, every process exits; node 1 loses its shared memory.
 Then, per repeat, four fresh processes restore: from snapshots (three ranks from local memory,
 rank 1 rebuilt from the others' data and parity) and from the DCP checkpoint, in alternating
-order. The time is the slowest rank's, from the call to a model ready to train. Before each
+order. Both restore the whole state, Adam moments included: before ``dcp.load`` the fresh
+optimizer's state is created as torch's ``set_state_dict`` does (without it DCP finds no
+moments to load into and restores only the parameters). The time is the slowest rank's, from the call to a model ready to train. Before each
 repeat the DCP files are synced and dropped from the page cache (``posix_fadvise
 DONTNEED``), so DCP reads them from disk; ``--warm`` keeps them cached (which flatters DCP).
 
@@ -46,6 +48,7 @@ def _port() -> int:
 
 
 def rank_main(args: argparse.Namespace) -> int:
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from salamander import wire
@@ -84,9 +87,14 @@ def rank_main(args: argparse.Namespace) -> int:
             tier = snap.stats.restore_tier
             timings["phases"] = dict(snap.stats.restore_phases)
         else:
+            # As torch's set_state_dict does before a load: a fresh optimizer has no Adam state
+            # for DCP to load into, so create it (zeros, lr 0) first; otherwise DCP would skip
+            # the moments and restore less than the snapshot does.
+            _init_optim_state(optimizer.optim)
             state = dcp_state()
             dcp.load(state, checkpoint_id=ckpt)
             optimizer.optim.load_state_dict(state[f"optim-rank{args.rank}"])
+            assert len(optimizer.optim.state) == sum(len(g["params"]) for g in optimizer.optim.param_groups)
         timings[what] = time.perf_counter() - started
         snap.wait()   # the post-restore snapshot that re-protects the state: not timed, and done
         #               before DCP is timed so the two never overlap

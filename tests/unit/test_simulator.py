@@ -235,6 +235,27 @@ def test_a_second_node_lost_during_the_rebuild_falls_back_to_disk() -> None:
     assert lost_of(twice, "a")["recovery"] >= 300
 
 
+def test_a_fallback_to_disk_takes_back_what_the_lost_work_earned_at_its_node_counts() -> None:
+    """b (1 node) departs at 1 h; a (2 nodes, min 1) trained on 1 node until then and grows to 2.
+    At 4,290 s a loses a node, at 4,350 s (rebuilding) the other: it falls back to disk. The disk
+    tier was saved once, at 3,000 s of training, all on 1 node; what followed spans the resize
+    (582 s on 1 node, then 540 s on 2 after the in-memory recompute), and all of it is lost. What
+    a keeps is those 3,000 s on 1 node: its GPU-seconds and WAF, not the recompute priced at 2."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("b", 1, 1, depart_h=1), job("a", 2, 1, depart_h=2)]
+    trace = trace_of(config, (4290 / H, 0, FailureKind.NODE, 10), (4350 / H, 1, FailureKind.NODE, 10))
+    run = simulate(config, jobs, trace, salamander_no_planner(), check=True)
+    assert_books(run)
+    assert run.counts["grows"] == 1 and run.counts["fallbacks_to_disk"] == 1
+    a, b = (next(j for j in run.jobs if j.key == k) for k in "ab")
+    assert a.productive_s == pytest.approx(3000)
+    assert a.lost_s["recompute"] == pytest.approx(57 + 1122)  # the in-memory snapshot's 57 s, then the disk's
+    assert a.waf_flop == pytest.approx(jobs[1].throughput(1) * 3000)
+    g = config.gpus_per_node
+    assert run.gpu_s["productive"] == pytest.approx(g * (3000 + b.productive_s))  # both on 1 node
+    assert run.gpu_s["recompute"] == pytest.approx(g * (57 * 2 + 582 * 1 + 540 * 2))
+
+
 # --- the planner's part -------------------------------------------------------------------------
 
 def test_the_planner_runs_on_every_capacity_change_and_reallocates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,6 +294,38 @@ def test_the_planner_suspends_the_lighter_job_when_capacity_drops() -> None:
     assert run.counts["suspensions"] == 1 and run.counts["resumes"] == 1
     assert lost_of(run, "b")["suspended"] == pytest.approx(10 * H - 10, abs=1)  # from a's detection to the repair
     assert lost_of(run, "a")["queueing"] == 0
+
+
+def test_a_job_that_lost_every_node_and_gets_none_is_suspended_not_run_on_nothing() -> None:
+    """The shrunk case of a rare property-test failure: two 1-node jobs on 2 nodes, j0's node lost
+    at once. At the detection the planner keeps j1 on the one healthy node (a tie keeps the current
+    count) and gives j0 none: no change of j0's count (0 -> 0), but j0 must be suspended, not left
+    restarting and then running on 0 nodes. The repair at 1 h finds both jobs departed."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("j0", 1, 1, depart_h=1), job("j1", 1, 1, depart_h=1)]
+    trace = trace_of(config, (0, 0, FailureKind.NODE, 1))
+    run = simulate(config, jobs, trace, salamander_full(), check=True)
+    assert_books(run)
+    assert run.counts["suspensions"] == 1 and "resumes" not in run.counts
+    j0 = next(j for j in run.jobs if j.key == "j0")
+    assert j0.productive_s == 0 and j0.waf_flop == 0
+    assert j0.lost_s["detection"] == pytest.approx(10) and j0.lost_s["suspended"] == pytest.approx(H - 10)
+    assert j0.lost_s["recovery"] == 0
+    for policy in (restart_baseline(), elastic_per_job(), salamander_no_planner()):  # they wait for a node
+        assert_books(simulate(config, jobs, trace, policy, check=True))
+
+
+def test_a_job_left_below_its_minimum_is_suspended_and_frees_its_survivor() -> None:
+    """j0 (2 nodes, needs both) loses one at once; at the detection the planner gives it none and
+    its survivor, the one healthy node, to j1, which was pending (j2 and j3 wait)."""
+    config = ClusterConfig(nodes=2, days=1)
+    jobs = [job("j0", 2, 2, depart_h=1), *(job(f"j{i}", 1, 1, depart_h=1) for i in (1, 2, 3))]
+    run = simulate(config, jobs, trace_of(config, (0, 0, FailureKind.NODE, 1)), salamander_full(), check=True)
+    assert_books(run)
+    assert run.counts["suspensions"] == 1
+    assert lost_of(run, "j0")["suspended"] == pytest.approx(H - 10)
+    assert lost_of(run, "j1")["queueing"] == pytest.approx(10)  # from the arrivals to j0's detection
+    assert [j.key for j in run.jobs if j.productive_s > 0] == ["j1"]  # one healthy node: one job trains
 
 
 # --- the comparison -----------------------------------------------------------------------------

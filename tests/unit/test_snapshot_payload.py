@@ -420,3 +420,9 @@ def test_a_mutated_valid_payload_only_ever_raises_payload_error(data: st.DataObj
         mutated[at] = data.draw(st.integers(0, 255))
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(mutated))))
     _read_or_payload_error(bytes(mutated if cut is None else mutated[:cut]))
+
+
+@pytest.mark.parametrize("seed, step, shape", [(1, 1, (3, 4)), (5, 9, (3, 4)), (1, 1, (3, 5)), (1, 1, (6, 3))])
+def test_the_cheap_signature_is_the_planned_one(seed: int, step: int, shape: tuple[int, int]) -> None:
+    state = _state(step, seed=seed, shape=shape)
+    assert payload.signature(state) == payload.plan(state).signature

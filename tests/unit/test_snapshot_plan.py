@@ -128,7 +128,7 @@ def test_everything_local_restores_from_memory() -> None:
     holdings = world_of([0, 1, 2, 3])
     plan = plan_restore(holdings)
     assert plan == RestorePlan(step=20, tier="memory", want={r: r for r in range(4)},
-                               local={r: 1 for r in range(4)})
+                               local={r: 1 for r in range(4)}, old_world=4, sharded=plan.sharded)
     check(plan, holdings)
 
 
@@ -428,6 +428,68 @@ def test_every_rank_computes_the_same_plan(scenario: Any) -> None:
     holdings, persistent = scenario
     wired = [Holdings.from_wire(json.loads(json.dumps(h.to_wire()))) for h in holdings]
     assert plan_restore(wired, persistent) == plan_restore(holdings, persistent)
+
+
+# -- what a plan reads, and planning again without corrupt slots ----------------------------------------
+
+
+def test_reads_and_receives_name_each_ranks_slots() -> None:
+    # Old rank 3's process is now new rank 2; new rank 3 is fresh; old rank 2 is gone.
+    holdings = world_of([0, 1, 3, None])
+    plan = plan_restore(holdings)
+    assert plan.old_world == 4 and plan.sharded is False
+    assert plan.reads(0) == [("data", 1), ("parity", 1)]          # its own payload, and a provider
+    assert plan.reads(2) == [("data", 1), ("parity", 1)]          # sends old rank 3's copy, provides member 3
+    assert plan.reads(3) == []
+    assert plan.receives(0) is None and plan.receives(1) is None
+    assert plan.receives(3) == 1000 + 200 + 3                       # the copy's length
+    [rebuild] = plan.rebuilds
+    assert plan.receives(rebuild.dests[2]) == 3 * rebuild.block_len   # k - m blocks
+
+
+def test_without_drops_only_the_named_slots() -> None:
+    held = process(1, (10, 20))
+    assert held.without(set()) == held
+    dropped = held.without({("data", 1), ("parity", 0)})
+    assert [d.slot for d in dropped.data] == [0] and [p.slot for p in dropped.parity] == [1]
+
+
+def test_planning_again_without_a_corrupt_newest_slot_rebuilds_it() -> None:
+    holdings = world_of([0, 1, 2, 3])
+    first = plan_restore(holdings)
+    assert first.tier == "memory" and first.step == 20 and ("data", 1) in first.reads(2)
+    holdings[2] = holdings[2].without({("data", 1)})   # rank 2's step-20 payload failed its crc
+    second = plan_restore(holdings)
+    assert second.tier == "peers" and second.step == 20
+    [rebuild] = second.rebuilds
+    assert rebuild.dests == {2: 2} and second.reads(2) == []
+    check(second, holdings)
+
+
+@FAST
+@given(worlds(), st.data())
+def test_dropping_corrupt_slots_until_none_is_read_ends_and_never_reads_one(scenario: Any, data: Any) -> None:
+    """What the snapshotter does: plan, drop the slots found corrupt among those the plan
+    reads, plan again. Every round drops a holding, and the final plan reads no corrupt slot."""
+    holdings, persistent = scenario
+    corrupt = {(q, kind, slot) for q in range(len(holdings)) for kind in ("data", "parity") for slot in (0, 1)
+               if data.draw(st.integers(0, 5)) == 0}
+    plan = plan_restore(holdings, persistent)
+    for _ in range(100):
+        if plan.tier not in ("memory", "peers"):
+            break
+        bad = [{read for read in plan.reads(q) if (q, *read) in corrupt} for q in range(len(holdings))]
+        if not any(bad):
+            break
+        before = sum(len(h.data) + len(h.parity) for h in holdings)
+        holdings = [h.without(b) for h, b in zip(holdings, bad)]
+        assert sum(len(h.data) + len(h.parity) for h in holdings) < before
+        plan = plan_restore(holdings, persistent)
+    else:
+        raise AssertionError("planning again did not end")
+    check(plan, holdings, persistent)
+    if plan.tier in ("memory", "peers"):
+        assert not any((q, *read) in corrupt for q in range(len(holdings)) for read in plan.reads(q))
 
 
 # -- the wire form ---------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import crc32c
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +29,7 @@ from salamander_worker.snapshot.region import (
     RegionError,
     SlotFile,
     checksum,
+    checksum_update,
 )
 
 from tests.unit._support import QUICK
@@ -357,3 +361,135 @@ def test_two_mappings_of_one_file_see_each_others_commits(path: Path) -> None:
     finally:
         reader.close()
         writer.close()
+
+
+# -- the parallel crc32c --------------------------------------------------------------------------
+
+
+def _small_pieces(piece: int):  # noqa: ANN202 - a context manager
+    """Checksum in ``piece``-byte pieces on 4 threads, so small buffers take the parallel path."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(region_mod, "PIECE", piece))
+    stack.enter_context(mock.patch.object(region_mod, "PARALLEL_MIN", 2 * piece))
+    stack.enter_context(mock.patch.object(region_mod.pool, "threads", lambda: 4))
+    return stack
+
+
+@QUICK
+@given(st.binary(max_size=3000), st.binary(max_size=3000))
+def test_crc32c_combine_joins_two_crcs(a: bytes, b: bytes) -> None:
+    assert region_mod.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+
+
+@QUICK
+@given(st.data())
+def test_the_parallel_checksum_equals_crc32c(data: st.DataObject) -> None:
+    """Lengths 0, 1, around every piece boundary and anywhere else; bytes, memoryviews and
+    numpy arrays of any item size and shape."""
+    piece = data.draw(st.sampled_from([64, 100, 4096]))
+    near = [n * piece + d for n in range(4) for d in (-1, 0, 1) if n * piece + d >= 0]
+    length = data.draw(st.one_of(st.sampled_from([0, 1, *near]), st.integers(0, 5 * piece)))
+    raw = data.draw(st.binary(min_size=length, max_size=length))
+    expected = crc32c.crc32c(raw)
+    as_array = np.frombuffer(raw, dtype=np.uint8)
+    forms: list[Any] = [raw, memoryview(raw), bytearray(raw), as_array]
+    if length % 4 == 0:
+        forms += [as_array.view(np.float32), as_array.view(np.int32).reshape(-1, 1)]
+    with _small_pieces(piece):
+        for form in forms:
+            assert checksum(form) == expected, type(form)
+        cut = data.draw(st.integers(0, length))
+        assert checksum_update(raw[cut:], checksum(raw[:cut])) == expected
+
+
+@QUICK
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 2000), max_size=8))
+def test_combining_any_split_gives_the_whole_crc(raw: bytes, cuts: list[int]) -> None:
+    points = sorted({0, len(raw), *(c for c in cuts if c <= len(raw))})
+    crc = 0
+    for a, e in zip(points, points[1:]):
+        crc = region_mod.crc32c_combine(crc, crc32c.crc32c(raw[a:e]), e - a)
+    assert crc == crc32c.crc32c(raw)
+
+
+def test_a_large_buffer_takes_the_parallel_path_and_gives_crc32c() -> None:
+    data = np.random.default_rng(5).integers(0, 256, size=3 * region_mod.PIECE + 12345, dtype=np.uint8)
+    assert data.nbytes >= region_mod.PARALLEL_MIN
+    assert checksum(data) == crc32c.crc32c(data)
+    assert checksum(memoryview(data)[1:]) == crc32c.crc32c(data[1:])
+    assert checksum_update(data, 77) == crc32c.crc32c(data, 77)
+
+
+def test_a_strided_array_is_left_to_crc32c() -> None:
+    """Not one contiguous buffer: the crc32c package decides (it refuses it), as before."""
+    strided = np.arange(4 * region_mod.PARALLEL_MIN // 8, dtype=np.uint8)[::2]
+    with pytest.raises((BufferError, TypeError, ValueError)):
+        crc32c.crc32c(strided)
+    with pytest.raises((BufferError, TypeError, ValueError)):
+        checksum(strided)
+
+
+@pytest.mark.parametrize("length", [-1, 1 << 64])
+def test_crc32c_combine_refuses_an_impossible_length(length: int) -> None:
+    with pytest.raises(ValueError, match="length2"):
+        region_mod.crc32c_combine(1, 2, length)
+
+
+# -- allocating slot 1 in the background ---------------------------------------------------------
+
+
+def test_allocate_later_hands_out_slot_0_at_once_and_slot_1_once_allocated(path: Path) -> None:
+    region = SlotFile.open(path, 3 * PAGE, allocate_later=True)
+    try:
+        first = put(region, b"a" * 5000, step=1)          # slot 0: allocated before open returned
+        assert first.slot == 0
+        second = put(region, b"b" * 7000, step=2)         # slot 1: begin() waited for it
+        assert second.slot == 1
+        assert steps(region) == [2, 1]
+    finally:
+        region.close()
+    reopened = SlotFile.open(path, 0, create=False)        # whole: its magic is written
+    try:
+        assert steps(reopened) == [2, 1] and reopened.capacity == 3 * PAGE
+        assert all(reopened.verify(e) for e in reopened.committed())
+        assert os.stat(path).st_blocks * 512 >= DATA_START + SLOTS * 3 * PAGE   # all allocated
+    finally:
+        reopened.close()
+
+
+def test_a_file_whose_background_allocation_never_finished_is_not_reused(path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SlotFile, "_allocate_slot_1", lambda self: None)   # the process "died" first
+    region = SlotFile.open(path, PAGE, allocate_later=True)
+    put(region, b"x" * 100, step=1)
+    region.close()
+    with pytest.raises(RegionError):
+        SlotFile.open(path, 0, create=False)
+    fresh = SlotFile.open(path, PAGE)
+    try:
+        assert fresh.committed() == []
+    finally:
+        fresh.close()
+
+
+def test_a_failed_background_allocation_is_reported_when_slot_1_is_wanted(path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, where: Path, start: int, length: int) -> None:
+        if start > 0:
+            raise RegionError(f"cannot allocate {length} bytes of {where}: no space")
+        os.posix_fallocate(fd, start, length)
+
+    monkeypatch.setattr(region_mod, "_allocate", full)
+    region = SlotFile.open(path, PAGE, allocate_later=True)
+    try:
+        put(region, b"x" * 100, step=1)
+        with pytest.raises(RegionError, match="slot 1"):
+            region.begin()
+        with pytest.raises(RegionError, match="no space"):
+            region.settle()
+        assert steps(region) == [1]
+    finally:
+        region.close()

@@ -4,7 +4,7 @@ Run as ``python snapshot_rank.py --rank R --world W --port P --memory DIR --out 
 
 ``train`` mode trains ``--steps`` steps (snapshot every ``--interval``) and writes, for the
 newest snapshot it committed, the state it captured (``expected-R.pt``: model, optimizer shard,
-RNG, data position) and exits without cleaning up, like a killed process. With ``--tear-at S``
+RNG, data position; ``expected-R-S.pt`` for the snapshot of every step S) and exits without cleaning up, like a killed process. With ``--tear-at S``
 it dies in the middle of the snapshot of step S (payload half written, never committed).
 ``restore`` mode restores and writes what it restored (``restored-R.pt``) and the tier.
 """
@@ -119,6 +119,7 @@ def main() -> int:
             snap.step(done, data)
             snap.wait()
             torch.save({"step": done, "data": data, "state": expected}, out / f"expected-{args.rank}.pt")
+            torch.save({"step": done, "data": data, "state": expected}, out / f"expected-{args.rank}-{done}.pt")
     (out / f"trained-{args.rank}.json").write_text(json.dumps({"protected": snap.stats.protected_step,
                                                               "persisted": snap.stats.persisted_step}))
     if args.hang_after:

@@ -75,26 +75,60 @@ def _assert_same(a: object, b: object, path: str = "state") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def _check_restored(out: Path, world: int, tier: str, want: dict[int, int] | None = None) -> None:
+def _check_restored(out: Path, world: int, tier: str, want: dict[int, int] | None = None,
+                    step: int | None = None) -> None:
+    """Every rank restored, from ``tier``, exactly the state old rank ``want[rank]`` captured
+    at its newest snapshot (or at ``step``)."""
     want = want or {r: r for r in range(world)}
     for rank in range(world):
         restored = torch.load(out / f"restored-{rank}.pt", weights_only=False)
-        expected = torch.load(out / f"expected-{want[rank]}.pt", weights_only=False)
+        name = f"expected-{want[rank]}.pt" if step is None else f"expected-{want[rank]}-{step}.pt"
+        expected = torch.load(out / name, weights_only=False)
         assert restored["tier"] == tier
         assert restored["step"] == expected["step"]
         assert restored["data"] == expected["data"]
         _assert_same(expected["state"], restored["state"])
 
 
-@pytest.mark.parametrize("m", [1, 2])
-def test_lost_nodes_are_rebuilt_bitwise_from_the_group(nodes: list[Path], tmp_path: Path, m: int) -> None:
-    """k=4: m nodes of the group lose their process and their shared memory at once."""
+def _newest_payload(node: Path) -> tuple[dict, bytes]:
+    """The record and payload bytes of the newest snapshot in a node's data file."""
+    region = SlotFile.open(node / "local-0.data", 0, create=False)
+    try:
+        newest = region.committed()[0]
+        return newest.record, bytes(region.payload(newest.slot)[:newest.record["length"]])
+    finally:
+        region.close()
+
+
+def _assert_kept_bitwise(node: Path, record: dict, payload: bytes) -> None:
+    """The rebuilt (or copied) payload was committed in the node's data file, byte for byte
+    what the lost node held, under the lost node's record; it is the file's oldest commit
+    (the snapshot taken right after the restore comes next)."""
+    region = SlotFile.open(node / "local-0.data", 0, create=False)
+    try:
+        entries = region.committed()
+        kept = min(entries, key=lambda e: e.seq)
+        assert {key: kept.record[key] for key in ("step", "rank", "world", "length", "checksum")} == \
+            {key: record[key] for key in ("step", "rank", "world", "length", "checksum")}
+        assert region.verify(kept)
+        assert bytes(region.payload(kept.slot)[:kept.record["length"]]) == payload
+    finally:
+        region.close()
+
+
+@pytest.mark.parametrize(("m", "lost"), [(1, 1), (2, 1), (2, 2)])
+def test_lost_nodes_are_rebuilt_bitwise_from_the_group(nodes: list[Path], tmp_path: Path, m: int, lost: int) -> None:
+    """k=4: ``lost`` nodes of the group lose their process and their shared memory at once.
+    Each is rebuilt straight into a slot of its new data file, committed there bitwise."""
     _launch("train", 4, nodes, tmp_path, "--zero", "--m", str(m))
-    for lost in nodes[1:1 + m]:
-        shutil.rmtree(lost)
-        lost.mkdir()
+    originals = [_newest_payload(node) for node in nodes[1:1 + lost]]
+    for node in nodes[1:1 + lost]:
+        shutil.rmtree(node)
+        node.mkdir()
     _launch("restore", 4, nodes, tmp_path, "--zero", "--m", str(m))
     _check_restored(tmp_path, 4, "peers")
+    for node, (record, payload) in zip(nodes[1:1 + lost], originals):
+        _assert_kept_bitwise(node, record, payload)
 
 
 def test_fsdp_shards_of_a_lost_node_are_rebuilt_bitwise(nodes: list[Path], tmp_path: Path) -> None:
@@ -112,6 +146,24 @@ def test_ranks_that_moved_nodes_take_their_state_from_peers(nodes: list[Path], t
     _launch("train", 4, nodes, tmp_path, "--zero")
     _launch("restore", 4, [nodes[(r + 1) % 4] for r in range(4)], tmp_path, "--zero")
     _check_restored(tmp_path, 4, "peers")
+
+
+def test_a_lost_node_under_moved_ranks_is_rebuilt_by_a_rank_that_also_provides(nodes: list[Path],
+                                                                               tmp_path: Path) -> None:
+    """Node i now runs rank (i+1) % 4 and node 1's memory is gone: rank 1 (on node 2, holding
+    old rank 2's data) rebuilds old rank 1 from the group while contributing to it itself, and
+    sends old rank 2's data on. Rank 0 (on the empty node 1) receives its copy into a new data
+    file, rank 3 (on node 0) into the slot that held old rank 0's older snapshot; both keep it
+    there. (Rank 1's rebuild does not fit node 2's file, sized for old rank 2's smaller ZeRO
+    shard: it is received into process memory.)"""
+    _launch("train", 4, nodes, tmp_path, "--zero", "--steps", "6")
+    old_0, old_3 = _newest_payload(nodes[0]), _newest_payload(nodes[3])
+    shutil.rmtree(nodes[1])
+    nodes[1].mkdir()
+    _launch("restore", 4, [nodes[(r + 1) % 4] for r in range(4)], tmp_path, "--zero")
+    _check_restored(tmp_path, 4, "peers")
+    _assert_kept_bitwise(nodes[1], *old_0)
+    _assert_kept_bitwise(nodes[0], *old_3)
 
 
 def test_killed_processes_restore_from_local_memory(nodes: list[Path], tmp_path: Path) -> None:
@@ -142,6 +194,32 @@ def test_corrupted_memory_is_detected_and_rebuilt_from_peers(nodes: list[Path], 
     _corrupt_newest(nodes[2])
     _launch("restore", 4, nodes, tmp_path, "--zero")
     _check_restored(tmp_path, 4, "peers")
+
+
+def test_corrupted_newest_slots_beyond_parity_restore_the_older_snapshot_from_memory(nodes: list[Path],
+                                                                                     tmp_path: Path) -> None:
+    """Two members of an m=1 group have a corrupt newest slot: step 6 cannot be restored, so
+    every rank takes step 4 from its own memory (its older slot), never the corrupt bytes."""
+    _launch("train", 4, nodes, tmp_path, "--zero", "--steps", "6")
+    for node in nodes[1:3]:
+        _corrupt_newest(node)
+    _launch("restore", 4, nodes, tmp_path, "--zero")
+    _check_restored(tmp_path, 4, "memory", step=4)
+
+
+def test_a_corrupted_parity_slot_is_not_used_by_a_rebuild(nodes: list[Path], tmp_path: Path) -> None:
+    """Node 1 is lost and node 2's newest parity is corrupt: step 6 cannot be rebuilt, so node
+    1 is rebuilt at step 4 and every other rank restores step 4 from memory."""
+    _launch("train", 4, nodes, tmp_path, "--zero", "--steps", "6")
+    region = SlotFile.open(nodes[2] / "local-0.parity", 0, create=False)
+    newest = region.committed()[0]
+    region.payload(newest.slot)[10] ^= 0x40
+    assert not region.verify(newest)
+    region.close()
+    shutil.rmtree(nodes[1])
+    nodes[1].mkdir()
+    _launch("restore", 4, nodes, tmp_path, "--zero")
+    _check_restored(tmp_path, 4, "peers", step=4)
 
 
 def test_corruption_beyond_parity_falls_back_to_the_persistent_copy(nodes: list[Path], tmp_path: Path) -> None:

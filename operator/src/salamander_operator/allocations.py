@@ -192,17 +192,15 @@ class ClusterAllocations:
         result = plan(demands, self.capacity, self.horizon_s)
         self.last_plan_s = time.perf_counter() - started
         self.last_plan = result
-        changed: dict[str, str] = {}
+        moved = result.changes(demands)
         for d in demands:
-            workers = result.workers[d.key]
-            held = self.allocations.get(d.key)
-            if held is not None and held.workers == workers:
-                continue
-            reason = _reason(d, workers, result, cause)
-            self.allocations[d.key] = AllocationRecord(workers=workers, capacity=result.capacity, reason=reason,
-                                                       planned_at=now)
-            changed[d.key] = self.jobs[d.key].uid
-        return changed
+            # a job never planned before gets its first record even when the plan gives it 0
+            if d.key in moved or d.key not in self.allocations:
+                workers = result.workers[d.key]
+                self.allocations[d.key] = AllocationRecord(workers=workers, capacity=result.capacity,
+                                                           reason=_reason(d, workers, result, cause), planned_at=now)
+                moved.setdefault(d.key, (0, workers))
+        return {key: self.jobs[key].uid for key in moved}
 
 
 def _reason(demand: JobDemand, workers: int, result: ClusterPlan, cause: str) -> str:

@@ -12,7 +12,11 @@ approximation: the policy's overhead fraction of every running second); the othe
 lost time by cause (:data:`CAUSE`). When a failure is detected, the work trained since the
 newest save of the tier restored from is moved from productive to *recompute*. The newest save
 is tracked per tier as training seconds since it, modulo the tier's interval (saves happen
-every ``interval_s`` of training).
+every ``interval_s`` of training), with the GPU-seconds and WAF those seconds earned: a tier's
+unsaved work may span resizes (the disk tier's, behind the in-memory snapshots), so a recompute
+takes back what that work earned at the node counts it ran on, never more. Every tier's unsaved
+work is the newest part of the job's kept training, so a recompute of one tier's takes the same
+amount off the longer ones and empties the shorter ones.
 
 Invariants (checked by the tests; ``check=True`` verifies the node books after every event):
 - for every job, ``productive + sum(lost) == alive`` (its window clipped to the run);
@@ -20,8 +24,11 @@ Invariants (checked by the tests; ``check=True`` verifies the node books after e
   job, and a job's nodes are healthy;
 - the cluster's GPU-seconds split exactly into productive, the lost causes of held nodes, idle
   (healthy and free) and down (under repair): the sum is ``nodes * gpus_per_node * horizon``;
-- a job holds 0 nodes or, when running, a count its policy allows (rigid: its size; elastic and
-  planner: ``[min, size]``).
+- a job that is running, restarting (RECOVERING) or resizing holds a count its policy allows
+  (rigid: its size; elastic and planner: ``[min, size]``): those phases end in RUNNING without
+  another allocation. Other phases may hold fewer (a failed job's survivors) or none (pending,
+  suspended). So a job the planner gives no nodes is suspended even when it already held none
+  (it lost every node): a plan of 0 for a restarting job is a suspension, not "no change".
 
 The planner policy calls :func:`salamander_operator.planner.plan` on every capacity change: a
 node lost (at its detection when it was a job's, at once when it was free) or repaired, a job
@@ -70,9 +77,9 @@ _ARRIVE, _DEPART, _DETECTED, _QUEUE_DONE, _READY, _REPAIR = range(6)
 
 
 class _Job:
-    __slots__ = ("spec", "index", "phase", "since", "nodes", "epoch", "unsaved", "pending", "rebuilding",
-                 "fallback", "recover_s", "rate", "run_x", "productive_s", "lost", "gpu", "waf", "failures",
-                 "restarts", "resizes", "alive_from")
+    __slots__ = ("spec", "index", "phase", "since", "nodes", "epoch", "unsaved", "unsaved_gpu", "unsaved_waf",
+                 "pending", "rebuilding", "fallback", "recover_s", "rate", "productive_s", "lost", "gpu", "waf",
+                 "failures", "restarts", "resizes", "alive_from")
 
     def __init__(self, spec: JobSpec, index: int, tiers: int) -> None:
         self.spec, self.index = spec, index
@@ -80,16 +87,22 @@ class _Job:
         self.since = self.alive_from = spec.arrive_s
         self.nodes: set[int] = set()
         self.epoch = 0
+        # per tier: training seconds since its newest save, and the GPU-seconds and WAF they earned
         self.unsaved = [0.0] * tiers
+        self.unsaved_gpu = [0.0] * tiers
+        self.unsaved_waf = [0.0] * tiers
         self.pending: FailureKind | None = None
         self.rebuilding = self.fallback = False
         self.recover_s = 0.0
         self.rate = 0.0
-        self.run_x = 0
         self.productive_s = self.waf = 0.0
         self.lost = dict.fromkeys(LOST_CAUSES, 0.0)
         self.gpu = dict.fromkeys(GPU_CAUSES[:-2], 0.0)
         self.failures = self.restarts = self.resizes = 0
+
+    def saved(self, tier: int) -> None:
+        """A fresh save of ``tier``: nothing of it is unsaved."""
+        self.unsaved[tier] = self.unsaved_gpu[tier] = self.unsaved_waf[tier] = 0.0
 
 
 Progress = Callable[[float], None]
@@ -163,13 +176,21 @@ class Engine:
         if job.phase is Phase.RUNNING:
             blocked = dt * self.overhead
             trained = dt - blocked
+            gpu_rate, value = x * self.g, job.spec.weight * job.spec.throughput(x)
             job.productive_s += trained
             job.lost["checkpoint"] += blocked
-            job.gpu["productive"] += trained * x * self.g
-            job.gpu["checkpoint"] += blocked * x * self.g
-            job.waf += job.spec.weight * job.spec.throughput(x) * trained
-            job.run_x = x
-            job.unsaved = [(u + trained) % iv for u, iv in zip(job.unsaved, self.intervals)]
+            job.gpu["productive"] += trained * gpu_rate
+            job.gpu["checkpoint"] += blocked * gpu_rate
+            job.waf += value * trained
+            for i, interval in enumerate(self.intervals):
+                unsaved = job.unsaved[i] + trained
+                if unsaved >= interval:  # saved during this stretch: what is unsaved ran on these x nodes
+                    unsaved %= interval
+                    job.unsaved_gpu[i], job.unsaved_waf[i] = unsaved * gpu_rate, unsaved * value
+                else:
+                    job.unsaved_gpu[i] += trained * gpu_rate
+                    job.unsaved_waf[i] += trained * value
+                job.unsaved[i] = unsaved
         else:
             cause = CAUSE[job.phase]
             job.lost[cause] += dt
@@ -197,17 +218,23 @@ class Engine:
         self._rate(job)
 
     def _recompute(self, job: _Job, tier: int) -> None:
-        """Lose the training since the newest save of ``tier``: productive becomes recompute."""
-        lost = job.unsaved[tier]
+        """Lose the training since the newest save of ``tier``: productive becomes recompute, at
+        the GPU-seconds and WAF that training earned."""
+        lost, lost_gpu, lost_waf = job.unsaved[tier], job.unsaved_gpu[tier], job.unsaved_waf[tier]
         if lost > 0:
-            x, value = job.run_x, job.spec.weight * job.spec.throughput(job.run_x)
             job.productive_s -= lost
             job.lost["recompute"] += lost
-            job.gpu["productive"] -= lost * x * self.g
-            job.gpu["recompute"] += lost * x * self.g
-            job.waf -= value * lost
-            self.impulses.append((self.now, -value * lost))
-        job.unsaved = [max(0.0, u - lost) for u in job.unsaved]
+            job.gpu["productive"] -= lost_gpu
+            job.gpu["recompute"] += lost_gpu
+            job.waf -= lost_waf
+            self.impulses.append((self.now, -lost_waf))
+        for i in range(len(job.unsaved)):  # the lost work is the newest: of every tier's unsaved work too
+            if job.unsaved[i] <= lost:
+                job.saved(i)
+            else:
+                job.unsaved[i] -= lost
+                job.unsaved_gpu[i] = max(0.0, job.unsaved_gpu[i] - lost_gpu)
+                job.unsaved_waf[i] = max(0.0, job.unsaved_waf[i] - lost_waf)
 
     def _give(self, job: _Job, n: int) -> None:
         for _ in range(n):
@@ -409,7 +436,7 @@ class Engine:
                 if self.policy.resize_recompute:
                     self._recompute(job, 0)
                 else:
-                    job.unsaved[0] = 0.0  # a fresh snapshot before the resize
+                    job.saved(0)  # a fresh snapshot before the resize
                 self._give(job, min(len(self.free), job.spec.nodes - len(job.nodes)))
                 self._resize(job, self.policy.resize_s)
                 self.counts["grows"] += 1
@@ -438,7 +465,14 @@ class Engine:
             return
         result = planner.plan(demands, self.healthy - unknown, policy.plan_horizon_s)
         by_key = {job.spec.key: job for job in self.alive.values()}
-        changes = sorted(result.changes(demands).items(), key=lambda kv: kv[1][1] - kv[1][0])  # shrinks first
+        planned_changes = result.changes(demands)
+        for key, count in result.workers.items():
+            # a job restarting on no nodes (it lost every node) that the plan gives none is no
+            # change of its count (0 -> 0) to the planner, but it must be suspended here: never
+            # restarted onto nothing
+            if count == 0 and not by_key[key].nodes and by_key[key].phase is Phase.RECOVERING:
+                planned_changes[key] = (0, 0)
+        changes = sorted(planned_changes.items(), key=lambda kv: kv[1][1] - kv[1][0])  # shrinks first
         for key, (current, planned) in changes:
             job = by_key[key]
             self._settle(job)
@@ -457,7 +491,7 @@ class Engine:
             elif job.phase is Phase.RECOVERING:
                 self._rate(job)  # the resize folds into the restart under way
             else:  # running or resizing: a planned transition from a fresh snapshot
-                job.unsaved[0] = 0.0
+                job.saved(0)
                 self.counts["shrinks" if planned < current else "grows"] += 1
                 self._resize(job, policy.resize_s)
 
@@ -472,10 +506,12 @@ class Engine:
                 if self.owner[node] != job.index or self.down[node]:
                     raise SimulationError(f"node {node} of {job.spec.key} is not its own or is down")
             x = len(job.nodes)
-            if job.phase is Phase.RUNNING:
+            if job.phase in (Phase.RUNNING, Phase.RECOVERING, Phase.RESIZING):  # each ends in RUNNING as it is
                 low = job.spec.nodes if self.policy.allocation is Allocation.RIGID else job.spec.min_nodes
                 if not low <= x <= job.spec.nodes:
-                    raise SimulationError(f"{job.spec.key} runs on {x} nodes, outside [{low}, {job.spec.nodes}]")
+                    doing = {Phase.RUNNING: "runs", Phase.RECOVERING: "restarts", Phase.RESIZING: "resizes"}
+                    raise SimulationError(f"{job.spec.key} {doing[job.phase]} on {x} nodes, "
+                                          f"outside [{low}, {job.spec.nodes}]")
         if held != self.held or len(self.free) != self.healthy - self.held or self.held > self.healthy:
             raise SimulationError(f"node books disagree: held {held}/{self.held}, free {len(self.free)}, "
                                   f"healthy {self.healthy}")

@@ -12,8 +12,9 @@ The tree is ``{"step", "model", "optimizer", "scheduler", "rng", "data"}``:
   ``state_dict()``).
 
 :func:`apply` puts a tree back into live objects: tensors are copied in place into the current
-state's tensors (so devices, DTensor meshes and placements come from the live objects), then
-``set_state_dict`` / ``load_state_dict`` run. A tree that does not match the live objects'
+state's tensors (so devices, DTensor meshes and placements come from the live objects; CPU
+copies on a few threads, :func:`copy_all`), then ``set_state_dict`` / ``load_state_dict`` run,
+which copy nothing more: their tensors are the live ones already filled. A tree that does not match the live objects'
 structure or shapes raises :class:`CaptureError` before anything is changed.
 """
 
@@ -27,6 +28,9 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from salamander_worker.snapshot import pool
+from salamander_worker.snapshot.device import upload
 
 
 class CaptureError(RuntimeError):
@@ -112,9 +116,9 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     model_state = _fill(model_live, tree["model"], "model", copies)
     optim_state = None if trainee.optimizer is None else _fill(optim_live, tree["optimizer"], "optimizer", copies)
-    with torch.no_grad():
-        for local, saved in copies:
-            local.copy_(saved)
+    copy_all(copies)
+    # The state dicts below hold the live tensors themselves, now filled: torch's copy_ of a
+    # tensor onto itself returns at once, so loading them costs no second copy.
     if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
         set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
         zero = trainee.optimizer
@@ -133,6 +137,58 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
     return int(tree["step"]), _cloned(tree.get("data"))
 
 
+#: Contiguous CPU copies larger than this are cut into pieces of this size, so one large
+#: tensor also spreads over the bulk pool's threads.
+COPY_PIECE = 16 << 20
+
+
+def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Run ``dst.copy_(src)`` for every pair, without autograd. Copies into CPU tensors run on
+    the bulk thread pool (:mod:`.pool`; torch releases the GIL), large contiguous ones cut into
+    ``COPY_PIECE`` pieces, largest first; copies from the host into a GPU go through
+    :func:`.device.upload` (staged through page-locked buffers on several threads, overlapping
+    the copy engines); any other pair runs in order in the calling thread."""
+    parallel: list[tuple[torch.Tensor, torch.Tensor]] = []
+    uploads: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for dst, src in copies:
+            if dst.device.type == "cuda" and src.device.type == "cpu":
+                uploads.append((dst, src))
+            elif dst.device.type != "cpu" or src.device.type != "cpu":
+                dst.copy_(src)
+            elif (dst.nbytes > 2 * COPY_PIECE and dst.is_contiguous() and src.is_contiguous()
+                  and dst.dtype == src.dtype and dst.shape == src.shape):
+                flat_dst, flat_src = dst.view(-1), src.view(-1)
+                step = max(1, COPY_PIECE // dst.element_size())
+                parallel += [(flat_dst[i:i + step], flat_src[i:i + step]) for i in range(0, flat_dst.numel(), step)]
+            else:
+                parallel.append((dst, src))
+    if uploads:
+        upload(uploads)
+    parallel.sort(key=lambda pair: -pair[0].nbytes)
+    pool.run(_copy, parallel)
+
+
+def _copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+    with torch.no_grad():   # grad mode is per thread
+        pair[0].copy_(pair[1])
+
+
+def _fresh(tree: Any, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``tree`` with every tensor replaced by a new, uninitialised one of the same shape, dtype,
+    device and layout; the copies that fill them are appended to ``copies`` (so together with
+    the rest they run once the whole tree has been checked, in parallel)."""
+    if isinstance(tree, torch.Tensor):
+        new = torch.empty_like(tree, memory_format=torch.preserve_format)
+        copies.append((new, tree))
+        return new
+    if isinstance(tree, dict):
+        return {key: _fresh(value, copies) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_fresh(value, copies) for value in tree)
+    return tree
+
+
 def _cloned(tree: Any) -> Any:
     """``tree`` with every tensor replaced by a copy."""
     if isinstance(tree, torch.Tensor):
@@ -148,7 +204,8 @@ def _fill(live: Any, saved: Any, path: str, copies: list[tuple[torch.Tensor, tor
     """``live`` with its plain values replaced by ``saved``'s, its tensors kept: the in-place
     copies of ``saved``'s tensors into them are appended to ``copies``, for the caller to run
     once the whole tree has been checked. Structures must match; a fresh optimizer's empty
-    state is the exception: the saved optimizer state is then taken as it is."""
+    state is the exception: the saved optimizer state is then taken into new tensors (whose
+    copies are appended too)."""
     if isinstance(live, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise CaptureError(f"snapshot has no tensor at {path}")
@@ -163,7 +220,7 @@ def _fill(live: Any, saved: Any, path: str, copies: list[tuple[torch.Tensor, tor
             raise CaptureError(f"snapshot has no mapping at {path}")
         if set(live) != set(saved):
             if path.endswith("state") and not live:
-                return _cloned(saved)  # the optimizer has not stepped yet: no state to fill in place
+                return _fresh(saved, copies)  # the optimizer has not stepped yet: no state to fill in place
             missing, extra = sorted(map(str, set(live) - set(saved))), sorted(map(str, set(saved) - set(live)))
             raise CaptureError(f"snapshot keys at {path} differ: missing {missing[:5]}, unexpected {extra[:5]}")
         return {key: _fill(live[key], saved[key], f"{path}.{key}", copies) for key in live}

@@ -62,6 +62,13 @@ class Layout:
         return tuple((r.nbytes, r.dtype, r.shape) for r in self.refs)
 
 
+def signature(tree: Any) -> tuple[tuple[int, str, tuple[int, ...]], ...]:
+    """The :attr:`Layout.signature` that :func:`plan` would give ``tree``, without pickling
+    anything: a snapshot checks it every time to reuse its layout."""
+    tensors = [_local(t) for t in leaves(tree)]
+    return tuple((t.numel() * t.element_size(), str(t.dtype), tuple(t.shape)) for t in tensors)
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -132,7 +139,7 @@ def write(tree: Any, layout: Layout, buffer: memoryview) -> None:
     copy_tensors(write_skeleton(tree, layout, buffer), buffer)
 
 
-Pending = list[tuple[torch.Tensor, TensorRef]]
+Pending = list[tuple[torch.Tensor, TensorRef]]   # in increasing payload offset, as planned
 
 
 def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:

@@ -78,6 +78,12 @@ class Holdings:
     data: tuple[DataHolding, ...] = ()
     parity: tuple[ParityHolding, ...] = ()
 
+    def without(self, bad: set[tuple[str, int]]) -> Holdings:
+        """These holdings less the slots named in ``bad``: ``("data", slot)`` or
+        ``("parity", slot)`` (slots whose payload failed its checksum)."""
+        return Holdings(tuple(d for d in self.data if ("data", d.slot) not in bad),
+                        tuple(p for p in self.parity if ("parity", p.slot) not in bad))
+
     def to_wire(self) -> dict[str, Any]:
         return {"data": [d.__dict__ for d in self.data], "parity": [
             dict(p.__dict__, group=list(p.group), lengths=list(p.lengths), checksums=list(p.checksums))
@@ -151,6 +157,33 @@ class RestorePlan:
     copies: tuple[Copy, ...] = ()
     rebuilds: tuple[Rebuild, ...] = ()
     persistent_step: int | None = None
+    old_world: int | None = None               # the world that took the in-memory snapshot
+    sharded: bool = False                      # whether that snapshot is sharded (ZeRO, FSDP)
+
+    def reads(self, rank: int) -> list[tuple[str, int]]:
+        """The slots new rank ``rank`` reads from its own files when it executes this plan,
+        as ``("data", slot)`` and ``("parity", slot)``, without repeats: its own payload, the
+        payloads it sends to others, and what it contributes to rebuilds."""
+        found: list[tuple[str, int]] = []
+        if rank in self.local:
+            found.append(("data", self.local[rank]))
+        found += [("data", c.slot) for c in self.copies if c.src == rank]
+        for rb in self.rebuilds:
+            for j, q in sorted(rb.providers.items()):
+                if q == rank:
+                    found += [("data", rb.data_slots[j]), ("parity", rb.parity_slots[j])]
+        return list(dict.fromkeys(found))
+
+    def receives(self, rank: int) -> int | None:
+        """How many bytes new rank ``rank`` receives its payload into (a copy's length, or
+        ``k - m`` blocks for a rebuild), or None when it restores from its own memory."""
+        for copy in self.copies:
+            if copy.dst == rank:
+                return copy.length
+        for rb in self.rebuilds:
+            if rank in rb.dests.values():
+                return (len(rb.group) - rb.m) * rb.block_len
+        return None
 
 
 def _want(new_world: int, old_world: int, sharded: bool) -> dict[int, int] | None:
@@ -228,7 +261,8 @@ def _plan_step(holdings: list[Holdings], step: int) -> RestorePlan | None:
         return None
     tier = "memory" if not copies and not rebuilds else "peers"
     return RestorePlan(step=step, tier=tier, want=want, local=local, copies=tuple(copies),
-                       rebuilds=tuple(rebuilds))
+                       rebuilds=tuple(rebuilds), old_world=old_world,
+                       sharded=any(d.sharded for _, d in entries))
 
 
 def _rebuilds(holdings: list[Holdings], step: int, lost_wanted: dict[int, int],

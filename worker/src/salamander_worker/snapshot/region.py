@@ -19,6 +19,9 @@ snapshot readable, except the one being overwritten, which is never the newest):
 3. :meth:`commit` writes the record (with the payload's crc32c and ``seq = current seq + 1``),
    then stores ``current = seq << 1 | slot`` as one aligned 8-byte write: the commit marker.
 
+The magic is written last, once the whole file is allocated: a file without it (a process
+died while creating it) is never reused.
+
 A record counts only if its own crc32c matches and its ``seq`` is at most ``current``'s, so a
 record written by a process that died before step 3 is ignored. :meth:`verify` checks the
 payload against the record's crc32c before anyone reads it; corrupt memory is reported, never
@@ -27,15 +30,20 @@ restored from.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import crc32c
+import numpy as np
+
+from salamander_worker.snapshot import pool
 
 MAGIC = b"SALSLOT1"
 VERSION = 1
@@ -47,10 +55,22 @@ PAGE = 4096
 _HEAD = struct.Struct("<8sIIQQ")   # magic, version, slots, capacity, current
 _CURRENT_AT = 24
 _REC = struct.Struct("<II")
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux 5.14+
+
+Buffer = Union[memoryview, bytes, bytearray, np.ndarray]
 
 
 class RegionError(RuntimeError):
     """A snapshot file cannot be created, mapped or read; the message names the file."""
+
+
+def _allocate(fd: int, path: Path, start: int, length: int) -> None:
+    """Allocate ``length`` bytes of the file from ``start`` (so a full /dev/shm is an error
+    here, not a SIGBUS on a later write)."""
+    try:
+        os.posix_fallocate(fd, start, length)
+    except OSError as exc:
+        raise RegionError(f"cannot allocate {length} bytes of {path} (is /dev/shm large enough?): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -65,14 +85,108 @@ class Committed:
         return int(self.record["seq"])
 
 
-def checksum(data: memoryview | bytes) -> int:
-    """crc32c, hardware-accelerated (~memcpy speed)."""
-    return crc32c.crc32c(data)
+#: Buffers at least this large are checksummed in pieces of ``PIECE`` bytes on the bulk pool
+#: (:mod:`.pool`), and the pieces' crcs combined; the result is the same crc32c.
+PIECE = 16 << 20
+PARALLEL_MIN = 2 * PIECE
 
 
-def checksum_update(data: memoryview | bytes, crc: int) -> int:
+def checksum(data: Buffer) -> int:
+    """The crc32c of ``data`` (bytes, a memoryview, a contiguous numpy array: any contiguous
+    buffer), hardware-accelerated. Buffers of at least ``PARALLEL_MIN`` bytes are checksummed
+    in ``PIECE``-byte pieces on several threads (crc32c releases the GIL) and the pieces'
+    crcs joined by :func:`crc32c_combine`: always exactly ``crc32c.crc32c(data)``."""
+    view = _byte_view(data)
+    if view is None or view.nbytes < PARALLEL_MIN or pool.threads() < 2:
+        return crc32c.crc32c(data)
+    pieces = [view[start:start + PIECE] for start in range(0, view.nbytes, PIECE)]
+    crcs = pool.run(crc32c.crc32c, pieces)
+    crc = crcs[0]
+    for piece, piece_crc in zip(pieces[1:], crcs[1:]):
+        crc = crc32c_combine(crc, piece_crc, piece.nbytes)
+    return crc
+
+
+def checksum_update(data: Buffer, crc: int) -> int:
     """The crc32c of the bytes checksummed so far (``crc``) followed by ``data``."""
-    return crc32c.crc32c(data, crc)
+    view = _byte_view(data)
+    if view is None or view.nbytes < PARALLEL_MIN or pool.threads() < 2:
+        return crc32c.crc32c(data, crc)
+    return crc32c_combine(crc, checksum(view), view.nbytes)
+
+
+def _byte_view(data: Buffer) -> memoryview | None:
+    """``data`` as a flat memoryview of bytes, or None when it is not one contiguous buffer
+    (then crc32c itself decides)."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        return None
+    if not view.c_contiguous:
+        return None
+    if view.ndim != 1 or view.itemsize != 1 or view.format != "B":
+        try:
+            view = view.cast("B")
+        except TypeError:
+            return None
+    return view
+
+
+# -- crc32c_combine: zlib's crc32_combine, for the Castagnoli polynomial -------------------------
+#
+# A crc is a polynomial over GF(2) in reflected bit order (bit 31 is x^0). Appending ``n`` bytes
+# multiplies the crc of the first part by x^(8n) modulo the polynomial, so
+# crc(A + B) = crc(A) * x^(8 len(B)) mod P  xor  crc(B), with the pre- and post-conditioning
+# (~0) cancelling. x^(2^k) mod P are precomputed by repeated squaring; x^(8n) is their product
+# over the bits of 8n: O(log n) multiplications of 32 steps each.
+
+CASTAGNOLI = 0x82F63B78   # reflected
+_X0 = 1 << 31             # the polynomial 1 (x^0), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a(x) * b(x) mod P``, both reflected 32-bit polynomials."""
+    product = 0
+    bit = _X0
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ CASTAGNOLI if b & 1 else b >> 1
+    return product
+
+
+def _x2n_table() -> tuple[int, ...]:
+    table = [_X0 >> 1]   # x^1
+    for _ in range(66):
+        table.append(_multmodp(table[-1], table[-1]))
+    return tuple(table)
+
+
+_X2N = _x2n_table()   # _X2N[k] = x^(2^k) mod P, for every k a length below 2^64 needs
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_operator(length: int) -> int:
+    """x^(8 * length) mod P: what appending ``length`` bytes multiplies a crc by."""
+    result, k, n = _X0, 3, length
+    while n:
+        if n & 1:
+            result = _multmodp(_X2N[k], result)
+        n >>= 1
+        k += 1
+    return result
+
+
+def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The crc32c of ``A + B`` from ``crc1 = crc32c(A)``, ``crc2 = crc32c(B)`` and
+    ``length2 = len(B)`` (as zlib's ``crc32_combine``, for the Castagnoli polynomial)."""
+    if not 0 <= length2 < 1 << 64:
+        raise ValueError(f"length2 must be in 0..2^64-1, got {length2}")
+    if length2 == 0:
+        return crc1 & 0xFFFFFFFF
+    return (_multmodp(_shift_operator(length2), crc1 & 0xFFFFFFFF) ^ crc2) & 0xFFFFFFFF
 
 
 class SlotFile:
@@ -85,12 +199,21 @@ class SlotFile:
         self._fd = fd
         self._map = mapping
         self.view = memoryview(mapping)
+        self._allocating: threading.Thread | None = None   # allocating slot 1 (allocate_later)
+        self._allocation_error: BaseException | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], capacity: int, *, create: bool = True) -> SlotFile:
+    def open(cls, path: str | os.PathLike[str], capacity: int, *, create: bool = True,
+             allocate_later: bool = False) -> SlotFile:
         """Map ``path``, reusing it (and the snapshots in it) if it is a valid slot file with at
         least ``capacity`` per slot; otherwise (re)create it with ``capacity`` rounded up to a
-        page, allocated with ``posix_fallocate`` and pre-faulted (``MAP_POPULATE``) once."""
+        page, allocated with ``posix_fallocate`` and pre-faulted (``MAP_POPULATE``) once.
+
+        With ``allocate_later``, a new file has only its head and slot 0 allocated (and
+        pre-faulted) before this returns; slot 1 is allocated on a background thread, which
+        :meth:`begin` waits for before handing slot 1 out. A file's magic is written only once
+        all of it is allocated, so a file left half-allocated (its process died) is never
+        reused: it is recreated."""
         path = Path(path)
         capacity = max(PAGE, -(-capacity // PAGE) * PAGE)
         existing = cls._existing_capacity(path)
@@ -107,25 +230,57 @@ class SlotFile:
         except OSError as exc:
             raise RegionError(f"cannot open snapshot file {path}: {exc}") from None
         try:
+            later = fresh and allocate_later
             if fresh:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as exc:
-                    raise RegionError(f"cannot allocate {size} bytes for {path} (is /dev/shm large "
-                                      f"enough?): {exc}") from None
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                _allocate(fd, path, 0, DATA_START + capacity if later else size)
+            flags = mmap.MAP_SHARED | (0 if later else getattr(mmap, "MAP_POPULATE", 0))
             mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         region = cls(path, capacity, fd, mapping)
         if fresh:
-            _HEAD.pack_into(region.view, 0, MAGIC, VERSION, SLOTS, capacity, 0)
+            _HEAD.pack_into(region.view, 0, bytes(len(MAGIC)), VERSION, SLOTS, capacity, 0)
             for slot in range(SLOTS):
                 region._wipe_record(slot)
+            if later:
+                region._populate(0, DATA_START + capacity)
+                region._allocating = threading.Thread(target=region._allocate_slot_1, daemon=True,
+                                                      name=f"salamander-allocate-{path.name}")
+                region._allocating.start()
+            else:
+                region.view[:len(MAGIC)] = MAGIC
         return region
+
+    def _populate(self, start: int, length: int) -> None:
+        """Pre-fault ``length`` bytes of the mapping from ``start`` (page-aligned), best effort
+        (``MADV_POPULATE_WRITE``; nothing where the kernel lacks it)."""
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE, start, length)
+        except (OSError, ValueError):
+            pass
+
+    def _allocate_slot_1(self) -> None:
+        """The background half of ``allocate_later``: allocate and pre-fault slot 1, then write
+        the magic (the file is whole)."""
+        try:
+            start = DATA_START + self.capacity
+            _allocate(self._fd, self.path, start, self.capacity)
+            self._populate(start, self.capacity)
+            self.view[:len(MAGIC)] = MAGIC
+        except BaseException as exc:  # noqa: BLE001 - reported by settle()/begin()
+            self._allocation_error = exc
+
+    def settle(self) -> None:
+        """Wait for a background allocation (``allocate_later``) to finish; raise
+        :class:`RegionError` if it failed. Returns at once for a whole file."""
+        if self._allocating is not None:
+            self._allocating.join()
+            self._allocating = None
+        if self._allocation_error is not None:
+            raise RegionError(f"cannot allocate slot 1 of {self.path}: {self._allocation_error}")
 
     @staticmethod
     def _existing_capacity(path: Path) -> int | None:
@@ -143,8 +298,12 @@ class SlotFile:
         return capacity if size == DATA_START + SLOTS * capacity else None
 
     def close(self) -> None:
-        """Unmap and close. If arrays still view the mapping, it stays mapped until they are
-        garbage-collected (closing it under them would crash the process)."""
+        """Unmap and close (after any background allocation). If arrays still view the mapping,
+        it stays mapped until they are garbage-collected (closing it under them would crash the
+        process)."""
+        if self._allocating is not None:
+            self._allocating.join()
+            self._allocating = None
         try:
             self.view.release()
             self._map.close()
@@ -164,10 +323,17 @@ class SlotFile:
         start = DATA_START + slot * self.capacity
         return self.view[start:start + self.capacity]
 
-    def begin(self) -> int:
-        """The slot to write next (never the newest committed one), its record wiped."""
+    def next_slot(self) -> int:
+        """The slot :meth:`begin` would pick (never the newest committed one); changes nothing."""
         current = self.current
-        slot = 0 if current is None else 1 - current[1]
+        return 0 if current is None else 1 - current[1]
+
+    def begin(self) -> int:
+        """The slot to write next (never the newest committed one), its record wiped; waits
+        until it is allocated (``allocate_later``), raising :class:`RegionError` if that failed."""
+        slot = self.next_slot()
+        if slot != 0:
+            self.settle()
         self._wipe_record(slot)
         return slot
 

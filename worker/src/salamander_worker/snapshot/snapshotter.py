@@ -15,6 +15,8 @@ What happens at a snapshot (every ``interval`` steps):
   (the default when there is an optimizer) the tensor copy itself runs on the background
   thread during the next forward and backward, and the next ``optimizer.step()`` waits for it
   (a step pre-hook): parameters and optimizer state must change only in ``optimizer.step()``.
+  On a GPU the copy is DMA into the page-locked slot on a copy stream (:mod:`.device`), and
+  the hook is a GPU-side wait: the host thread does not block at all.
 * **Background** (one thread, overlapping the next steps): crc32c of the payload, the atomic
   commit, then the erasure-coding exchange within the rank's group (gloo ``reduce_scatter``
   with ``BXOR`` on a dedicated group; rotating parity, :mod:`.erasure`), the parity commit, and
@@ -22,12 +24,15 @@ What happens at a snapshot (every ``interval`` steps):
 * The next snapshot waits for the previous one's background work, so at most one snapshot is
   in flight and the newest *protected* snapshot is never the one being overwritten.
 
-Restore (collective, every rank): each rank verifies what its own files hold, the holdings are
-all-gathered, and :func:`.plan.plan_restore` picks the newest step every rank can reach and the
-nearest source per rank: own memory, a peer's copy, a rebuild from the group's parity, or the
-persistent checkpoint. If a transfer or a checksum fails, every rank falls to the next tier
-together. After a restore from anything but local memory a snapshot is taken at once, so the
-restored state is protected again.
+Restore (collective, every rank): each rank lists what its own files hold (from the records),
+the holdings are all-gathered, and :func:`.plan.plan_restore` picks the newest step every rank
+can reach and the nearest source per rank: own memory, a peer's copy, a rebuild from the group's
+parity, or the persistent checkpoint. Each rank then checks the crc32c of only the slots the plan
+reads; if any is corrupt, every rank plans again without it. A rebuild runs point to point (each
+surviving member reduces a share of every lost block) straight into a slot of the receiver's data
+file, where it is committed once its crc32c matches. If a transfer or a checksum fails, every
+rank falls to the next tier together. After a restore from anything but local memory a snapshot
+is taken at once, so the restored state is protected again.
 
 Invariants: step ``N`` means ``N`` completed optimizer steps (resume by running step ``N``);
 every rank calls :meth:`step` with the same ``N``; a payload is checked against its crc32c
@@ -57,9 +62,10 @@ from salamander import wire
 from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
-from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, RestorePlan, ec_groups,
-                                             plan_restore)
-from salamander_worker.snapshot.region import Committed, SlotFile, checksum
+from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
+from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, Rebuild, RestorePlan,
+                                             ec_groups, plan_restore)
+from salamander_worker.snapshot.region import SLOTS, Committed, RegionError, SlotFile, checksum, checksum_update
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,7 @@ class Stats:
     waiting_s: list[float] = field(default_factory=list)    # waiting for the previous background
     copy_wait_s: list[float] = field(default_factory=list)  # optimizer.step() waiting for the copy
     background_s: list[float] = field(default_factory=list)
+    dma_s: list[float] = field(default_factory=list)        # GPU copy-stream time of a snapshot's DMA
     protected_step: int | None = None
     persisted_step: int | None = None
     restore_tier: str | None = None
@@ -139,6 +146,7 @@ class Snapshotter:
         self._idle.set()
         self._copied = threading.Event()   # set when no tensor copy is pending
         self._copied.set()
+        self._copier: DeviceCopier | None = None   # created at the first snapshot of CUDA tensors
         self.overlap = overlap and optimizer is not None
         if self.overlap:
             # Parameters and optimizer state change only in optimizer.step(): the copy of a
@@ -187,22 +195,25 @@ class Snapshotter:
         waited = time.perf_counter() - started
         tree = capture(self.trainee, step, data)
         layout = self._layout
-        if layout is None or layout.signature != payload.plan(tree).signature:
+        if layout is None or layout.signature != payload.signature(tree):
             layout = self._layout = payload.plan(tree)
         if self._data is None or self._data.capacity < layout.length:
-            self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+            self._open_data(layout.length)
+        assert self._data is not None
         slot = self._data.begin()
         try:
             pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
         except payload.PayloadError:
             layout = self._layout = payload.plan(tree)
             if self._data.capacity < layout.length:
-                self._data.close()
-                self._data = SlotFile.open(self._path("data"), int(layout.length * HEADROOM))
+                self._open_data(layout.length)
                 slot = self._data.begin()
             pending = payload.write_skeleton(tree, layout, self._data.payload(slot))
         crc = None
-        if not self.overlap:
+        by_dma = self._copy_by_dma(pending, self._data.payload(slot))
+        if by_dma:
+            pending = []
+        elif not self.overlap:
             crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length)
             pending = []
         blocking = time.perf_counter() - started - waited
@@ -214,9 +225,39 @@ class Snapshotter:
         self._idle.clear()
         if pending:
             self._copied.clear()
-        self._jobs.put((step, slot, layout.length, pending, crc))
+        self._jobs.put((step, slot, layout.length, pending, crc, by_dma))
+
+    def _open_data(self, length: int) -> None:
+        """(Re)open this rank's data file with room for ``length`` bytes (plus headroom)."""
+        if self._data is not None:
+            self._unpin_data()
+            self._data.close()
+        self._data = SlotFile.open(self._path("data"), int(length * HEADROOM))
+
+    def _unpin_data(self) -> None:
+        if self._data is not None:
+            for slot in range(SLOTS):
+                PINNED.unpin(self._data.payload(slot))
+
+    def _copy_by_dma(self, pending: payload.Pending, buffer: memoryview) -> bool:
+        """Start the copy of a snapshot whose tensors live on a GPU, straight into the
+        page-locked slot (:mod:`.device`); host tensors in the same state (e.g. Adam's step
+        counts) are copied here and now. Returns False, having done nothing, when the state
+        has no CUDA tensors or its memory cannot be page-locked: the caller copies it."""
+        device, host = DeviceCopier.split(pending)
+        if not device or not PINNED.pin(buffer):
+            return False
+        if self._copier is None:
+            self._copier = DeviceCopier(device[0][0].device)
+        payload.copy_tensors(host, buffer)
+        self._copier.start(device, buffer, stable_pointers(self.trainee.model, self.trainee.optimizer))
+        if not self.overlap:
+            self._copier.wait()
+        return True
 
     def _await_copy(self) -> None:
+        if self._copier is not None:
+            self._copier.fence()   # a GPU-side wait: the host goes on queueing the step
         if self._copied.is_set():
             return
         started = time.perf_counter()
@@ -238,6 +279,7 @@ class Snapshotter:
         self._closed = True
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        self._unpin_data()
 
     def _raise_background_error(self) -> None:
         if self._error is not None:
@@ -250,8 +292,14 @@ class Snapshotter:
             if job is None:
                 return
             started = time.perf_counter()
-            step, slot, length, pending, crc = job
+            step, slot, length, pending, crc, by_dma = job
             try:
+                if by_dma:
+                    assert self._copier is not None and self._data is not None
+                    crc = self._checksum_as_landed(self._data.payload(slot), length)
+                    copied = time.perf_counter() - started
+                    self.stats.dma_s.append(self._copier.copy_seconds() or 0.0)
+                    telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 if pending:
                     assert self._data is not None
                     crc = payload.copy_tensors(pending, self._data.payload(slot), length)
@@ -266,6 +314,17 @@ class Snapshotter:
                 self._copied.set()
                 self.stats.background_s.append(time.perf_counter() - started)
                 self._idle.set()
+
+    def _checksum_as_landed(self, buffer: memoryview, length: int) -> int:
+        """The crc32c of ``buffer[:length]`` while a device copy into it is in flight: each
+        stretch is checksummed as soon as the copy engines have written it."""
+        assert self._copier is not None
+        crc, done = 0, 0
+        for reached in self._copier.landed():
+            crc = checksum_update(buffer[done:reached], crc)
+            done = reached
+        self._copier.wait()
+        return checksum_update(buffer[done:length], crc)
 
     def _protect(self, step: int, slot: int, length: int, crc: int | None) -> None:
         assert self._data is not None
@@ -350,9 +409,14 @@ class Snapshotter:
     def restore(self) -> tuple[int, Any]:
         """Restore the newest snapshot every rank can reach; returns ``(step, data)`` to resume
         from, or ``(0, None)`` if there is none. Collective: every rank calls it once, before
-        training."""
+        training.
+
+        Holdings come from the slot records alone; only the slots the plan reads are checked
+        against their crc32c, and if any rank finds one corrupt, every rank drops those slots
+        and plans again (:meth:`_verify_plan`): no unverified byte is ever read."""
         started = last = time.perf_counter()
         phases = self.stats.restore_phases
+        self._checked: dict[tuple[str, int], bool] = {}
 
         def mark(name: str) -> None:
             nonlocal last
@@ -361,7 +425,7 @@ class Snapshotter:
             last = now
 
         holdings = self._holdings()
-        mark("verify")
+        mark("holdings")
         if self._gloo is not None:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, holdings.to_wire(), group=self._gloo)
@@ -374,12 +438,14 @@ class Snapshotter:
             persistent = self._persister.listing() if self._persister else None
         plan = plan_restore(everyone, persistent)
         mark("plan")
+        plan = self._verify_plan(plan, everyone, persistent)
+        mark("verify")
         step, data, buffer = 0, None, None
         if plan.step is not None:
             try:
                 buffer = self._execute(plan) if plan.tier != "persistent" else self._load_persistent(plan)
                 ok = True
-            except (SnapshotError, payload.PayloadError, RuntimeError) as exc:
+            except (SnapshotError, payload.PayloadError, RuntimeError, erasure.ErasureError) as exc:
                 log.warning("restoring step %s from %s failed on rank %s: %s", plan.step, plan.tier, self.rank, exc)
                 ok = False
             if not self._agree(ok):
@@ -401,7 +467,9 @@ class Snapshotter:
         log.info("rank %s restored step %s from %s in %.3f s", self.rank, plan.step, plan.tier,
                  self.stats.restore_s)
         if plan.tier in ("peers", "persistent") and plan.step is not None:
-            self.snapshot(plan.step, data)   # protect the restored state at once
+            with self._timed("protect"):
+                self._settle_data_file()
+                self.snapshot(plan.step, data)   # protect the restored state at once
         return step, data
 
     def _agree(self, ok: bool) -> bool:
@@ -412,19 +480,32 @@ class Snapshotter:
         return flag.item() == 0
 
     def _holdings(self) -> Holdings:
-        data = [DataHolding(rank=int(rec["rank"]), world=int(rec["world"]), step=int(rec["step"]),
-                            length=rec["length"], checksum=rec["checksum"], sharded=bool(rec.get("sharded")),
-                            slot=slot)
-                for slot, rec in self._verified("data")]
-        parity = [ParityHolding(step=int(rec["step"]), group=tuple(rec["group"]), member=int(rec["member"]),
-                                m=int(rec["m"]), block_len=int(rec["block_len"]), lengths=tuple(rec["lengths"]),
-                                checksums=tuple(rec["checksums"]), slot=slot)
-                  for slot, rec in self._verified("parity")]
+        """What this rank's files hold, from their records alone (payloads are checked later,
+        and only those a plan reads); adopts the files."""
+        data = []
+        for slot, rec in self._records("data"):
+            try:
+                data.append(DataHolding(rank=int(rec["rank"]), world=int(rec["world"]), step=int(rec["step"]),
+                                        length=rec["length"], checksum=rec["checksum"],
+                                        sharded=bool(rec.get("sharded")), slot=slot))
+            except (TypeError, ValueError) as exc:
+                log.warning("data slot %s of %s has a malformed record (%s); not used", slot, self._path("data"), exc)
+        parity = []
+        for slot, rec in self._records("parity"):
+            try:
+                parity.append(ParityHolding(step=int(rec["step"]), group=tuple(int(r) for r in rec["group"]),
+                                            member=int(rec["member"]), m=int(rec["m"]),
+                                            block_len=int(rec["block_len"]),
+                                            lengths=tuple(int(n) for n in rec["lengths"]),
+                                            checksums=tuple(int(c) for c in rec["checksums"]), slot=slot))
+            except (TypeError, ValueError) as exc:
+                log.warning("parity slot %s of %s has a malformed record (%s); not used", slot,
+                            self._path("parity"), exc)
         return Holdings(tuple(data), tuple(parity))
 
-    def _verified(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
-        """(slot, record) of every committed slot of this rank's ``kind`` file whose payload
-        passes its checksum and whose record has the fields a holding needs; adopts the file."""
+    def _records(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
+        """(slot, record) of every committed slot of this rank's ``kind`` file whose record has
+        the fields a holding needs (payloads unchecked); adopts the file."""
         region = self._existing(kind)
         if region is None:
             return []
@@ -434,14 +515,108 @@ class Snapshotter:
             self._parity = region
         fields = ("rank", "world", "step") if kind == "data" else \
             ("step", "group", "member", "m", "block_len", "lengths", "checksums")
-        found = []
-        for entry in region.committed():
-            rec = entry.record
-            if not region.verify(entry):
-                log.warning("%s of step %s in %s fails its checksum; not used", kind, rec.get("step"), region.path)
-            elif all(key in rec for key in fields):
-                found.append((entry.slot, rec))
-        return found
+        return [(entry.slot, entry.record) for entry in region.committed()
+                if all(key in entry.record for key in fields)]
+
+    def _verify_plan(self, plan: RestorePlan, everyone: list[Holdings],
+                     persistent: dict[int, tuple[int, frozenset[int]]] | None) -> RestorePlan:
+        """Check the slots ``plan`` reads on every rank against their crc32c; while any rank
+        finds a corrupt one, every rank drops the corrupt slots from the holdings and plans
+        again (collective; every rank gets the same plan). Returns a plan whose in-memory
+        reads all passed, or a persistent or empty one. Each round removes at least one
+        holding, so this ends."""
+        while plan.tier in ("memory", "peers"):
+            self._prepare_receive(plan)   # a receiver allocates while the senders verify
+            bad = [read for read in plan.reads(self.rank) if not self._check(*read)]
+            everyone_bad = self._gather_bad(bad)
+            if not any(everyone_bad):
+                return plan
+            for q, slots in enumerate(everyone_bad):
+                if slots:
+                    log.warning("rank %s: %s at step %s fail their checksum; planning again without them",
+                                q, ", ".join(f"{kind} slot {slot}" for kind, slot in slots), plan.step)
+            everyone = [h.without(set(slots)) for h, slots in zip(everyone, everyone_bad)]
+            plan = plan_restore(everyone, persistent)
+        return plan
+
+    def _check(self, kind: str, slot: int) -> bool:
+        """Whether slot ``slot`` of this rank's ``kind`` file still matches its record's crc32c
+        (computed once per restore)."""
+        key = (kind, slot)
+        if key not in self._checked:
+            region = self._data if kind == "data" else self._parity
+            entry = None if region is None else next((e for e in region.committed() if e.slot == slot), None)
+            with self._timed(f"verify.{kind}"):
+                self._checked[key] = entry is not None and region is not None and region.verify(entry)
+            if not self._checked[key]:
+                log.warning("%s slot %s of %s fails its checksum; not used", kind, slot, self._path(kind))
+        return self._checked[key]
+
+    def _gather_bad(self, bad: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+        """Every rank's corrupt slots, indexed by rank (collective; one small all-reduce when
+        nothing is corrupt anywhere)."""
+        if self._gloo is None:
+            return [bad]
+        if self._agree(not bad):
+            return [[] for _ in range(self.world)]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, [list(read) for read in bad], group=self._gloo)
+        try:
+            return [[(str(kind), int(slot)) for kind, slot in slots] for slots in gathered]
+        except (TypeError, ValueError) as exc:
+            raise SnapshotError(f"malformed list of corrupt slots from a peer: {exc}") from None
+
+    def _prepare_receive(self, plan: RestorePlan) -> None:
+        """If this rank receives its payload (a copy or a rebuild) and has no data file, create
+        it now, sized as a snapshot would (the allocation overlaps the senders' checks); the
+        payload is then received straight into a slot of it (:meth:`_receive_into`)."""
+        size = plan.receives(self.rank)
+        if size is None or self._data is not None:
+            return
+        with self._timed("verify.allocate"):
+            try:   # slot 1 is allocated in the background, while the payload arrives in slot 0
+                self._data = SlotFile.open(self._path("data"), max(size, int(size * HEADROOM)),
+                                           allocate_later=True)
+            except RegionError as exc:
+                log.warning("cannot create %s to receive into (%s); receiving into process memory",
+                            self._path("data"), exc)
+
+    def _settle_data_file(self) -> None:
+        """Wait for the background allocation of a data file created to receive into; if it
+        failed, drop the file, so the next snapshot creates it again (and reports the error)."""
+        if self._data is None:
+            return
+        try:
+            self._data.settle()
+        except RegionError as exc:
+            log.warning("%s; the next snapshot creates the file again", exc)
+            self._data.close()
+            self._data = None
+
+    def _receive_into(self, plan: RestorePlan, size: int) -> tuple[np.ndarray, int | None]:
+        """Where this rank receives ``size`` bytes of its payload: the slot of its data file
+        that the next commit would use, when the file is large enough and the plan reads
+        nothing from that slot (its record is wiped now); otherwise new process memory.
+        Returns the buffer and the slot (None for process memory)."""
+        region = self._data
+        free = region is not None and ("data", region.next_slot()) not in plan.reads(self.rank)
+        if region is not None and free and region.capacity >= size:
+            try:
+                slot = region.begin()
+            except RegionError as exc:   # its background allocation failed
+                log.warning("cannot receive into %s (%s); receiving into process memory", region.path, exc)
+            else:
+                return np.frombuffer(region.payload(slot), dtype=np.uint8, count=size), slot
+        return np.empty(size, dtype=np.uint8), None
+
+    def _keep(self, plan: RestorePlan, slot: int | None, length: int, crc: int) -> None:
+        """Commit a received payload that passed its checksum in the data-file slot it was
+        received into, so the restored state is in this node's memory too."""
+        if slot is None or self._data is None or plan.step is None or plan.old_world is None:
+            return
+        with self._timed("transfer.commit"):
+            self._data.commit(slot, length, {"step": plan.step, "rank": plan.want[self.rank],
+                                             "world": plan.old_world, "sharded": plan.sharded}, crc=crc)
 
     def _execute(self, plan: RestorePlan) -> np.ndarray | memoryview | None:
         """Run the plan's transfers (every rank, same order); returns this rank's payload."""
@@ -456,16 +631,20 @@ class Snapshotter:
                 view = self._data.payload(copy.slot)[:copy.length]
                 dist.send(torch.frombuffer(view, dtype=torch.uint8), dst=copy.dst, group=self._gloo)
             elif self.rank == copy.dst:
-                buffer = torch.empty(copy.length, dtype=torch.uint8)
-                dist.recv(buffer, src=copy.src, group=self._gloo)
-                if checksum(buffer.numpy()) != copy.checksum:
+                buffer, slot = self._receive_into(plan, copy.length)
+                dist.recv(torch.from_numpy(buffer), src=copy.src, group=self._gloo)
+                with self._timed("transfer.checksum"):
+                    crc = checksum(buffer)
+                if crc != copy.checksum:
                     raise SnapshotError(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
-                mine = buffer.numpy()
+                self._keep(plan, slot, copy.length, crc)
+                mine = buffer
         for rebuild in plan.rebuilds:
             with self._timed("transfer.new_group"):
                 pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
             if self.rank in rebuild.participants:
-                rebuilt = self._rebuild(rebuild, pg)
+                with self._timed("transfer.rebuild"):
+                    rebuilt = self._rebuild(plan, rebuild, pg)
                 if rebuilt is not None:
                     mine = rebuilt
         return mine
@@ -480,19 +659,34 @@ class Snapshotter:
             phases = self.stats.restore_phases
             phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - started
 
-    def _rebuild(self, rb: Any, pg: Any) -> np.ndarray | None:
-        """Rebuild lost members' payloads at their destinations (one reduce per lost block)."""
+    def _rebuild(self, plan: RestorePlan, rb: Rebuild, pg: Any) -> np.ndarray | None:
+        """Rebuild lost members' payloads at their destinations; returns this rank's, if it is
+        one of them.
+
+        Per stripe and parity row, the providers' contributions (their data block times the
+        row's coefficient, or their parity block) are XORed into the row's syndrome on the
+        stripe's solver by :func:`_xor_reduce` (point-to-point; each provider reduces a share).
+        With one lost data block and row 0 (always so for m=1) the syndrome *is* the block, and
+        it is reduced straight into the destination's buffer (a slot of its data file, see
+        :meth:`_receive_into`); otherwise the solver solves the stripe and sends each block to
+        its destination. The destination checks the whole payload's crc32c before using it."""
         k, m, block_len = len(rb.group), rb.m, rb.block_len
         roles = erasure.roles(k, m)
         lost = sorted(rb.dests)
-        provides = [j for j, q in rb.providers.items() if q == self.rank]
-        data_views = {j: np.frombuffer(self._data.payload(rb.data_slots[j]), dtype=np.uint8,
-                                       count=rb.lengths[j]) for j in provides} if provides else {}
-        parity_views = {j: np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,
-                                         count=m * block_len) for j in provides} if provides else {}
-        receive = {j: np.zeros((k - m) * block_len, dtype=np.uint8) for j in lost if rb.dests[j] == self.rank}
-        scratch = [torch.empty(block_len, dtype=torch.uint8) for _ in range(m)]
-        zeros = torch.zeros(block_len, dtype=torch.uint8)
+        provides = sorted(j for j, q in rb.providers.items() if q == self.rank)
+        data_views: dict[int, np.ndarray] = {}
+        parity_views: dict[int, np.ndarray] = {}
+        if provides:
+            if self._data is None or self._parity is None:
+                raise SnapshotError(f"rank {self.rank} provides members {provides} of group {rb.group} "
+                                    "but has no snapshot files")
+            for j in provides:
+                data_views[j] = np.frombuffer(self._data.payload(rb.data_slots[j]), dtype=np.uint8,
+                                              count=rb.lengths[j])
+                parity_views[j] = np.frombuffer(self._parity.payload(rb.parity_slots[j]), dtype=np.uint8,
+                                                count=m * block_len)
+        receive: dict[int, tuple[np.ndarray, int | None]] = {
+            j: self._receive_into(plan, (k - m) * block_len) for j in lost if rb.dests[j] == self.rank}
         missing = [j for j in range(k) if j not in rb.providers]
         for stripe in range(k):
             lost_here = [roles[stripe][j].index for j in missing if roles[stripe][j].kind == "data"]
@@ -503,20 +697,27 @@ class Snapshotter:
             if len(rows) < len(lost_here):
                 raise SnapshotError(f"stripe {stripe} of group {rb.group} lost more than its parity covers")
             solver = rb.dests[wanted[0]]
+            direct = len(lost_here) == 1 and rows == [0]   # the row-0 syndrome is the lost block
             syndromes: dict[int, np.ndarray] = {}
             for row in rows:
-                total = scratch[row]   # reused across stripes: faulted in once
-                total.zero_()
-                for j in provides:
-                    role = roles[stripe][j]
-                    if role.kind == "data":
-                        part = _contribution(role, row, data_views[j], block_len, zeros)
-                        erasure.xor_into(total.numpy(), part.numpy())
-                    elif role.index == row:
-                        erasure.xor_into(total.numpy(), parity_views[j][row * block_len:(row + 1) * block_len])
+                contributors = sorted({rb.providers[j] for j in rb.providers
+                                       if roles[stripe][j].kind == "data" or roles[stripe][j].index == row})
+                part = None
+                if self.rank in contributors:
+                    part = _Part([_contributed(roles[stripe][j], row, data_views[j], parity_views[j], block_len)
+                                  for j in provides
+                                  if roles[stripe][j].kind == "data" or roles[stripe][j].index == row])
+                out = None
+                if self.rank == solver:
+                    if direct:
+                        block = roles[stripe][wanted[0]].block
+                        out = receive[wanted[0]][0][block * block_len:(block + 1) * block_len]
+                    else:
+                        out = syndromes[row] = np.empty(block_len, dtype=np.uint8)
                 with self._timed("transfer.reduce"):
-                    dist.reduce(_words(total), dst=solver, op=_BXOR, group=pg)
-                syndromes[row] = total.numpy()
+                    _xor_reduce(pg, part, contributors, solver, out, block_len)
+            if direct:
+                continue
             if self.rank == solver:
                 with self._timed("transfer.solve"):
                     solved = erasure.solve_stripe(k, m, stripe, lost_here, syndromes)
@@ -524,18 +725,20 @@ class Snapshotter:
                 block = roles[stripe][j].block
                 piece = slice(block * block_len, (block + 1) * block_len)
                 if self.rank == solver and rb.dests[j] == self.rank:
-                    receive[j][piece] = solved[roles[stripe][j].index]
+                    receive[j][0][piece] = solved[roles[stripe][j].index]
                 elif self.rank == solver:
                     dist.send(torch.from_numpy(np.ascontiguousarray(solved[roles[stripe][j].index])),
-                              dst=rb.dests[j], group=self._gloo)
+                              dst=rb.dests[j], group=pg)
                 elif rb.dests[j] == self.rank:
-                    tensor = torch.from_numpy(receive[j][piece])
-                    dist.recv(tensor, src=solver, group=self._gloo)
+                    dist.recv(torch.from_numpy(receive[j][0][piece]), src=solver, group=pg)
         mine = None
-        for j, buffer in receive.items():
+        for j, (buffer, slot) in receive.items():
             rebuilt = buffer[:rb.lengths[j]]
-            if checksum(rebuilt) != rb.checksums[j]:
+            with self._timed("transfer.checksum"):
+                crc = checksum(rebuilt)
+            if crc != rb.checksums[j]:
                 raise SnapshotError(f"rebuilt snapshot of member {j} of group {rb.group} fails its checksum")
+            self._keep(plan, slot, rb.lengths[j], crc)
             mine = rebuilt
         return mine
 
@@ -562,5 +765,149 @@ def _contribution(role: erasure.StripeRole, row: int, data: np.ndarray, block_le
     return torch.from_numpy(np.ascontiguousarray(block))
 
 
+# -- the point-to-point XOR reduction of a rebuild ------------------------------------------------
+
+#: Bytes per message of :func:`_xor_reduce`: big enough for the transport's speed, small enough
+#: that the reducers' receive buffers stay few and reused.
+REDUCE_CHUNK = 8 << 20
+_TAG_PART, _TAG_RESULT = 71, 72
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One rank's contribution to a syndrome: the XOR of ``arrays``, each a uint8 array of at
+    most the block's length and zeros past its end (so a payload's last, short block is a view,
+    not a zero-padded copy)."""
+
+    arrays: list[np.ndarray]
+
+    def chunk(self, start: int, end: int) -> np.ndarray:
+        """Bytes ``start:end`` of the contribution: a view when one array covers them, else a
+        new array."""
+        if len(self.arrays) == 1 and self.arrays[0].size >= end:
+            return self.arrays[0][start:end]
+        out = np.zeros(end - start, dtype=np.uint8)
+        for array in self.arrays:
+            piece = array[start:min(end, array.size)]
+            if piece.size:
+                erasure.xor_into(out[:piece.size], piece)
+        return out
+
+
+def _contributed(role: erasure.StripeRole, row: int, data: np.ndarray, parity: np.ndarray,
+                 block_len: int) -> np.ndarray:
+    """What a member adds to parity row ``row`` of a stripe, possibly shorter than the block
+    (zeros past its end): its data block times the row's coefficient, or its parity block."""
+    if role.kind != "data":
+        return parity[row * block_len:(row + 1) * block_len]
+    block = data[role.block * block_len:min((role.block + 1) * block_len, data.size)]
+    coefficient = erasure.coefficient(row, role.index)
+    return block if coefficient == 1 else erasure.gf_scale(block, coefficient)
+
+
+def _shares(length: int, parts: int) -> list[tuple[int, int]]:
+    """``[0, length)`` cut into ``parts`` consecutive shares, multiples of 64 bytes but the last."""
+    size = -(-length // parts)
+    size = -(-size // 64) * 64
+    return [(min(length, i * size), min(length, (i + 1) * size)) for i in range(parts)]
+
+
+def _chunks(start: int, end: int) -> list[tuple[int, int]]:
+    return [(a, min(end, a + REDUCE_CHUNK)) for a in range(start, end, REDUCE_CHUNK)]
+
+
+def _xor_reduce(pg: Any, part: _Part | None, contributors: list[int], root: int, out: np.ndarray | None,
+                length: int) -> None:
+    """XOR the ``contributors``' parts (``length`` bytes each) into ``out`` on ``root``.
+
+    Collective over the contributors and the root, who call it with the same ``contributors``,
+    ``root`` and ``length`` (``part`` on a contributor, ``out`` on the root). Contributor ``i``
+    reduces share ``i`` of the bytes: it receives that share of every other contributor's part
+    (in ``REDUCE_CHUNK`` messages, two chunks in flight), XORs its own in and sends the result
+    to the root. So every contributor sends ``length`` bytes and the root receives ``length``:
+    the least the destination's network can carry, with the XOR work spread evenly. Messages
+    between two ranks go in one order on each tag, which both sides follow, so nothing can
+    deadlock; every request is waited for before returning."""
+    rank = dist.get_rank()
+    n = len(contributors)
+    shares = _shares(length, n)
+    pending: list[Any] = []     # requests with the buffers they use, waited for at the end
+    try:
+        if rank == root and rank not in contributors:
+            assert out is not None
+            for i, (a, e) in enumerate(shares):
+                for x, y in _chunks(a, e):
+                    pending.append((dist.irecv(torch.from_numpy(out[x:y]), src=contributors[i], group=pg,
+                                               tag=_TAG_RESULT), None))
+        elif rank in contributors:
+            assert part is not None
+            me = contributors.index(rank)
+            if rank == root:
+                assert out is not None
+                for i, (a, e) in enumerate(shares):
+                    if i != me:
+                        for x, y in _chunks(a, e):
+                            pending.append((dist.irecv(torch.from_numpy(out[x:y]), src=contributors[i], group=pg,
+                                                       tag=_TAG_RESULT), None))
+            for i, (a, e) in enumerate(shares):
+                if i != me:
+                    for x, y in _chunks(a, e):
+                        piece = part.chunk(x, y)
+                        pending.append((dist.isend(torch.from_numpy(piece), dst=contributors[i], group=pg,
+                                                   tag=_TAG_PART), piece))
+            _reduce_share(pg, part, [c for c in contributors if c != rank], shares[me], root, out, pending)
+    finally:
+        for request, _ in pending:
+            request.wait()
+
+
+def _reduce_share(pg: Any, part: _Part, others: list[int], share: tuple[int, int], root: int,
+                  out: np.ndarray | None, pending: list[Any]) -> None:
+    """This contributor's share of :func:`_xor_reduce`: chunk by chunk, receive the others'
+    bytes into one of two reused buffer sets (the next chunk's receives are posted before this
+    one's XOR), XOR its own in, and send the result to the root (or write it into ``out`` when
+    this rank is the root)."""
+    rank = dist.get_rank()
+    chunks = _chunks(*share)
+    if not chunks:
+        return
+    if not others:   # the only contributor: its part is the result
+        for x, y in chunks:
+            piece = part.chunk(x, y)
+            if rank == root:
+                assert out is not None
+                out[x:y] = piece
+            else:
+                pending.append((dist.isend(torch.from_numpy(piece), dst=root, group=pg, tag=_TAG_RESULT), piece))
+        return
+    size = min(REDUCE_CHUNK, share[1] - share[0])
+    sets = [[np.empty(size, dtype=np.uint8) for _ in others] for _ in range(2)]
+    sent: list[Any] = [None, None]    # the result send still reading each buffer set
+
+    def post(c: int) -> list[Any]:
+        x, y = chunks[c]
+        buffers = sets[c % 2]
+        if sent[c % 2] is not None:
+            sent[c % 2].wait()
+            sent[c % 2] = None
+        return [dist.irecv(torch.from_numpy(buffers[o][:y - x]), src=src, group=pg, tag=_TAG_PART)
+                for o, src in enumerate(others)]
+
+    posted = post(0)
+    for c, (x, y) in enumerate(chunks):
+        following = post(c + 1) if c + 1 < len(chunks) else []
+        for request in posted:
+            request.wait()
+        received = [b[:y - x] for b in sets[c % 2]]
+        mine = part.chunk(x, y)
+        target = out[x:y] if rank == root else received[0]
+        assert target is not None
+        np.bitwise_xor(received[0], mine, out=target)
+        for extra in received[1:]:
+            erasure.xor_into(target, extra)
+        if rank != root:
+            sent[c % 2] = dist.isend(torch.from_numpy(target), dst=root, group=pg, tag=_TAG_RESULT)
+        posted = following
+    for request in sent:
+        if request is not None:
+            request.wait()
