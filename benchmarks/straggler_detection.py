@@ -793,7 +793,10 @@ def main() -> int:
         "policy": StragglerPolicy(action=StragglerAction.EVICT).model_dump(mode="json", by_alias=True),
         "detector": {"evidence_fraction": sg.EVIDENCE_FRACTION, "confirm_fraction": sg.CONFIRM_FRACTION,
                      "mad_floor": sg.MAD_FLOOR, "min_window": sg.MIN_WINDOW, "rise_steps": sg.RISE_STEPS,
-                     "window": WINDOW, "median_window": MEDIAN_WINDOW, "median_margin": sg.MEDIAN_MARGIN},
+                     "window": WINDOW, "median_window": MEDIAN_WINDOW, "median_margin": sg.MEDIAN_MARGIN,
+                     "median_evidence_fraction": sg.MEDIAN_EVIDENCE_FRACTION,
+                     "median_family_z": sg.MEDIAN_FAMILY_Z, "means_family_z": sg.MEANS_FAMILY_Z,
+                     "median_needs_means": sg.MEDIAN_NEEDS_MEANS},
         "real": {
             "what": f"{recordings['world']} gloo processes on 127.0.0.1, one thread and one core each, on this "
                     f"machine ({os.cpu_count()} cores, shared with other work); rank {SLOW_RANK} slowed from "

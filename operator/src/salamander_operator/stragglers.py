@@ -18,13 +18,36 @@ the *median* of its per-step busy time over its last ``n = median_window`` (16) 
 (``busy_median_s``), which newer workers send; medians are scored only when every judged rank
 has one (:func:`uses_medians`), so a job with an older worker is judged from the means alone.
 
-**Evidence and persistence.** An observation is *evidence* against a rank when its slowdown
-is at least ``E = EVIDENCE_FRACTION * minSlowdown`` and its ``z`` at least ``zThreshold``, from
-the means or from the medians. Each form keeps its own unbroken run of evidence (steps counted
-with ``RankTiming.step``, never by observations: one observation or a dozen within a step add
-no evidence), with its own accounting of the steps that prove the slowdown lasted
-``persistSteps``. A rank becomes a straggler once either run spans its steps and the newest
-slowdown of that form is at least ``CONFIRM_FRACTION * minSlowdown``.
+**Evidence and persistence.** An observation of the means is *evidence* against a rank when
+its slowdown is at least ``E = EVIDENCE_FRACTION * minSlowdown`` and its ``z`` at least
+``z_N`` (:func:`family_z_threshold`: ``zThreshold`` corrected for the ``N`` ranks judged); an
+observation of the medians, when its slowdown is at least
+``E_m = MEDIAN_EVIDENCE_FRACTION * minSlowdown`` (``minSlowdown`` itself) and its ``z`` at least
+``z_N``.
+Each form keeps its own unbroken run of evidence (steps counted with ``RankTiming.step``, never
+by observations: one observation or a dozen within a step add no evidence), with its own
+accounting of the steps that prove the slowdown lasted ``persistSteps``. A rank becomes a
+straggler once either run spans its steps and the newest slowdown of that form is at least
+``CONFIRM_FRACTION * minSlowdown``; a run of the medians also needs evidence from the means at
+that observation (:data:`MEDIAN_NEEDS_MEANS`).
+
+*Why the medians' evidence is stricter.* The medians are the fast path: they confirm about 20
+steps sooner than the means, so a healthy rank that is a few percent slower for about 50 steps
+(a stretch of contention on its core) can be confirmed by them where the means would have ridden
+it out; and a 16-step median is noisier than a 32-step mean, so among ``N`` ranks the chance
+that *some* healthy rank's median crosses a fixed ``z`` grows about ``N``-fold. Hence: evidence
+from a median needs the full ``minSlowdown`` (a rank near the threshold is left to the means,
+whose longer window averages the noise), and ``z_N`` is Bonferroni-corrected: the ``z`` whose
+one-sided normal tail is that of ``zThreshold`` divided by ``N`` (3.59 for 8 ranks and 4.10 for
+64 at ``zThreshold`` 3), so the chance of a false crossing in the job stays that of one rank at
+``zThreshold``. The same correction applies to the means (:data:`MEANS_FAMILY_Z`): among 64
+ranks on a noisy machine, healthy ranks' 32-step means cross ``z`` 3 for ``persistSteps`` too
+(18 false flags in 80 replayed healthy runs at this machine's noise, none with it); its cost is
+latency near the threshold, where ``z`` is small (a 10% slowdown), none for a large one. Agreement of the means costs a real straggler nothing: a slowdown of most steps
+of ``X >= minSlowdown`` is evidence in the means ``r = W E / X <= W / 2`` steps after it starts,
+long before the medians' run spans its ``n / 2 + persistSteps + MEDIAN_MARGIN`` steps. A slowdown
+of 25% or more clears ``E_m`` and ``z_N`` with room to spare at the noise measured, so it keeps
+the medians' latency; one close to ``minSlowdown`` is found by the means, at their latency.
 
 *From the medians* (:func:`median_confirm_span`). A median of ``n`` values (the mean of the two
 middle ones when ``n`` is even) is at least a level only if at least ``ceil(n / 2)`` of them
@@ -37,12 +60,13 @@ evidence. Evidence spanning ``persistSteps + floor(n_b / 2) - ceil(n_a / 2)`` st
 stretch lasted ``persistSteps``; the run also needs :data:`MEDIAN_MARGIN` (4) more steps, room
 for healthy steps that noise lifts above the evidence level at the stretch's ends (each
 counts toward the ``ceil(n / 2)``). Invariants, for healthy steps that stay below the evidence
-level: a burst of slow steps shorter than ``persistSteps`` never makes a straggler, whatever
+level (``E_m``): a burst of slow steps shorter than ``persistSteps`` never makes a straggler, whatever
 its size (with the margin to spare; measured with uniform +-10% noise per step, which does
 cross the level, 0 of 300 bursts of 20-29 steps qualified at ``persistSteps`` 30, against 19
 without the margin); a single outlying step, however long, is one value of ``n`` and never
-evidence on its own; a persistent slowdown of at least ``minSlowdown`` is evidence once more
-than half the window is slow, about ``n / 2`` steps after it starts whatever its size, and a
+evidence on its own; a persistent slowdown clearly above ``minSlowdown`` (so that the window's
+median stays above ``E_m`` and ``z_N`` over the noise) is evidence once more than half the window
+is slow, about ``n / 2`` steps after it starts whatever its size, and a
 straggler ``persistSteps + MEDIAN_MARGIN`` later: ``n / 2 + persistSteps + 4`` steps after it
 starts (42 at the defaults, plus up to the gap between two observations).
 
@@ -68,7 +92,8 @@ a sparse slowdown does, and the means cannot tell them apart.
 Near the threshold: a rank exactly ``minSlowdown`` slower has a windowed slowdown below
 ``minSlowdown`` about half the time, hence evidence from half of it and confirmation at 3/4
 of it (``z`` keeps the healthy ranks out). Whichever form proves persistence first decides:
-the medians for a slowdown of most steps, the means for a sparse one.
+the medians for a slowdown of most steps clearly above ``minSlowdown``, the means for a sparse
+one or one near the threshold.
 
 **Hysteresis.** By the same accounting, a straggler stops being one after it has been below
 the evidence threshold for ``persistSteps`` steps: observations without evidence of either
@@ -149,6 +174,16 @@ RISE_STEPS = 16
 #: Steps of evidence from windowed medians required beyond ``persistSteps`` (see
 #: :func:`median_confirm_span`): room for healthy steps that noise lifts above the evidence level.
 MEDIAN_MARGIN = 4
+#: Evidence from the windowed medians needs a slowdown of at least this fraction of
+#: ``minSlowdown`` (the means: :data:`EVIDENCE_FRACTION`).
+MEDIAN_EVIDENCE_FRACTION = 1.0
+#: Whether the ``z`` threshold of the medians' evidence, and of the means', is corrected for
+#: the number of ranks judged (:func:`family_z_threshold`); False: ``zThreshold`` as given.
+MEDIAN_FAMILY_Z = True
+MEANS_FAMILY_Z = True
+#: Whether a run of evidence from the medians confirms a straggler only at an observation with
+#: evidence from the means too.
+MEDIAN_NEEDS_MEANS = True
 #: Ranks with episodes of evidence that did not persist, on two or more nodes within the last
 #: IMBALANCE_SPANS persistence spans, that make an imbalance.
 IMBALANCE_RANKS = 3
@@ -400,24 +435,43 @@ def _busy_cause(t: RankTiming, median_sections: Mapping[str, float]) -> str:
     return "data" if data > compute else "compute"
 
 
+def family_z_threshold(policy: StragglerPolicy, ranks: int) -> float:
+    """The ``z`` a rank's window needs to be evidence among ``ranks`` judged ranks:
+    ``zThreshold`` corrected for the ranks compared (Bonferroni), the ``z`` whose one-sided
+    normal tail is that of ``zThreshold`` divided by ``ranks``, so that the chance that *some*
+    healthy rank of the job crosses it is about the chance that one given rank crosses
+    ``zThreshold``. At ``zThreshold`` 3: 3.21 for 2 ranks, 3.32 for 3, 3.59 for 8, 4.10 for 64, 4.70
+    for 1024.
+    Never below ``zThreshold``; ``zThreshold`` itself for one rank, or where the tail is too
+    small for a float (``zThreshold`` above about 37)."""
+    if ranks <= 1:
+        return policy.z_threshold
+    tail = 0.5 * math.erfc(policy.z_threshold / math.sqrt(2.0)) / ranks
+    if not 0.0 < tail < 0.5:
+        return policy.z_threshold
+    return max(policy.z_threshold, -statistics.NormalDist().inv_cdf(tail))
+
+
 def _median_evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
-                     policy: StragglerPolicy) -> str | None:
-    """The cause (``data`` or ``compute``) when the rank's median score ``s`` is evidence,
-    None otherwise."""
-    if s.slowdown >= EVIDENCE_FRACTION * policy.min_slowdown and s.z >= policy.z_threshold:
+                     policy: StragglerPolicy, z_min: float) -> str | None:
+    """The cause (``data`` or ``compute``) when the rank's median score ``s`` is evidence (a
+    slowdown of at least ``MEDIAN_EVIDENCE_FRACTION * minSlowdown`` and a ``z`` of at least
+    ``z_min``), None otherwise."""
+    if s.slowdown >= MEDIAN_EVIDENCE_FRACTION * policy.min_slowdown and s.z >= z_min:
         return _busy_cause(t, median_sections)
     return None
 
 
 def _evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
-              policy: StragglerPolicy) -> str | None:
-    """The cause this observation suggests for the rank (``data``, ``compute`` or
+              policy: StragglerPolicy, z_min: float) -> str | None:
+    """The cause this observation of the means suggests for the rank (``data``, ``compute`` or
     ``communication``; ``node`` and ``imbalance`` are decided across ranks), None when it is
-    no evidence."""
+    no evidence: a slowdown (of busy time, or of the step) of at least ``E`` and a ``z`` of at
+    least ``z_min``."""
     floor = EVIDENCE_FRACTION * policy.min_slowdown
-    if s.slowdown >= floor and s.z >= policy.z_threshold:
+    if s.slowdown >= floor and s.z >= z_min:
         return _busy_cause(t, median_sections)
-    if s.step_slowdown >= floor and s.step_z >= policy.z_threshold:
+    if s.step_slowdown >= floor and s.step_z >= z_min:
         step_excess = s.step_slowdown * (t.step_s / (1.0 + s.step_slowdown))
         comm_excess = t.sections.get(COMMUNICATION_SECTION, 0.0) - median_sections.get(COMMUNICATION_SECTION, 0.0)
         if comm_excess >= 0.5 * step_excess:
@@ -432,8 +486,10 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
     first.
 
     Invariants: a rank is a straggler only after evidence from the means spanning
-    :func:`confirm_span` of its steps, or from the medians (when every judged rank has one)
-    spanning :func:`median_confirm_span`, and stops being one only after :func:`clear_span` (or
+    :func:`confirm_span` of its steps, or from the medians (when every judged rank has one:
+    slowdown at least ``MEDIAN_EVIDENCE_FRACTION * minSlowdown``, ``z`` at least
+    :func:`family_z_threshold` of the ranks judged) spanning :func:`median_confirm_span`, with
+    evidence from the means at that observation, and stops being one only after :func:`clear_span` (or
     :func:`median_clear_span`) steps without evidence of either form; feeding the same timings
     again changes nothing (no new step, no new evidence); a timing too old (more than a window
     behind the job's newest) or over fewer than :data:`MIN_WINDOW` steps (means or median) is
@@ -453,10 +509,12 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
     span = _span(policy, job_window)
     median_sections = _median_sections(fresh.values())
 
+    mean_z = family_z_threshold(policy, len(scores)) if MEANS_FAMILY_Z else policy.z_threshold
     evidence = {r: cause for r in scores
-                if (cause := _evidence(scores[r], fresh[r], median_sections, policy)) is not None}
+                if (cause := _evidence(scores[r], fresh[r], median_sections, policy, mean_z)) is not None}
+    median_z = family_z_threshold(policy, len(median_scores)) if MEDIAN_FAMILY_Z else policy.z_threshold
     median_evidence = {r: cause for r in median_scores
-                       if (cause := _median_evidence(median_scores[r], fresh[r], median_sections, policy))
+                       if (cause := _median_evidence(median_scores[r], fresh[r], median_sections, policy, median_z))
                        is not None}
     # node: every rank (two or more) of a known node has busy evidence (from either signal)
     by_node: dict[str, list[int]] = {}
@@ -595,7 +653,8 @@ def _advance(old: RankTrack, t: RankTiming, s: RankScore | None, cause: str | No
         median_since = t.step if old.median_since is None else old.median_since
         track = replace(track, median_since=median_since, lead=lead, calm_since=None, cause=median_cause)
         confirmed = confirmed or (t.step - median_since >= median_confirm_span(policy, lead, t.median_window)
-                                  and ms.slowdown >= CONFIRM_FRACTION * policy.min_slowdown)
+                                  and ms.slowdown >= CONFIRM_FRACTION * policy.min_slowdown
+                                  and (cause is not None or not MEDIAN_NEEDS_MEANS))
     else:
         track = replace(track, median_since=None, lead=None)
     if confirmed and track.straggler_since is None:
