@@ -43,8 +43,9 @@ one-sided normal tail is that of ``zThreshold`` divided by ``N`` (3.59 for 8 ran
 ``zThreshold``. The same correction applies to the means (:data:`MEANS_FAMILY_Z`): among 64
 ranks on a noisy machine, healthy ranks' 32-step means cross ``z`` 3 for ``persistSteps`` too
 (18 false flags in 80 replayed healthy runs at this machine's noise, none with it); its cost is
-latency near the threshold, where ``z`` is small (a 10% slowdown), none for a large one. Agreement of the means costs a real straggler nothing: a slowdown of most steps
-of ``X >= minSlowdown`` is evidence in the means ``r = W E / X <= W / 2`` steps after it starts,
+latency near the threshold, where ``z`` is small (a 10% slowdown), none for a large one.
+Agreement of the means costs a real straggler nothing: a slowdown of most steps of
+``X >= minSlowdown`` is evidence in the means ``r = W E / X <= W / 2`` steps after it starts,
 long before the medians' run spans its ``n / 2 + persistSteps + MEDIAN_MARGIN`` steps. A slowdown
 of 25% or more clears ``E_m`` and ``z_N`` with room to spare at the noise measured, so it keeps
 the medians' latency; one close to ``minSlowdown`` is found by the means, at their latency.
