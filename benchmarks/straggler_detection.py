@@ -30,12 +30,14 @@ plus the transfer (a synchronous job), and its wait the rest. One random rank (o
 ``node``, all 8 ranks of one node) is slowed from a random step in [100, 400) to the end: its
 busy time gains ``level`` x its healthy median, shaped by a bootstrapped stretch of the real
 injection's excess (sleep and cpu in the compute sections, data in the data section). Healthy
-runs have no slowdown. Every rank reports the moving mean of its last 32 steps, as the worker
-does, and the operator observes once per second of job time with steps of ``--step-seconds``
-(0.5 s: an observation every 2 steps). Four settings (:data:`CONFIGS`): each rank's own
-deviations as measured here (a 2-core machine shared with other work: far noisier than a node of
-GPUs), halved and quartered, with the default policy (``persistSteps: 30``); and halved with
-``persistSteps: 20``. Reported per setting, N, method and level: recall (the slowed
+runs have no slowdown. Every rank reports, as the worker does, the moving means of its last 32
+steps and the moving median of its busy time over its last 16 (``busy_median_s``), and the
+operator observes once per second of job time with steps of ``--step-seconds`` (0.5 s: an
+observation every 2 steps). Five settings (:data:`CONFIGS`), all with the default policy
+(``persistSteps: 30``): each rank's own deviations as measured here (a 2-core machine shared
+with other work: far noisier than a node of GPUs), halved and quartered; and, for comparison in
+the same run, halved and as measured with the means alone (ranks of older workers, which send
+no median). Reported per setting, N, method and level: recall (the slowed
 rank found by the end of the run) and recall within 50 steps, precision (flagged ranks that
 were slowed, over all flagged), detection latency in steps from the onset (median, p90), the
 causes given, and, with ``action: Evict``, evictions in healthy runs and, in slowed runs, the
@@ -86,6 +88,7 @@ BUSY_SECTIONS = ("data", "forward", "backward", "optimizer", "other")
 LEVELS = (0.10, 0.25, 0.50)
 METHODS = ("sleep", "cpu", "data")
 WINDOW = 32  # salamander_worker.sections.WINDOW_STEPS
+MEDIAN_WINDOW = 16  # salamander_worker.sections.MEDIAN_WINDOW
 SLOW_RANK = 1
 #: Duty cycles of the cpu method's spinning thread per level (its effect is measured, not set).
 CPU_DUTY = {0.10: 0.12, 0.25: 0.2, 0.50: 0.3}
@@ -232,6 +235,20 @@ def windowed(per_step: np.ndarray) -> np.ndarray:
     return out / counts
 
 
+def windowed_median(per_step: np.ndarray) -> np.ndarray:
+    """Moving medians over the last MEDIAN_WINDOW steps (fewer at the start), along axis 0: what
+    ``salamander_worker.sections`` sends as ``busy_median_s`` (the mean of the two middle
+    values for an even count, as ``statistics.median``)."""
+    out = np.empty_like(per_step)
+    head = min(len(per_step), MEDIAN_WINDOW - 1)
+    for t in range(head):
+        out[t] = np.median(per_step[:t + 1], axis=0)
+    if len(per_step) >= MEDIAN_WINDOW:
+        view = np.lib.stride_tricks.sliding_window_view(per_step, MEDIAN_WINDOW, axis=0)
+        out[MEDIAN_WINDOW - 1:] = np.median(view, axis=-1)
+    return out
+
+
 @dataclass
 class Stream:
     """Per-step times of a job, arrays of shape (steps, ranks): each busy section, the wait."""
@@ -248,17 +265,24 @@ class Stream:
         return self.busy + self.wait
 
 
-def timings_at(means: dict[str, np.ndarray], t: int, window: int, first_step: int) -> dict[int, RankTiming]:
-    """Every rank's RankTiming at step index ``t`` from the windowed means."""
+def timings_at(means: dict[str, np.ndarray], t: int, window: int, first_step: int,
+               medians: bool = True) -> dict[int, RankTiming]:
+    """Every rank's RankTiming at step index ``t`` from the windowed means and, with
+    ``medians`` (as the worker sends; without: as older workers did), the windowed median of
+    busy time."""
     n = means["wait"].shape[1]
+    count = min(MEDIAN_WINDOW, window)
     out = {}
     for r in range(n):
         secs = {name: float(means[name][t, r]) for name in BUSY_SECTIONS}
         wait = float(means["wait"][t, r])
         secs["communication"] = wait
         step_s = sum(secs.values())
+        extra: dict[str, Any] = {}
+        if medians:
+            extra = {"busy_median_s": max(0.0, float(means["busy_median"][t, r])), "median_window": count}
         out[r] = RankTiming(rank=r, step=first_step + t + 1, window=window, step_s=step_s, wait_s=min(wait, step_s),
-                            sections=secs)
+                            sections=secs, **extra)
     return out
 
 
@@ -362,6 +386,7 @@ class Case:
     noise_scale: float = 1.0     # each rank's own deviations, as measured (1) or scaled down
     persist_steps: int = 30
     config: str = ""
+    medians: bool = True         # the ranks send the windowed median of busy time (False: means only)
 
 
 def rank_sections(noise: Noise, case: Case, rng: np.random.Generator, common: np.ndarray) -> dict[str, np.ndarray]:
@@ -444,7 +469,7 @@ def replay(noise: Noise, case: Case) -> dict[str, Any]:
         if t - restart + 1 < sg.MIN_WINDOW:
             continue
         window = min(WINDOW, t - restart + 1)
-        timings = timings_at(means, t - restart, window, restart)
+        timings = timings_at(means, t - restart, window, restart, case.medians)
         now = T0 + datetime.timedelta(seconds=clock)
         state, findings = sg.observe(state, timings, nodes, policy, now)
         for f in findings:
@@ -496,6 +521,7 @@ def replay(noise: Noise, case: Case) -> dict[str, Any]:
 def _means(stream: Stream, start: int) -> dict[str, np.ndarray]:
     means = {k: windowed(v[start:]) for k, v in stream.sections.items()}
     means["wait"] = windowed(stream.wait[start:])
+    means["busy_median"] = windowed_median(stream.busy[start:])
     return means
 
 
@@ -505,8 +531,9 @@ def _replay_star(args: tuple[Noise, Case]) -> dict[str, Any]:
 
 # --- the real runs through the detector ---------------------------------------------------------
 
-def detect_real(recordings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The detector on each real job (one rank per node, an observation every step)."""
+def detect_real(recordings: dict[str, Any], medians: bool = True) -> list[dict[str, Any]]:
+    """The detector on each real job (one rank per node, an observation every step); without
+    ``medians``, from the windowed means alone (older workers)."""
     out = []
     policy = StragglerPolicy()
     onset = recordings["onset"]
@@ -521,13 +548,13 @@ def detect_real(recordings: dict[str, Any]) -> list[dict[str, Any]]:
         nodes = {r: f"node-{r}" for r in range(len(ranks))}
         flagged: dict[int, tuple[int, str]] = {}
         for t in range(sg.MIN_WINDOW - 1, stream.wait.shape[0]):
-            timings = timings_at(means, t, min(WINDOW, t + 1), 0)
+            timings = timings_at(means, t, min(WINDOW, t + 1), 0, medians)
             state, findings = sg.observe(state, timings, nodes, policy, T0 + datetime.timedelta(seconds=t))
             for f in findings:
                 flagged.setdefault(f.rank, (t + 1, f.cause))
         slowed = [SLOW_RANK] if job["method"] != "none" else []
         hit = flagged.get(SLOW_RANK)
-        out.append({"method": job["method"], "level": job["level"],
+        out.append({"method": job["method"], "level": job["level"], "medians": medians,
                     "detected": bool(slowed) and hit is not None and hit[0] > onset,
                     "latency_steps": hit[0] - onset if slowed and hit and hit[0] > onset else None,
                     "cause": hit[1] if hit else None,
@@ -552,13 +579,15 @@ class Config:
     noise_scale: float
     persist_steps: int
     sizes: tuple[int, ...]
+    medians: bool = True
 
 
 CONFIGS = (
     Config("measured", 1.0, 30, (8, 64)),       # this machine's noise, as recorded
     Config("noise/2", 0.5, 30, (8, 64)),        # each rank's own deviations halved
     Config("noise/4", 0.25, 30, (8, 64)),
-    Config("noise/2, persist 20", 0.5, 20, (8,)),
+    Config("measured, means only", 1.0, 30, (8,), medians=False),   # older workers: no medians
+    Config("noise/2, means only", 0.5, 30, (8,), medians=False),
 )
 
 
@@ -678,13 +707,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel(what)
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
-    main = [c for c in CONFIGS if c.noise_scale == 0.5 and c.persist_steps == 30][0].name
-    for level in LEVELS:
-        lat = [x for r in rows if r["config"] == main and r["level"] == level for x in r["latencies"]]
+    for config in (c for c in CONFIGS if c.noise_scale == 0.5 and c.persist_steps == 30):
+        lat = [x for r in rows if r["config"] == config.name and r["n"] == 8 for x in r["latencies"]]
         if lat:
-            axes[2].hist(lat, bins=range(0, 161, 4), alpha=0.5, label=f"{level:.0%}")
+            axes[2].hist(lat, bins=range(0, 161, 4), alpha=0.5, label=config.name)
     axes[2].axvline(50, color="k", ls=":", lw=1)
-    axes[2].set_xlabel(f"detection latency, steps after the onset ({main})")
+    axes[2].set_xlabel("detection latency, steps after the onset (N=8, all methods and levels)")
     axes[2].set_ylabel("runs")
     axes[2].legend()
     fig.suptitle("Straggler detection: replayed 1,000-step runs (an observation every 2 steps)")
@@ -724,14 +752,15 @@ def main() -> int:
         if args.save_recordings:
             Path(args.save_recordings).write_text(json.dumps(recordings))
     noise, measured = noise_from(recordings)
-    real = detect_real(recordings)
+    real = detect_real(recordings) + detect_real(recordings, medians=False)
     real_s = time.monotonic() - started
     for m in measured:
         print(f"  {m['method']:<5} {m['level']:>4.0%}: measured {m['measured_slowdown']:+.1%} "
               f"(the other rank {m['others_busy_change']:+.1%})", file=sys.stderr)
     for d in real:
-        print(f"  real {d['method']:<5} {d['level']:>4.0%}: detected {d['detected']}, latency {d['latency_steps']}, "
-              f"cause {d['cause']}, false flags {d['false_flags']}", file=sys.stderr)
+        print(f"  real {d['method']:<5} {d['level']:>4.0%} ({'medians' if d['medians'] else 'means only'}): "
+              f"detected {d['detected']}, latency {d['latency_steps']}, cause {d['cause']}, "
+              f"false flags {d['false_flags']}", file=sys.stderr)
 
     print("(b) replaying", file=sys.stderr, flush=True)
     cases = []
@@ -741,7 +770,7 @@ def main() -> int:
             runs, healthy = (args.runs, args.healthy_runs) if n <= 8 else (args.runs_64, args.healthy_runs_64)
             methods = METHODS + (("node",) if per_node > 1 else ())
             common = dict(step_seconds=args.step_seconds, block=args.block, noise_scale=config.noise_scale,
-                          persist_steps=config.persist_steps, config=config.name)
+                          persist_steps=config.persist_steps, config=config.name, medians=config.medians)
             cases += [Case(n, per_node, "none", 0.0, 10_000 * n + s, **common) for s in range(healthy)]
             cases += [Case(n, per_node, m, lvl, 1_000_000 * n + 100_000 * i + 1000 * j + s, **common)
                       for i, m in enumerate(methods) for j, lvl in enumerate(LEVELS) for s in range(runs)]
@@ -764,7 +793,10 @@ def main() -> int:
         "policy": StragglerPolicy(action=StragglerAction.EVICT).model_dump(mode="json", by_alias=True),
         "detector": {"evidence_fraction": sg.EVIDENCE_FRACTION, "confirm_fraction": sg.CONFIRM_FRACTION,
                      "mad_floor": sg.MAD_FLOOR, "min_window": sg.MIN_WINDOW, "rise_steps": sg.RISE_STEPS,
-                     "window": WINDOW},
+                     "window": WINDOW, "median_window": MEDIAN_WINDOW, "median_margin": sg.MEDIAN_MARGIN,
+                     "median_evidence_fraction": sg.MEDIAN_EVIDENCE_FRACTION,
+                     "median_family_z": sg.MEDIAN_FAMILY_Z, "means_family_z": sg.MEANS_FAMILY_Z,
+                     "median_needs_means": sg.MEDIAN_NEEDS_MEANS},
         "real": {
             "what": f"{recordings['world']} gloo processes on 127.0.0.1, one thread and one core each, on this "
                     f"machine ({os.cpu_count()} cores, shared with other work); rank {SLOW_RANK} slowed from "

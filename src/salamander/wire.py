@@ -292,9 +292,17 @@ class RankTiming:
     ``sections`` holds the mean seconds per step of every section (``communication``
     included) and ``other``, the time outside any section.
 
+    ``busy_median_s`` is the median of the rank's per-step busy time (step time minus
+    communication) over its last ``median_window`` steps (at most ``window`` of them, the
+    newest): unlike the means it follows a slowdown about ``median_window / 2`` steps after it
+    starts and ends, whatever its size, and a single outlying step barely moves it. None (and
+    ``median_window`` 0) from workers that do not send it; the detector then uses the means.
+
     Invariants (:meth:`check`): ``rank >= 0``, ``step >= 0``, ``window >= 1``, every time finite
     and ``>= 0``, ``wait_s <= step_s`` (within rounding), at most :data:`MAX_TIMING_SECTIONS`
-    sections with names of 1..:data:`MAX_SECTION_NAME` printable characters.
+    sections with names of 1..:data:`MAX_SECTION_NAME` printable characters; ``busy_median_s``
+    either None with ``median_window == 0``, or finite and ``>= 0`` with
+    ``1 <= median_window <= window``.
     """
 
     rank: int
@@ -303,6 +311,8 @@ class RankTiming:
     step_s: float
     wait_s: float
     sections: dict[str, float]
+    busy_median_s: float | None = None
+    median_window: int = 0
 
     @property
     def busy_s(self) -> float:
@@ -326,6 +336,17 @@ class RankTiming:
             if not (isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
                     and value >= 0.0):
                 raise WireError(f"{what}: section {name!r} must be a finite number >= 0, got {value!r}")
+        if self.busy_median_s is None:
+            if self.median_window != 0:
+                raise WireError(f"{what}: median_window is {self.median_window} without a busy_median_s")
+        else:
+            value = self.busy_median_s
+            if not (isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0.0):
+                raise WireError(f"{what}: busy_median_s must be a finite number >= 0, got {value!r}")
+            if not 1 <= self.median_window <= self.window:
+                raise WireError(f"{what}: median_window must be 1..window ({self.window}), "
+                                f"got {self.median_window}")
         return self
 
 
@@ -344,8 +365,12 @@ def timing_file_name(rank: int) -> str:
 
 
 def encode_rank_timing(timing: RankTiming) -> bytes:
-    """``timing`` as compact JSON (its fields, by name)."""
-    return json.dumps(asdict(timing), separators=(",", ":")).encode()
+    """``timing`` as compact JSON (its fields, by name; without ``busy_median_s`` and
+    ``median_window`` when it has no median, as older workers wrote it)."""
+    data = asdict(timing)
+    if timing.busy_median_s is None:
+        del data["busy_median_s"], data["median_window"]
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def decode_rank_timing(raw: str | bytes) -> RankTiming:
@@ -355,10 +380,11 @@ def decode_rank_timing(raw: str | bytes) -> RankTiming:
         raise WireError(f"rank timing is {len(raw)} bytes, at most {MAX_TIMING_BYTES}")
     data = json_object(raw, "rank timing")
     fields = {"rank": int, "step": int, "window": int, "step_s": (int, float), "wait_s": (int, float),
-              "sections": dict}
-    _check_fields(data, fields, set(fields), "rank timing")
-    if not (data["rank"] <= _INT32 and data["window"] <= _INT32 and data["step"] <= _INT64):
-        raise WireError("rank timing fields rank/window (int32) or step (int64) are out of range")
+              "sections": dict, "busy_median_s": (int, float, type(None)), "median_window": int}
+    _check_fields(data, fields, set(fields) - {"busy_median_s", "median_window"}, "rank timing")
+    if not (data["rank"] <= _INT32 and data["window"] <= _INT32 and data["step"] <= _INT64
+            and data.get("median_window", 0) <= _INT32):
+        raise WireError("rank timing fields rank/window/median_window (int32) or step (int64) are out of range")
     sections: dict[str, float] = {}
     for name, value in data["sections"].items():
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -367,9 +393,12 @@ def decode_rank_timing(raw: str | bytes) -> RankTiming:
             sections[name] = float(value)
         except OverflowError:
             raise WireError(f"rank timing section {str(name)[:80]!r} is out of range") from None
+    median = data.get("busy_median_s")
     try:
         step_s, wait_s = float(data["step_s"]), float(data["wait_s"])
+        median = None if median is None else float(median)
     except OverflowError:
-        raise WireError("rank timing fields step_s/wait_s are out of range") from None
+        raise WireError("rank timing fields step_s/wait_s/busy_median_s are out of range") from None
     return RankTiming(rank=data["rank"], step=data["step"], window=data["window"], step_s=step_s,
-                      wait_s=wait_s, sections=sections).check()
+                      wait_s=wait_s, sections=sections, busy_median_s=median,
+                      median_window=data.get("median_window", 0)).check()

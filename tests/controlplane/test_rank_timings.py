@@ -16,6 +16,7 @@ from salamander import wire
 from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
+from salamander_operator.controlplane.server import heartbeat_timings
 from salamander_worker import controlplane as client_module
 from salamander_worker.controlplane import AgentClient
 from salamander_worker.heartbeat import Heartbeat, timings_reader
@@ -105,6 +106,11 @@ def _pb(rank: int = 4, **fields) -> pb.RankTiming:
     (_pb(sections={"bad\nname": 0.1}), ["rank 4", "section name"]),
     (_pb(sections={"x" * 65: 0.1}), ["rank 4", "section name"]),
     (_pb(sections={f"s{i}": 0.01 for i in range(wire.MAX_TIMING_SECTIONS + 1)}), ["rank 4", "sections"]),
+    (_pb(busy_median_s=math.nan, median_window=8), ["rank 4", "busy_median_s must be a finite number"]),
+    (_pb(busy_median_s=-0.2, median_window=8), ["rank 4", "busy_median_s must be a finite number"]),
+    (_pb(busy_median_s=0.3, median_window=0), ["rank 4", "median_window must be 1..window"]),
+    (_pb(busy_median_s=0.3, median_window=9), ["rank 4", "median_window must be 1..window (8), got 9"]),
+    (_pb(median_window=8), ["rank 4", "median_window is 8 without a busy_median_s"]),
 ])
 async def test_a_malformed_timing_is_refused_by_name(plane, bad, words) -> None:
     server, token = plane
@@ -155,3 +161,37 @@ async def test_the_agents_heartbeat_carries_its_ranks_files(plane, tmp_path: Pat
         await _until(lambda: server.sessions[key].rank_timings[1].step == 99, "the rewritten file")
     finally:
         await asyncio.to_thread(heartbeat.stop)
+
+
+@pytest.mark.parametrize("sent", [
+    timing(5),
+    wire.RankTiming(rank=5, step=10, window=32, step_s=0.5, wait_s=0.1, sections={"forward": 0.4},
+                    busy_median_s=0.37, median_window=16),
+    wire.RankTiming(rank=5, step=10, window=8, step_s=0.5, wait_s=0.1, sections={}, busy_median_s=0.0,
+                    median_window=8),
+])
+def test_a_timing_and_its_median_round_trip_through_protobuf(sent: wire.RankTiming) -> None:
+    message = client_module.timing_message(sent)
+    assert message.HasField("busy_median_s") == (sent.busy_median_s is not None)
+    raw = pb.Heartbeat(step=10, ranks=[message]).SerializeToString()
+    assert heartbeat_timings(pb.Heartbeat.FromString(raw)) == {5: sent}
+
+
+def test_a_message_from_an_older_agent_has_no_median() -> None:
+    # the fields an older agent knew, nothing else: the median reads as None
+    old = pb.RankTiming(rank=2, step=7, window=32, step_s=0.5, wait_s=0.1, sections={"forward": 0.4})
+    (timing,) = heartbeat_timings(pb.Heartbeat(step=7, ranks=[old])).values()
+    assert timing.busy_median_s is None and timing.median_window == 0
+
+
+async def test_medians_reach_the_session(plane) -> None:
+    server, token = plane
+    client = AgentClient(f"127.0.0.1:{server.port}", token, POD0)
+    await client.connect()
+    sent = [wire.RankTiming(rank=r, step=10, window=32, step_s=0.5, wait_s=0.1, sections={"forward": 0.4},
+                            busy_median_s=0.38 + r / 100, median_window=16) for r in (0, 1)]
+    await client.heartbeat(10, 0.5, ranks=sent)
+    session = server.sessions[("ns", "llm", "llm-worker-0")]
+    await _until(lambda: len(session.rank_timings) == 2, "the timings")
+    assert server.job_timings("ns", "llm") == {0: sent[0], 1: sent[1]}
+    await client.close()

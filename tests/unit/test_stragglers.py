@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Callable
 
@@ -25,6 +27,7 @@ T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 POLICY = StragglerPolicy()
 EVICT = StragglerPolicy(action=StragglerAction.EVICT)
 WINDOW = 32
+MEDIAN_WINDOW = 16   # salamander_worker.sections.MEDIAN_WINDOW
 
 
 def timing(rank: int, busy: float, *, step: int = 100, wait: float = 0.02, window: int = WINDOW,
@@ -47,12 +50,15 @@ DataShare = Callable[[int, int], float]     # (rank, step) -> the data part of i
 
 class Job:
     """``n`` ranks whose per-step busy time comes from ``busy``; every rank reports the mean of
-    its last 32 steps, as ``salamander_worker.sections`` does; the operator observes every
-    ``every`` steps."""
+    its last 32 steps and, with ``medians`` (as ``salamander_worker.sections`` does; without,
+    as older workers did), the median of its busy time over its last 16; the operator observes
+    every ``every`` steps."""
 
     def __init__(self, n: int, busy: Busy, *, nodes: dict[int, str] | None = None, data: DataShare | None = None,
-                 policy: StragglerPolicy = POLICY, every: int = 1, comm: float = 0.02) -> None:
+                 policy: StragglerPolicy = POLICY, every: int = 1, comm: float = 0.02,
+                 medians: bool = False) -> None:
         self.n, self.busy, self.data, self.policy, self.every, self.comm = n, busy, data, policy, every, comm
+        self.medians = medians
         self.nodes = nodes if nodes is not None else {r: f"node-{r}" for r in range(n)}
         self.windows: dict[int, deque[tuple[float, float, float]]] = {r: deque(maxlen=WINDOW) for r in range(n)}
         self.state = DetectorState()
@@ -65,8 +71,12 @@ class Job:
             k = len(w)
             busy, data, step = (sum(x[i] for x in w) / k for i in range(3))
             wait = step - busy
+            median: dict[str, float | int] = {}
+            if self.medians:
+                newest = [x[0] for x in w][-MEDIAN_WINDOW:]
+                median = {"busy_median_s": statistics.median(newest), "median_window": len(newest)}
             out[r] = RankTiming(rank=r, step=self.step, window=k, step_s=step, wait_s=wait,
-                                sections={"data": data, "forward": busy - data, "communication": wait})
+                                sections={"data": data, "forward": busy - data, "communication": wait}, **median)
         return out
 
     def advance(self, steps: int) -> tuple[Finding, ...]:
@@ -306,6 +316,259 @@ def test_a_straggler_hovering_around_the_threshold_does_not_flap() -> None:
     found = job.first(1)
     assert found is not None
     assert all(any(f.rank == 1 for f in fs) for s, fs in job.history if s >= found)
+
+
+# --- windowed medians (workers that send busy_median_s) -------------------------------------------
+
+MARGIN = sg.MEDIAN_MARGIN
+
+
+def spiky(base: float = 0.1, noise: float = 0.05, seed: int = 0, spike_every: int = 150,
+          load: float = 0.2) -> Busy:
+    """Healthy busy times: a load common to every rank (a slow wave of +-``load``), uniform
+    relative noise of +-``noise`` per rank and step, and on each rank single outlying steps
+    (3x to 30x) at random, at least ``spike_every`` steps apart."""
+    rng = random.Random(seed)
+    cache: dict[tuple[int, int], float] = {}
+    next_spike: dict[int, int] = {}
+
+    def busy(rank: int, step: int) -> float:
+        if (rank, step) not in cache:
+            value = base * (1.0 + load * math.sin(step / 40.0)) * (1.0 + rng.uniform(-noise, noise))
+            due = next_spike.setdefault(rank, rng.randint(1, spike_every))
+            if step >= due:
+                value *= rng.uniform(3.0, 30.0)
+                next_spike[rank] = step + spike_every + rng.randint(0, spike_every)
+            cache[rank, step] = value
+        return cache[rank, step]
+    return busy
+
+
+def test_score_from_medians_uses_them_and_needs_every_rank_to_have_one() -> None:
+    plain = {r: timing(r, 0.1) for r in range(4)}
+    with_medians = {r: sg.replace(t, busy_median_s=0.2 if r == 3 else 0.1, median_window=16)
+                    for r, t in plain.items()}
+    assert sg.uses_medians(with_medians.values()) and not sg.uses_medians(plain.values())
+    scores = score(with_medians, medians=True)
+    assert scores[3].slowdown == pytest.approx(1.0) and scores[3].busy_s == 0.2 and scores[0].z == 0.0
+    assert score(with_medians)[3].slowdown == pytest.approx(0.0)   # the means: all alike
+    assert score({**with_medians, 0: plain[0]}, medians=True) == {}   # one without: no median scores
+
+
+@FAST
+@given(st.floats(0.1, 20.0), st.integers(30, 100), st.floats(0.0, 0.02), st.integers(1, 3), st.integers(0, 2**16),
+       st.data())
+def test_medians_a_burst_shorter_than_persist_steps_is_never_a_straggler(level: float, persist: int, noise: float,
+                                                                         every: int, seed: int,
+                                                                         data: st.DataObject) -> None:
+    # healthy steps stay below the evidence level: the medians' bound is exact, up to persistSteps - 1
+    length = data.draw(st.integers(1, persist - 1), label="burst length")
+    policy = StragglerPolicy(persist_steps=persist)
+    job = Job(6, noisy(noise=noise, seed=seed, slow={2: level}, onset=60, until=60 + length), policy=policy,
+              every=every, medians=True)
+    job.advance(60 + length + 2 * WINDOW + persist)
+    assert job.first(2) is None
+
+
+@pytest.mark.parametrize("level", [0.1, 0.15, 0.3, 1.0, 5.0])
+@pytest.mark.parametrize("persist", [16, 30, 50])
+def test_medians_without_noise_find_a_slowdown_half_a_window_plus_persist_steps_after_it_starts(
+        level: float, persist: int) -> None:
+    onset = 60
+    job = Job(6, noisy(noise=0.0, slow={1: level}, onset=onset), policy=StragglerPolicy(persist_steps=persist),
+              medians=True)
+    job.advance(onset + persist + 2 * WINDOW)
+    found = job.first(1)
+    assert found is not None
+    # evidence once half the window is slow (one step later at exactly 2 x the evidence level,
+    # where rounding decides), confirmed persistSteps + the margin later
+    assert persist + MARGIN + MEDIAN_WINDOW // 2 <= found - onset <= persist + MARGIN + MEDIAN_WINDOW // 2 + 1
+
+
+@FAST
+@given(st.sampled_from([0.15, 0.25, 0.5, 1.0, 3.0]), st.floats(0.0, 0.03), st.integers(4, 16),
+       st.integers(1, 2), st.integers(0, 2**16))
+def test_medians_find_a_persistent_slowdown_within_50_steps_over_noise(level: float, noise: float, n: int,
+                                                                       every: int, seed: int) -> None:
+    # the defaults (persistSteps 30): about MEDIAN_WINDOW / 2 + 30 + the margin = 42 steps, for a
+    # slowdown whose medians stay clear of minSlowdown over the noise (near it: the means, below)
+    onset = 80
+    job = Job(n, noisy(noise=noise, seed=seed, slow={n - 1: level}, onset=onset), every=every, medians=True)
+    job.advance(onset + 60)
+    found = job.first(n - 1)
+    assert found is not None and POLICY.persist_steps <= found - onset <= 50, found and found - onset
+    assert all(f.rank == n - 1 for _, fs in job.history for f in fs)
+    (finding,) = job.history[-1][1]
+    assert finding.cause == "compute"
+
+
+def test_family_z_threshold_is_bonferroni_corrected_for_the_ranks_judged() -> None:
+    # the z whose one-sided normal tail is zThreshold's divided by the ranks; never below zThreshold
+    assert sg.family_z_threshold(POLICY, 1) == POLICY.z_threshold
+    assert sg.family_z_threshold(POLICY, 8) == pytest.approx(3.59, abs=0.01)
+    assert sg.family_z_threshold(POLICY, 64) == pytest.approx(4.10, abs=0.01)
+    values = [sg.family_z_threshold(POLICY, n) for n in (1, 2, 3, 8, 64, 1024, 100_000)]
+    assert values == sorted(values) and values[0] == POLICY.z_threshold
+    tail = 1.0 - statistics.NormalDist().cdf(POLICY.z_threshold)
+    for n in (2, 8, 64, 1024):
+        assert 1.0 - statistics.NormalDist().cdf(sg.family_z_threshold(POLICY, n)) == pytest.approx(tail / n)
+    strict = StragglerPolicy(z_threshold=10.0)   # a tail too small to divide further: zThreshold
+    assert sg.family_z_threshold(strict, 64) >= strict.z_threshold
+
+
+@pytest.mark.parametrize("level", [0.06, 0.09])
+def test_medians_show_no_evidence_below_min_slowdown_the_means_judge_it(level: float) -> None:
+    # a rank 6% or 9% slower on every step: no median is evidence (below minSlowdown), so whatever
+    # happens is the means' doing, at the means' pace (after persistSteps, within one more window)
+    onset = 60
+    job = Job(8, noisy(noise=0.0, slow={3: level}, onset=onset), medians=True)
+    for _ in range(200):
+        job.advance(1)
+        assert all(t.median_since is None for t in job.state.tracks.values())
+    found = job.first(3)
+    if found is not None:
+        assert POLICY.persist_steps + MEDIAN_WINDOW // 2 + MARGIN < found - onset <= POLICY.persist_steps + WINDOW
+
+
+def test_medians_confirm_only_with_evidence_from_the_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rank 2: 12% slower on 9 of every 16 steps and 30% faster on the other 7: every 16-step median
+    # is 12% slower (evidence), the mean 6% faster (none): never a straggler; without the rule it is one
+    onset = 40
+
+    def busy(rank: int, step: int) -> float:
+        if rank == 2 and step > onset:
+            return 0.1 * (1.12 if (step - onset) % 16 < 9 else 0.7)
+        return 0.1
+    job = Job(8, busy, medians=True)
+    job.advance(onset + 300)
+    assert job.state.tracks[2].median_since is not None and job.first(2) is None
+    monkeypatch.setattr(sg, "MEDIAN_NEEDS_MEANS", False)
+    job = Job(8, busy, medians=True)
+    job.advance(onset + 300)
+    assert job.first(2) is not None
+
+
+@pytest.mark.parametrize("size", [2.0, 10.0, 1000.0])
+def test_medians_a_single_outlying_step_never_makes_a_straggler(size: float) -> None:
+    def busy(rank: int, step: int) -> float:
+        return 0.1 * size if (step == 100 + 17 * rank) else 0.1   # one outlier on every rank, at its own step
+    job = Job(6, busy, medians=True)
+    job.advance(400)
+    assert all(not fs for _, fs in job.history)
+    assert all(t.median_since is None and t.straggler_since is None for t in job.state.tracks.values())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_medians_healthy_noisy_ranks_are_never_flagged_in_long_runs(seed: int) -> None:
+    # +-5% per step, a common load swinging +-20%, and an outlying step (3x..30x) on every rank
+    # every 150..300 steps: 16 ranks, 1,000 steps, observed every 2 steps, never a finding
+    job = Job(16, spiky(seed=seed), every=2, medians=True, policy=EVICT)
+    job.advance(1000)
+    assert all(not fs for _, fs in job.history)
+    assert job.state.recent == ()   # not even an episode towards imbalance
+
+
+def test_medians_hysteresis_a_straggler_stays_one_until_it_has_been_calm_for_persist_steps() -> None:
+    end = 300
+    job = Job(8, noisy(noise=0.005, seed=3, slow={5: 0.25}, onset=50, until=end), medians=True)
+    job.advance(end)
+    assert job.first(5) is not None and job.history[-1][1][0].rank == 5
+    cleared = None
+    for _ in range(200):
+        job.advance(1)
+        if not job.history[-1][1]:
+            cleared = job.step
+            break
+    assert cleared is not None
+    assert end + POLICY.persist_steps - 2 <= cleared <= end + POLICY.persist_steps + WINDOW, cleared - end
+    job.advance(200)
+    assert all(not fs for s, fs in job.history if s > cleared)
+
+
+def test_a_slowdown_in_fewer_than_half_the_steps_is_found_from_the_means_beside_the_medians() -> None:
+    # every 4th step 40% longer: 10% slower on average, and no median moves
+    onset = 100
+
+    def busy(rank: int, step: int) -> float:
+        return 0.1 * (1.4 if rank == 3 and step > onset and step % 4 == 0 else 1.0)
+    job = Job(8, busy, medians=True, every=2)
+    job.advance(onset + 200)
+    found = job.first(3)
+    assert found is not None and all(t.median_since is None for t in job.state.tracks.values())
+    # as the means alone find it: after persistSteps, within one more window
+    assert POLICY.persist_steps <= found - onset <= POLICY.persist_steps + WINDOW, found - onset
+    assert job.history[-1][1][0].cause == "compute"
+
+
+@FAST
+@given(st.floats(0.1, 20.0), st.integers(30, 100), st.integers(1, 3), st.data())
+def test_beside_medians_a_sparse_burst_shorter_than_persist_steps_is_never_a_straggler(
+        level: float, persist: int, every: int, data: st.DataObject) -> None:
+    length = data.draw(st.integers(1, persist - 1), label="burst length")
+    period = data.draw(st.integers(2, 8), label="one slow step in")
+
+    def busy(rank: int, step: int) -> float:
+        slow = rank == 2 and 60 < step <= 60 + length and (step - 61) % period == 0
+        return 0.1 * (1.0 + level * period if slow else 1.0)
+    job = Job(6, busy, policy=StragglerPolicy(persist_steps=persist), every=every, medians=True)
+    job.advance(60 + length + 2 * WINDOW + persist)
+    assert job.first(2) is None
+
+
+def test_medians_causes_data_compute_and_node() -> None:
+    busy = noisy(noise=0.005, slow={2: 0.3}, onset=20)
+    job = Job(6, busy, data=lambda r, s: busy(r, s) - 0.1 * (1 - 0.005) if r == 2 and s > 20 else 0.01, medians=True)
+    (finding,) = job.advance(200)
+    assert finding.rank == 2 and finding.cause == "data"
+    job = Job(6, noisy(noise=0.005, slow={2: 0.3}, onset=20), data=lambda r, s: 0.01, medians=True)
+    (finding,) = job.advance(200)
+    assert finding.cause == "compute"
+    nodes = {r: f"node-{r // 4}" for r in range(16)}
+    job = Job(16, noisy(noise=0.005, slow={4: 0.2, 5: 0.2, 6: 0.2, 7: 0.2}, onset=20), nodes=nodes, medians=True)
+    findings = job.advance(200)
+    assert {f.rank for f in findings} == {4, 5, 6, 7} and {f.cause for f in findings} == {"node"}
+
+
+def test_medians_a_slow_rank_that_moves_around_is_imbalance() -> None:
+    def busy(rank: int, step: int) -> float:  # the heavy shard moves to another rank every 24 steps
+        return 0.1 * (1.4 if rank == (step // 24) % 8 else 1.0)
+    job = Job(8, busy, medians=True)
+    job.advance(400)
+    assert {f.cause for _, fs in job.history for f in fs} == {"imbalance"}
+    assert job.state.stragglers() == []
+
+
+def test_old_timings_without_a_median_still_work_beside_new_ones() -> None:
+    # one rank of an old worker: no medians for anyone, the means decide as before
+    onset = 100
+    job = Job(8, noisy(noise=0.01, seed=2, slow={3: 0.10}, onset=onset), medians=True)
+    real = job.timings
+
+    def mixed() -> dict[int, RankTiming]:
+        out = real()
+        out[0] = sg.replace(out[0], busy_median_s=None, median_window=0)
+        return out
+    job.timings = mixed  # type: ignore[method-assign]
+    job.advance(400)
+    found = job.first(3)
+    assert found is not None and onset + POLICY.persist_steps <= found <= onset + POLICY.persist_steps + WINDOW
+    assert all(t.median_since is None for t in job.state.tracks.values())
+    # and a state saved before the median fields existed still reads
+    raw = json.loads(job.state.encode())
+    for t in raw["tracks"]:
+        for name in ("median_since", "lead"):
+            del t[name]
+    assert DetectorState.decode(json.dumps(raw)) == job.state
+
+
+def test_a_switch_between_medians_and_means_starts_the_run_of_evidence_over() -> None:
+    onset = 40
+    job = Job(6, noisy(noise=0.0, slow={1: 0.5}, onset=onset), medians=True)
+    job.advance(onset + 30)
+    assert job.state.tracks[1].median_since is not None and job.first(1) is None
+    job.medians = False   # an old worker took over (same steps): the medians' run cannot go on
+    job.advance(1)
+    assert job.state.tracks[1].median_since is None
 
 
 # --- robustness: missing, disappearing and restarted ranks ------------------------------------------

@@ -341,3 +341,68 @@ def test_near_valid_snapshot_configs_give_a_config_or_wire_error(record: dict[st
                  persist_directory=st.text(min_size=1, max_size=20)))
 def test_every_valid_snapshot_config_round_trips(config: SnapshotConfig) -> None:
     assert SnapshotConfig.decode(config.encode()) == config
+
+
+# --- RankTiming: the windowed median of busy time ---------------------------------------------------
+
+def _timing(**fields: Any) -> wire.RankTiming:
+    values: dict[str, Any] = dict(rank=3, step=120, window=32, step_s=0.5, wait_s=0.1,
+                                  sections={"forward": 0.4, "communication": 0.1})
+    return wire.RankTiming(**(values | fields))
+
+
+@pytest.mark.parametrize("timing", [
+    _timing(), _timing(busy_median_s=0.38, median_window=16), _timing(busy_median_s=0.0, median_window=1),
+    _timing(busy_median_s=2.5, median_window=32),  # a median may exceed the mean step time
+])
+def test_rank_timing_round_trips_with_and_without_a_median(timing: wire.RankTiming) -> None:
+    assert timing.check() is timing
+    assert wire.decode_rank_timing(wire.encode_rank_timing(timing)) == timing
+
+
+def test_a_rank_timing_without_a_median_encodes_as_older_workers_wrote_it() -> None:
+    old = {"rank": 3, "step": 120, "window": 32, "step_s": 0.5, "wait_s": 0.1,
+           "sections": {"forward": 0.4, "communication": 0.1}}
+    assert json.loads(wire.encode_rank_timing(_timing())) == old
+    decoded = wire.decode_rank_timing(json.dumps(old))
+    assert decoded.busy_median_s is None and decoded.median_window == 0 and decoded == _timing()
+    assert wire.decode_rank_timing(json.dumps(old | {"busy_median_s": None})) == _timing()
+    assert wire.decode_rank_timing(json.dumps(old | {"busy_median_s": 1, "median_window": 8})).busy_median_s == 1.0
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"busy_median_s": math.nan, "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": math.inf, "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": -0.1, "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": True, "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": "0.3", "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": 0.3, "median_window": 0}, "median_window must be 1..window (32), got 0"),
+    ({"busy_median_s": 0.3, "median_window": 33}, "median_window must be 1..window (32), got 33"),
+    ({"busy_median_s": 0.3}, "median_window must be 1..window"),
+    ({"median_window": 16}, "median_window is 16 without a busy_median_s"),
+])
+def test_a_malformed_median_is_rejected_by_name(fields: dict[str, Any], needle: str) -> None:
+    with pytest.raises(WireError, match="rank timing of rank 3") as info:
+        _timing(**fields).check()
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"busy_median_s": "fast", "median_window": 16}, "'busy_median_s' has the wrong type"),
+    ({"busy_median_s": True, "median_window": 16}, "'busy_median_s' has the wrong type"),
+    ({"busy_median_s": 0.3, "median_window": 16.0}, "'median_window' has the wrong type"),
+    ({"busy_median_s": 0.3, "median_window": 2**31}, "out of range"),
+    ({"busy_median_s": "1e400", "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": "NaN", "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": -1, "median_window": 16}, "busy_median_s must be a finite number"),
+    ({"busy_median_s": 0.3, "median_window": 0}, "median_window must be 1..window"),
+    ({"median_window": 4}, "without a busy_median_s"),
+])
+def test_a_malformed_median_in_json_is_rejected_by_name(extra: dict[str, Any], needle: str) -> None:
+    raw = json.loads(wire.encode_rank_timing(_timing())) | extra
+    text = json.dumps(raw)
+    if extra.get("busy_median_s") in ("1e400", "NaN"):  # numbers JSON reads as non-finite floats
+        text = text.replace(f'"{extra["busy_median_s"]}"', extra["busy_median_s"])
+    with pytest.raises(WireError) as info:
+        wire.decode_rank_timing(text)
+    assert needle in str(info.value)

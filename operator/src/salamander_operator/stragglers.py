@@ -12,40 +12,104 @@ as long as fewer than half the ranks are slow (their breakdown point). Two ranks
 median to speak of: the slower is compared with the faster, its ``z`` is its slowdown in units
 of the 1% floor, so the slowdown threshold decides alone. One rank has nothing to compare with.
 
-**Evidence and persistence.** An observation is *evidence* against a rank when its slowdown
-is at least ``E = EVIDENCE_FRACTION * minSlowdown`` and its ``z`` at least ``zThreshold``. A
-rank becomes a straggler once it has been slow for ``persistSteps`` steps, judged from an
-unbroken run of evidence (steps counted with ``RankTiming.step``, never by observations: one
-observation or a dozen within a step add no evidence), and its newest slowdown is at least
-``CONFIRM_FRACTION * minSlowdown``.
+Busy time comes in two forms, scored separately, each against the same form of the other
+ranks: the *mean* over the rank's last ``W = window`` (32) steps, which every worker sends, and
+the *median* of its per-step busy time over its last ``n = median_window`` (16) steps
+(``busy_median_s``), which newer workers send; medians are scored only when every judged rank
+has one (:func:`uses_medians`), so a job with an older worker is judged from the means alone.
 
-Each timing is a moving mean over the rank's last ``W = window`` (32) steps, which lags:
-evidence starts ``r`` steps after a slowdown of ``X`` starts (when ``r X / W`` reaches ``E``:
-``r = W E / X``) and lasts until ``W - r`` steps after it ends. So a slowdown that lasted
-``L`` steps shows evidence over ``L + W - 2r`` steps, and evidence spanning
-``persistSteps + W - 2r`` steps proves ``L >= persistSteps``: that is the span required.
-``X``, hence ``r``, is estimated from how fast the mean rose: its rise from the last
-observation without evidence over at least :data:`RISE_STEPS` steps, times ``W`` (the mean
-rises by ``X / W`` per slow step), and never below the run's peak; ``r`` is at most ``W / 2``.
-(A peak alone would not do: a short burst's mean peaks at ``L X / W``, far below ``X``.)
-Consequences: a single outlying step (a GC pause, a page-fault storm), however long, or a burst
-shorter than ``persistSteps`` never makes a straggler (exactly up to the noise of the rise and a
-few steps of rounding, when ``persistSteps >= 2 * RISE_STEPS``); a persistent slowdown is found
-about ``persistSteps + W - r`` steps after it starts (``W - r``: what the window needs to rule
-out a burst that has already ended), and a rank slow since it was first observed (no rise
-seen) once its evidence spans ``persistSteps + W - 2r`` with ``X`` its peak. A rank exactly
-``minSlowdown`` slower has a windowed slowdown below ``minSlowdown`` about half the time,
-hence evidence from half of it and confirmation at 3/4 of it (``z`` keeps the healthy ranks out).
+**Evidence and persistence.** An observation of the means is *evidence* against a rank when
+its slowdown is at least ``E = EVIDENCE_FRACTION * minSlowdown`` and its ``z`` at least
+``z_N`` (:func:`family_z_threshold`: ``zThreshold`` corrected for the ``N`` ranks judged); an
+observation of the medians, when its slowdown is at least
+``E_m = MEDIAN_EVIDENCE_FRACTION * minSlowdown`` (``minSlowdown`` itself) and its ``z`` at least
+``z_N``.
+Each form keeps its own unbroken run of evidence (steps counted with ``RankTiming.step``, never
+by observations: one observation or a dozen within a step add no evidence), with its own
+accounting of the steps that prove the slowdown lasted ``persistSteps``. A rank becomes a
+straggler once either run spans its steps and the newest slowdown of that form is at least
+``CONFIRM_FRACTION * minSlowdown``; a run of the medians also needs evidence from the means at
+that observation (:data:`MEDIAN_NEEDS_MEANS`).
+
+*Why the medians' evidence is stricter.* The medians are the fast path: they confirm about 20
+steps sooner than the means, so a healthy rank that is a few percent slower for about 50 steps
+(a stretch of contention on its core) can be confirmed by them where the means would have ridden
+it out; and a 16-step median is noisier than a 32-step mean, so among ``N`` ranks the chance
+that *some* healthy rank's median crosses a fixed ``z`` grows about ``N``-fold. Hence: evidence
+from a median needs the full ``minSlowdown`` (a rank near the threshold is left to the means,
+whose longer window averages the noise), and ``z_N`` is Bonferroni-corrected: the ``z`` whose
+one-sided normal tail is that of ``zThreshold`` divided by ``N`` (3.59 for 8 ranks and 4.10 for
+64 at ``zThreshold`` 3), so the chance of a false crossing in the job stays that of one rank at
+``zThreshold``. The same correction applies to the means (:data:`MEANS_FAMILY_Z`): among 64
+ranks on a noisy machine, healthy ranks' 32-step means cross ``z`` 3 for ``persistSteps`` too
+(18 false flags in 80 replayed healthy runs at this machine's noise, none with it); its cost is
+latency near the threshold, where ``z`` is small (a 10% slowdown), none for a large one.
+Agreement of the means costs a real straggler nothing: a slowdown of most steps of
+``X >= minSlowdown`` is evidence in the means ``r = W E / X <= W / 2`` steps after it starts,
+long before the medians' run spans its ``n / 2 + persistSteps + MEDIAN_MARGIN`` steps. A slowdown
+of 25% or more clears ``E_m`` and ``z_N`` with room to spare at the noise measured, so it keeps
+the medians' latency; one close to ``minSlowdown`` is found by the means, at their latency.
+
+*From the medians* (:func:`median_confirm_span`). A median of ``n`` values (the mean of the two
+middle ones when ``n`` is even) is at least a level only if at least ``ceil(n / 2)`` of them
+are. So evidence at step ``a`` means that at least ``ceil(n_a / 2)`` steps of its window were
+above the evidence level, the earliest at or before ``a - ceil(n_a / 2) + 1``; evidence at a
+later step ``b``, that the latest such step came at or after ``b - floor(n_b / 2)``. Steps
+above the evidence level that form one stretch therefore number at least
+``b - a - floor(n_b / 2) + ceil(n_a / 2)``: once the windows are full, exactly the span of the
+evidence. Evidence spanning ``persistSteps + floor(n_b / 2) - ceil(n_a / 2)`` steps proves the
+stretch lasted ``persistSteps``; the run also needs :data:`MEDIAN_MARGIN` (4) more steps, room
+for healthy steps that noise lifts above the evidence level at the stretch's ends (each
+counts toward the ``ceil(n / 2)``). Invariants, for healthy steps that stay below the evidence
+level (``E_m``): a burst of slow steps shorter than ``persistSteps`` never makes a straggler, whatever
+its size (with the margin to spare; measured with uniform +-10% noise per step, which does
+cross the level, 0 of 300 bursts of 20-29 steps qualified at ``persistSteps`` 30, against 19
+without the margin); a single outlying step, however long, is one value of ``n`` and never
+evidence on its own; a persistent slowdown clearly above ``minSlowdown`` (so that the window's
+median stays above ``E_m`` and ``z_N`` over the noise) is evidence once more than half the window
+is slow, about ``n / 2`` steps after it starts whatever its size, and a
+straggler ``persistSteps + MEDIAN_MARGIN`` later: ``n / 2 + persistSteps + 4`` steps after it
+starts (42 at the defaults, plus up to the gap between two observations).
+
+*From the means* (:func:`confirm_span`): a median does not move for a slowdown confined to
+fewer than half the steps (a data loader that stalls every 4th batch), so the means keep
+judging beside the medians, and alone for older workers. A mean lags: evidence starts ``r``
+steps after a slowdown of ``X`` starts (when ``r X / W`` reaches ``E``: ``r = W E / X``) and
+lasts until ``W - r`` steps after it ends. So a slowdown that lasted ``L`` steps shows evidence
+over ``L + W - 2r`` steps, and evidence spanning ``persistSteps + W - 2r`` steps proves
+``L >= persistSteps``: that is the span required. ``X``, hence ``r``, is estimated from how
+fast the mean rose: its rise from the last observation without evidence over at least
+:data:`RISE_STEPS` steps, times ``W`` (the mean rises by ``X / W`` per slow step), and never
+below the run's peak; ``r`` is at most ``W / 2``. (A peak alone would not do: a short burst's
+mean peaks at ``L X / W``, far below ``X``.) Consequences: a single outlying step, however
+long, or a burst shorter than ``persistSteps`` never makes a straggler (exactly up to the
+noise of the rise and a few steps of rounding, when ``persistSteps >= 2 * RISE_STEPS``); a
+persistent slowdown is found about ``persistSteps + W - r`` steps after it starts (``W - r``:
+what the window needs to rule out a burst that has already ended), and a rank slow since it
+was first observed (no rise seen) once its evidence spans ``persistSteps + W - 2r`` with ``X``
+its peak. Outlying steps that cluster on one rank (several within a window) raise its mean as
+a sparse slowdown does, and the means cannot tell them apart.
+
+Near the threshold: a rank exactly ``minSlowdown`` slower has a windowed slowdown below
+``minSlowdown`` about half the time, hence evidence from half of it and confirmation at 3/4
+of it (``z`` keeps the healthy ranks out). Whichever form proves persistence first decides:
+the medians for a slowdown of most steps clearly above ``minSlowdown``, the means for a sparse
+one or one near the threshold.
 
 **Hysteresis.** By the same accounting, a straggler stops being one after it has been below
-the evidence threshold for ``persistSteps`` steps: observations without evidence spanning
-``persistSteps - W + r`` steps (at least :data:`MIN_WINDOW`), since its first calm window
-already holds about ``W - r`` calm steps. Evidence is judged at half of ``minSlowdown``, so a
-straggler hovering around the threshold does not flap.
+the evidence threshold for ``persistSteps`` steps: observations without evidence of either
+form spanning ``persistSteps - W + r`` steps (at least :data:`MIN_WINDOW`), since its first
+calm mean already holds about ``W - r`` calm steps, and, when medians are judged, at least
+``persistSteps - floor(n / 2)`` (:func:`median_clear_span`), since its first calm median came
+more than ``n / 2`` steps after the slowdown ended. Both bounds hold whichever form showed the
+slowdown; for one both showed, the medians' adds up to ``W - r - n / 2`` steps (8 to 21 at the
+defaults). Evidence is judged at half of ``minSlowdown``, so a straggler hovering around the
+threshold does not flap.
 
 **Causes**, from where the straggler's excess over the median rank lies:
 
-* ``node``: every rank of its node (two or more) has evidence: the node is slow;
+* ``node``: every rank of its node (two or more) has busy-time evidence (of either form): the
+  node is slow;
 * ``data``: the data section holds most of the excess busy time; ``compute``: the other
   sections (forward, backward, optimizer, any others, and ``other``, the time outside any
   section) do;
@@ -60,7 +124,12 @@ straggler hovering around the threshold does not flap.
   ended before the rank became a straggler, and no rank is a straggler; once that has held for a
   persistence span, the ranks in a run of evidence that reached ``minSlowdown`` and has lasted
   half a window are reported), or the same rank is slow again on a new node after its old one
-  was evicted: the excess follows the rank's data shard, not the node.
+  was evicted: the excess follows the rank's data shard, not the node. Episodes and those runs
+  are the means' (also when the job has medians: among many ranks, noise makes runs of evidence
+  from 16-step medians that reach ``minSlowdown`` and last their window far more often).
+
+The cause is read from the sections' means in both cases, and a finding reports the rank's
+slowdown and ``z`` from the means (what it costs the job), also when the medians found it.
 
 **Decision** (:func:`decide`, pure; :func:`applied` records what the operator did): every
 straggler is reported. With ``action: Evict`` one node at a time is evicted, only for causes
@@ -103,6 +172,19 @@ CONFIRM_FRACTION = 0.75
 MIN_WINDOW = 8
 #: The rise of a rank's mean is measured over at least this many steps (see :func:`_level`).
 RISE_STEPS = 16
+#: Steps of evidence from windowed medians required beyond ``persistSteps`` (see
+#: :func:`median_confirm_span`): room for healthy steps that noise lifts above the evidence level.
+MEDIAN_MARGIN = 4
+#: Evidence from the windowed medians needs a slowdown of at least this fraction of
+#: ``minSlowdown`` (the means: :data:`EVIDENCE_FRACTION`).
+MEDIAN_EVIDENCE_FRACTION = 1.0
+#: Whether the ``z`` threshold of the medians' evidence, and of the means', is corrected for
+#: the number of ranks judged (:func:`family_z_threshold`); False: ``zThreshold`` as given.
+MEDIAN_FAMILY_Z = True
+MEANS_FAMILY_Z = True
+#: Whether a run of evidence from the medians confirms a straggler only at an observation with
+#: evidence from the means too.
+MEDIAN_NEEDS_MEANS = True
 #: Ranks with episodes of evidence that did not persist, on two or more nodes within the last
 #: IMBALANCE_SPANS persistence spans, that make an imbalance.
 IMBALANCE_RANKS = 3
@@ -165,8 +247,17 @@ def _reference(values: Sequence[float]) -> tuple[float, float]:
     return ref, max(MAD_SCALE * mad, MAD_FLOOR * ref)
 
 
-def score(timings: Mapping[int, RankTiming]) -> dict[int, RankScore]:
-    """Every rank's :class:`RankScore` against the others in ``timings`` (rank -> newest timing).
+def uses_medians(timings: Iterable[RankTiming]) -> bool:
+    """Whether the ranks' windowed medians of busy time can be compared: every timing (one or
+    more) carries one (``RankTiming.busy_median_s``)."""
+    timings = list(timings)
+    return bool(timings) and all(t.busy_median_s is not None for t in timings)
+
+
+def score(timings: Mapping[int, RankTiming], medians: bool = False) -> dict[int, RankScore]:
+    """Every rank's :class:`RankScore` against the others in ``timings`` (rank -> newest timing):
+    busy time is the windowed mean (``step_s - wait_s``), or with ``medians`` the windowed
+    median (``busy_median_s``; empty unless every timing carries one); step time is the mean.
 
     Invariants: the result has the keys of ``timings`` or is empty (fewer than two ranks, or a
     median busy time of zero: nothing to compare); it does not depend on how ranks are
@@ -174,9 +265,12 @@ def score(timings: Mapping[int, RankTiming]) -> dict[int, RankScore]:
     slowdown 0 and z 0. Raises :class:`WireError` for a malformed timing.
     """
     checked = _checked(timings)
-    if len(checked) < 2:
+    if len(checked) < 2 or (medians and not uses_medians(checked.values())):
         return {}
-    busy = [t.busy_s for t in checked.values()]
+
+    def busy_of(t: RankTiming) -> float:
+        return t.busy_median_s if medians and t.busy_median_s is not None else t.busy_s
+    busy = [busy_of(t) for t in checked.values()]
     steps = [t.step_s for t in checked.values()]
     b_ref, b_scale = _reference(busy)
     if b_ref <= TINY_S:
@@ -186,8 +280,9 @@ def score(timings: Mapping[int, RankTiming]) -> dict[int, RankScore]:
     for rank, t in checked.items():
         step_slowdown = t.step_s / s_ref - 1.0 if s_ref > TINY_S else 0.0
         step_z = (t.step_s - s_ref) / s_scale if s_scale > TINY_S else 0.0
-        out[rank] = RankScore(rank=rank, busy_s=t.busy_s, slowdown=t.busy_s / b_ref - 1.0,
-                              z=(t.busy_s - b_ref) / b_scale, step_slowdown=step_slowdown, step_z=step_z)
+        b = busy_of(t)
+        out[rank] = RankScore(rank=rank, busy_s=b, slowdown=b / b_ref - 1.0,
+                              z=(b - b_ref) / b_scale, step_slowdown=step_slowdown, step_z=step_z)
     return out
 
 
@@ -203,7 +298,10 @@ class RankTrack:
     ``cause`` is the cause of its newest evidence, ``peak`` the highest slowdown of its newest
     run of evidence and ``level`` its estimated slowdown per step (None: not measured yet);
     ``base_step`` and ``base_slowdown`` are its newest observation without evidence.
-    ``last_step`` is the newest step seen.
+    These follow the windowed means; ``median_since`` is the step of the first observation of
+    the current unbroken run of evidence from the windowed medians (None: none at the newest
+    observation), ``lead`` (set with it) ``ceil(n / 2)`` for the median window ``n`` of that
+    first observation. ``last_step`` is the newest step seen.
     """
 
     rank: int
@@ -219,6 +317,8 @@ class RankTrack:
     level: float | None = None
     base_step: int | None = None
     base_slowdown: float = 0.0
+    median_since: int | None = None
+    lead: int | None = None
 
 
 @dataclass(frozen=True)
@@ -326,19 +426,53 @@ def _span(policy: StragglerPolicy, window: int) -> int:
     return max(policy.persist_steps, window)
 
 
+def _busy_cause(t: RankTiming, median_sections: Mapping[str, float]) -> str:
+    """``data`` when the data section holds most of the rank's excess busy time over the median
+    rank's sections (means), ``compute`` otherwise."""
+    excess = {name: t.sections.get(name, 0.0) - median_sections.get(name, 0.0)
+              for name in set(t.sections) | set(median_sections) if name != COMMUNICATION_SECTION}
+    data = excess.pop(DATA_SECTION, 0.0)
+    compute = sum(excess.values())
+    return "data" if data > compute else "compute"
+
+
+def family_z_threshold(policy: StragglerPolicy, ranks: int) -> float:
+    """The ``z`` a rank's window needs to be evidence among ``ranks`` judged ranks:
+    ``zThreshold`` corrected for the ranks compared (Bonferroni), the ``z`` whose one-sided
+    normal tail is that of ``zThreshold`` divided by ``ranks``, so that the chance that *some*
+    healthy rank of the job crosses it is about the chance that one given rank crosses
+    ``zThreshold``. At ``zThreshold`` 3: 3.21 for 2 ranks, 3.32 for 3, 3.59 for 8, 4.10 for 64, 4.70
+    for 1024.
+    Never below ``zThreshold``; ``zThreshold`` itself for one rank, or where the tail is too
+    small for a float (``zThreshold`` above about 37)."""
+    if ranks <= 1:
+        return policy.z_threshold
+    tail = 0.5 * math.erfc(policy.z_threshold / math.sqrt(2.0)) / ranks
+    if not 0.0 < tail < 0.5:
+        return policy.z_threshold
+    return max(policy.z_threshold, -statistics.NormalDist().inv_cdf(tail))
+
+
+def _median_evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
+                     policy: StragglerPolicy, z_min: float) -> str | None:
+    """The cause (``data`` or ``compute``) when the rank's median score ``s`` is evidence (a
+    slowdown of at least ``MEDIAN_EVIDENCE_FRACTION * minSlowdown`` and a ``z`` of at least
+    ``z_min``), None otherwise."""
+    if s.slowdown >= MEDIAN_EVIDENCE_FRACTION * policy.min_slowdown and s.z >= z_min:
+        return _busy_cause(t, median_sections)
+    return None
+
+
 def _evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
-              policy: StragglerPolicy) -> str | None:
-    """The cause this observation suggests for the rank (``data``, ``compute`` or
+              policy: StragglerPolicy, z_min: float) -> str | None:
+    """The cause this observation of the means suggests for the rank (``data``, ``compute`` or
     ``communication``; ``node`` and ``imbalance`` are decided across ranks), None when it is
-    no evidence."""
+    no evidence: a slowdown (of busy time, or of the step) of at least ``E`` and a ``z`` of at
+    least ``z_min``."""
     floor = EVIDENCE_FRACTION * policy.min_slowdown
-    if s.slowdown >= floor and s.z >= policy.z_threshold:
-        excess = {name: t.sections.get(name, 0.0) - median_sections.get(name, 0.0)
-                  for name in set(t.sections) | set(median_sections) if name != COMMUNICATION_SECTION}
-        data = excess.pop(DATA_SECTION, 0.0)
-        compute = sum(excess.values())
-        return "data" if data > compute else "compute"
-    if s.step_slowdown >= floor and s.step_z >= policy.z_threshold:
+    if s.slowdown >= floor and s.z >= z_min:
+        return _busy_cause(t, median_sections)
+    if s.step_slowdown >= floor and s.step_z >= z_min:
         step_excess = s.step_slowdown * (t.step_s / (1.0 + s.step_slowdown))
         comm_excess = t.sections.get(COMMUNICATION_SECTION, 0.0) - median_sections.get(COMMUNICATION_SECTION, 0.0)
         if comm_excess >= 0.5 * step_excess:
@@ -352,33 +486,46 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
     node it runs on; missing: unknown). Returns the new state and the stragglers now, slowest
     first.
 
-    Invariants: a rank is a straggler only after evidence spanning :func:`confirm_span` of its
-    steps, and stops being one only after :func:`clear_span` steps without; feeding the same
-    timings again changes nothing (no new step, no new evidence); a timing too old (more than a
-    window behind the job's newest) or over fewer than :data:`MIN_WINDOW` steps is not judged;
-    the result does not depend on how ranks are numbered. Raises :class:`WireError` for a
-    malformed timing, before anything changes.
+    Invariants: a rank is a straggler only after evidence from the means spanning
+    :func:`confirm_span` of its steps, or from the medians (when every judged rank has one:
+    slowdown at least ``MEDIAN_EVIDENCE_FRACTION * minSlowdown``, ``z`` at least
+    :func:`family_z_threshold` of the ranks judged) spanning :func:`median_confirm_span`, with
+    evidence from the means at that observation, and stops being one only after :func:`clear_span` (or
+    :func:`median_clear_span`) steps without evidence of either form; feeding the same timings
+    again changes nothing (no new step, no new evidence); a timing too old (more than a window
+    behind the job's newest) or over fewer than :data:`MIN_WINDOW` steps (means or median) is
+    not judged; the result does not depend on how ranks are numbered. Raises
+    :class:`WireError` for a malformed timing, before anything changes.
     """
     checked = _checked(timings)
     if not checked:
         return state, ()
     job_step = max(t.step for t in checked.values())
     job_window = max(t.window for t in checked.values())
-    fresh = {r: t for r, t in checked.items() if t.window >= MIN_WINDOW and t.step >= job_step - job_window}
+    fresh = {r: t for r, t in checked.items()
+             if t.window >= MIN_WINDOW and t.step >= job_step - job_window
+             and (t.busy_median_s is None or t.median_window >= MIN_WINDOW)}
     scores = score(fresh)
+    median_scores = score(fresh, medians=True)
     span = _span(policy, job_window)
     median_sections = _median_sections(fresh.values())
 
+    mean_z = family_z_threshold(policy, len(scores)) if MEANS_FAMILY_Z else policy.z_threshold
     evidence = {r: cause for r in scores
-                if (cause := _evidence(scores[r], fresh[r], median_sections, policy)) is not None}
-    # node: every rank (two or more) of a known node has busy evidence
+                if (cause := _evidence(scores[r], fresh[r], median_sections, policy, mean_z)) is not None}
+    median_z = family_z_threshold(policy, len(median_scores)) if MEDIAN_FAMILY_Z else policy.z_threshold
+    median_evidence = {r: cause for r in median_scores
+                       if (cause := _median_evidence(median_scores[r], fresh[r], median_sections, policy, median_z))
+                       is not None}
+    # node: every rank (two or more) of a known node has busy evidence (from either signal)
     by_node: dict[str, list[int]] = {}
     for r in scores:
         if nodes.get(r):
             by_node.setdefault(nodes[r], []).append(r)
     for ranks in by_node.values():
-        if len(ranks) >= 2 and all(evidence.get(r) in ("data", "compute") for r in ranks):
-            evidence.update({r: "node" for r in ranks})
+        if len(ranks) >= 2 and all(evidence.get(r) in ("data", "compute") or r in median_evidence for r in ranks):
+            evidence.update({r: "node" for r in ranks if evidence.get(r) in ("data", "compute")})
+            median_evidence.update({r: "node" for r in ranks if r in median_evidence})
 
     tracks: dict[int, RankTrack] = {}
     episodes: list[tuple[int, int]] = []
@@ -392,7 +539,8 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
         elif t.step == old.last_step or rank not in scores:
             tracks[rank] = old  # nothing new (or not judged): no evidence either way
             continue
-        tracks[rank] = new = _advance(old, t, scores.get(rank), evidence.get(rank), policy, now)
+        tracks[rank] = new = _advance(old, t, scores.get(rank), evidence.get(rank), policy, now,
+                                      median_scores.get(rank), median_evidence.get(rank))
         if (old.evidence_since is not None and new.evidence_since is None and old.straggler_since is None
                 and _episode(old, policy, t.window)):
             episodes.append((t.step, rank))
@@ -419,8 +567,8 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
 
 
 def _episode(track: RankTrack, policy: StragglerPolicy, window: int) -> bool:
-    """Whether the track's run of evidence is an episode: it reached ``minSlowdown`` and has
-    lasted a window."""
+    """Whether the track's run of evidence from the means is an episode: it reached
+    ``minSlowdown`` and has lasted a window."""
     return (track.evidence_since is not None and track.peak >= policy.min_slowdown
             and track.last_step - track.evidence_since >= window)
 
@@ -449,6 +597,21 @@ def clear_span(policy: StragglerPolicy, window: int, level: float) -> float:
     return max(MIN_WINDOW, policy.persist_steps - window + _ramp(policy, window, level))
 
 
+def median_confirm_span(policy: StragglerPolicy, lead: int, median_window: int) -> int:
+    """Steps of unbroken evidence from windowed medians that prove a slowdown lasted
+    ``persistSteps``: ``persistSteps + floor(n / 2) - lead`` (+ :data:`MEDIAN_MARGIN`) for the
+    run's ``lead`` and the newest median window ``n``: ``persistSteps`` (+ the margin) once
+    the windows are full (``lead = n / 2``, ``n`` even)."""
+    return policy.persist_steps + median_window // 2 - lead + MEDIAN_MARGIN
+
+
+def median_clear_span(policy: StragglerPolicy, median_window: int) -> int:
+    """Steps without evidence after which a straggler that the windowed medians (of
+    ``median_window`` steps) showed has been below the threshold for ``persistSteps``: its first
+    calm median came more than ``floor(n / 2)`` steps after the slowdown ended."""
+    return max(MIN_WINDOW, policy.persist_steps - median_window // 2)
+
+
 def _level(old: RankTrack, t: RankTiming, newest: float, peak: float, fresh_run: bool,
            cause: str) -> float | None:
     """The per-step slowdown ``X`` of a run of evidence: at least its peak, and at least the rise
@@ -467,28 +630,44 @@ def _level(old: RankTrack, t: RankTiming, newest: float, peak: float, fresh_run:
 
 
 def _advance(old: RankTrack, t: RankTiming, s: RankScore | None, cause: str | None, policy: StragglerPolicy,
-             now: datetime.datetime) -> RankTrack:
-    """The track after one new observation of the rank (at a new step)."""
+             now: datetime.datetime, ms: RankScore | None = None, median_cause: str | None = None) -> RankTrack:
+    """The track after one new observation of the rank (at a new step): ``s`` and ``cause``
+    from the windowed means, ``ms`` and ``median_cause`` from the windowed medians (None
+    without them)."""
     if s is None:  # a fresh track whose timing is not judged
         return old
-    if cause is not None:
+    track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z)
+    confirmed = False
+    if cause is not None:  # the means: a run of evidence, its span from the mean's rise
         newest = s.step_slowdown if cause == "communication" else s.slowdown
         fresh_run = old.evidence_since is None
         since = t.step if fresh_run else old.evidence_since
         peak = newest if fresh_run else max(old.peak, newest)
         level = _level(old, t, newest, peak, fresh_run, cause)
-        track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z, evidence_since=since, calm_since=None,
-                        cause=cause, peak=peak, level=level)
-        if (track.straggler_since is None and level is not None
-                and t.step - since >= confirm_span(policy, t.window, level)
-                and newest >= CONFIRM_FRACTION * policy.min_slowdown):
-            track = replace(track, straggler_since=now)
+        track = replace(track, evidence_since=since, calm_since=None, cause=cause, peak=peak, level=level)
+        confirmed = (level is not None and t.step - since >= confirm_span(policy, t.window, level)
+                     and newest >= CONFIRM_FRACTION * policy.min_slowdown)
+    else:
+        track = replace(track, evidence_since=None, base_step=t.step, base_slowdown=s.slowdown)
+    if median_cause is not None and ms is not None:  # the medians: a run spanning persistSteps
+        lead = old.lead if old.median_since is not None and old.lead is not None else (t.median_window + 1) // 2
+        median_since = t.step if old.median_since is None else old.median_since
+        track = replace(track, median_since=median_since, lead=lead, calm_since=None, cause=median_cause)
+        confirmed = confirmed or (t.step - median_since >= median_confirm_span(policy, lead, t.median_window)
+                                  and ms.slowdown >= CONFIRM_FRACTION * policy.min_slowdown
+                                  and (cause is not None or not MEDIAN_NEEDS_MEANS))
+    else:
+        track = replace(track, median_since=None, lead=None)
+    if confirmed and track.straggler_since is None:
+        track = replace(track, straggler_since=now)
+    if cause is not None or median_cause is not None:
         return track
     calm = old.calm_since if old.calm_since is not None else t.step
-    track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z, evidence_since=None, calm_since=calm,
-                    base_step=t.step, base_slowdown=s.slowdown)
-    level = old.level if old.level is not None else old.peak
-    if track.straggler_since is not None and t.step - calm >= clear_span(policy, t.window, level):
+    track = replace(track, calm_since=calm)
+    clear = clear_span(policy, t.window, old.level if old.level is not None else old.peak)
+    if ms is not None:  # the medians may have shown what the means did not: their bound too
+        clear = max(clear, median_clear_span(policy, t.median_window))
+    if track.straggler_since is not None and t.step - calm >= clear:
         track = replace(track, straggler_since=None, cause=None)
     return track
 

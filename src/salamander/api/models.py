@@ -240,11 +240,14 @@ class StragglerAction(StrEnum):
 class StragglerPolicy(ApiModel):
     """How stragglers are detected and what is done about them (``salamander_operator.stragglers``).
 
-    Every rank's busy time (step time minus time waiting on peers, a mean over its last 32
-    steps) is compared with the job's median. A rank is a straggler when it is at least
-    ``minSlowdown`` slower and ``zThreshold`` robust standard deviations (median absolute
-    deviation) above the median, persistently: for at least ``persistSteps`` steps, which the
-    32-step means show up to one window later. It stops being one after as many steps below. With
+    Every rank's busy time (step time minus time waiting on peers: the mean over its last 32
+    steps, and the median over its last 16 from workers that send it) is compared with the
+    job's median. A rank is a straggler when it is at least ``minSlowdown`` slower and
+    ``zThreshold`` robust standard deviations (median absolute deviation) above the median,
+    persistently: for at least ``persistSteps`` steps, which the 16-step medians show about 12
+    steps later (a slowdown of most steps) and the 32-step means up to one window later (a
+    slowdown of a few steps, such as a stalling data loader). It stops being one after as many
+    steps below. With
     ``action: Evict`` a straggler whose cause is its node (slow compute, or slow data loading
     on that node alone) has its worker replaced and the node quarantined for
     ``quarantineSeconds``, at most ``maxEvictionsPerHour`` times an hour and never below
@@ -263,7 +266,8 @@ class StragglerPolicy(ApiModel):
         "the median) above the job's median a straggler's busy time must be."))
     persist_steps: Annotated[Count, Field(ge=1, le=10_000_000)] = Field(30, description=(
         "For how many steps a rank must have been slow to be a straggler, and below the threshold to stop "
-        "being one; detection takes up to one 32-step measurement window longer."))
+        "being one; detection takes about 12 steps longer (half the 16-step median window and a 4-step "
+        "margin), up to one 32-step window longer for a slowdown of few steps or from older workers."))
     max_evictions_per_hour: Annotated[Count, Field(ge=0, le=1000)] = Field(1, description=(
         "At most this many evictions within any hour (0: never evict)."))
     quarantine_seconds: Annotated[Count, Field(ge=0, le=30 * 86_400)] = Field(3600, description=(

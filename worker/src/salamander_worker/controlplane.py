@@ -38,8 +38,12 @@ class ControlPlaneError(RuntimeError):
 
 def timing_message(timing: wire.RankTiming) -> pb.RankTiming:
     """``timing`` as its protobuf message."""
-    return pb.RankTiming(rank=timing.rank, step=timing.step, window=timing.window, step_s=timing.step_s,
-                         wait_s=timing.wait_s, sections=timing.sections)
+    message = pb.RankTiming(rank=timing.rank, step=timing.step, window=timing.window, step_s=timing.step_s,
+                            wait_s=timing.wait_s, sections=timing.sections)
+    if timing.busy_median_s is not None:  # unset otherwise: the operator then reads None
+        message.busy_median_s = timing.busy_median_s
+        message.median_window = timing.median_window
+    return message
 
 
 class AgentClient:

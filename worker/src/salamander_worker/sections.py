@@ -15,7 +15,12 @@ memory only:
   means are the per-rank section gauges (the MegaScale straggler heat map), plus
   :data:`OTHER`, the step's time outside any top-level section, and :meth:`Recorder.timing`,
   the :class:`salamander.wire.RankTiming` each rank sends to the operator through its agent
-  (:class:`TimingWriter`).
+  (:class:`TimingWriter`): those means, and the median of the step's busy time (step time
+  minus :data:`COMMUNICATION`) over the last :data:`MEDIAN_WINDOW` steps, which the straggler
+  detector follows (a median moves about half its window after a slowdown starts or ends,
+  and a single outlying step barely moves it). The median is taken when a timing is asked
+  for (about once a second), from the window already kept: recording a step costs nothing
+  more.
 
 Waiting on peers: :meth:`Recorder.mark_ready` says "this rank's own work in the section under
 way is done; from now on it waits on its peers". When the innermost open section closes, its
@@ -59,6 +64,7 @@ log = logging.getLogger(__name__)
 
 SPAN_CAPACITY = 8192
 WINDOW_STEPS = 32
+MEDIAN_WINDOW = 16               # steps of the busy-time median in RankTiming (at most the window)
 COMMUNICATION = "communication"  # waiting on peers: collectives, and the tails after mark_ready
 OTHER = "other"                  # the step's time outside any top-level section
 ENV_SECTION_SYNC = "SALAMANDER_SECTION_SYNC"
@@ -100,7 +106,8 @@ class Recorder:
     metrics thread read while training writes). ``events``: see :meth:`use_events`."""
 
     def __init__(self, capacity: int = SPAN_CAPACITY, window: int = WINDOW_STEPS,
-                 events: EventFactory | None = None) -> None:
+                 events: EventFactory | None = None, median_window: int = MEDIAN_WINDOW) -> None:
+        self._median_window = max(1, min(int(median_window), window))
         self._spans: deque[Span] = deque(maxlen=capacity)
         self._open: dict[int, list[tuple[str, int]]] = {}  # thread id -> stack of (name, start_ns)
         self._current: dict[str, float] = {}  # section -> seconds in the step under way
@@ -258,21 +265,37 @@ class Recorder:
         return self._means()[1:]
 
     def _means(self) -> tuple[int, float | None, dict[str, float]]:
+        return self._summary()[:3]
+
+    def busy_median(self) -> tuple[float | None, int]:
+        """The median busy seconds per step (step time minus :data:`COMMUNICATION`) over the
+        newest ``median_window`` steps of the window, and over how many steps (None, 0 while
+        the window is empty)."""
+        return self._summary()[3:]
+
+    def _summary(self) -> tuple[int, float | None, dict[str, float], float | None, int]:
         with self._lock:
             window = list(self._window)
         if not window:
-            return 0, None, {}
+            return 0, None, {}, None, 0
         names = {n for _, sections in window for n in sections}
+        newest = window[-self._median_window:]
+        busy = sorted(max(0.0, s - sections.get(COMMUNICATION, 0.0)) for s, sections in newest)
+        half = len(busy) // 2
+        median = busy[half] if len(busy) % 2 else (busy[half - 1] + busy[half]) / 2
         return (len(window), sum(s for s, _ in window) / len(window),
-                {n: sum(sections.get(n, 0.0) for _, sections in window) / len(window) for n in sorted(names)})
+                {n: sum(sections.get(n, 0.0) for _, sections in window) / len(window) for n in sorted(names)},
+                median, len(busy))
 
     def timing(self, rank: int, step: int) -> wire.RankTiming | None:
         """This rank's :class:`salamander.wire.RankTiming` over the window (None while it is
-        empty): ``wait_s`` is the mean :data:`COMMUNICATION`; the sections are bounded to the
-        wire's limits (names cut to :data:`salamander.wire.MAX_SECTION_NAME` printable
-        characters; the largest kept, communication and other first, when there are too many)."""
-        count, step_s, means = self._means()
-        if step_s is None:
+        empty): ``wait_s`` is the mean :data:`COMMUNICATION`; ``busy_median_s`` the median
+        busy time per step over the newest ``median_window`` steps (:meth:`busy_median`); the
+        sections are bounded to the wire's limits (names cut to
+        :data:`salamander.wire.MAX_SECTION_NAME` printable characters; the largest kept,
+        communication and other first, when there are too many)."""
+        count, step_s, means, median, median_count = self._summary()
+        if step_s is None or median is None:
             return None
         sections: dict[str, float] = {}
         for name, seconds in means.items():
@@ -283,7 +306,8 @@ class Recorder:
             sections = {n: sections[n] for n in keep[:wire.MAX_TIMING_SECTIONS]}
         step_s = max(0.0, step_s)
         return wire.RankTiming(rank=int(rank), step=max(0, int(step)), window=count, step_s=step_s,
-                               wait_s=min(step_s, sections.get(COMMUNICATION, 0.0)), sections=sections)
+                               wait_s=min(step_s, sections.get(COMMUNICATION, 0.0)), sections=sections,
+                               busy_median_s=median, median_window=median_count)
 
     def spans(self) -> list[Span]:
         """The newest finished spans, oldest first."""

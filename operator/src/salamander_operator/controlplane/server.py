@@ -128,7 +128,9 @@ def heartbeat_timings(hb: pb.Heartbeat) -> dict[int, wire.RankTiming]:
     for i, t in enumerate(hb.ranks):
         try:
             timing = wire.RankTiming(rank=t.rank, step=t.step, window=t.window, step_s=t.step_s,
-                                     wait_s=t.wait_s, sections=dict(t.sections)).check()
+                                     wait_s=t.wait_s, sections=dict(t.sections),
+                                     busy_median_s=t.busy_median_s if t.HasField("busy_median_s") else None,
+                                     median_window=t.median_window).check()
         except wire.WireError as exc:
             raise ProtocolError("invalid_heartbeat", f"heartbeat.ranks[{i}]: {exc}") from None
         timings[timing.rank] = timing

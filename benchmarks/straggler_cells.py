@@ -1,0 +1,82 @@
+"""Selected cells of the straggler replay (``straggler_detection.py``, part (b)), with the same
+cases and seeds as the full benchmark, and the detector's median rules switchable for a
+before/after comparison on the same runs.
+
+    python benchmarks/straggler_cells.py --recordings REC.json --cells h64:0.5 --runs 80
+    python benchmarks/straggler_cells.py --recordings REC.json --cells s8:0.5 --runs 30 \\
+        --median-evidence-fraction 0.5 --median-family-z 0 --median-needs-means 0   # the earlier rules
+
+``--cells``: comma-separated ``KINDn:noise``: KIND ``h`` (healthy runs, seeds ``10000 n + s``)
+or ``s`` (slowed runs of ``--methods`` and ``--levels``, seeds as the benchmark's), ``n`` the
+ranks (8: one per node; 64: 8 nodes of 8, and the ``node`` method), ``noise`` the scale of each
+rank's own deviations (1: as recorded). ``--medians 0`` replays ranks of older workers (means
+only). Prints the benchmark's table, and the per-flag detail with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import straggler_detection as bd  # noqa: E402
+from salamander_operator import stragglers as sg  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recordings", required=True, help="part (a)'s recordings (--save-recordings)")
+    p.add_argument("--cells", default="h64:0.5")
+    p.add_argument("--runs", type=int, default=20, help="runs per cell (per method and level when slowed)")
+    p.add_argument("--levels", default="0.1,0.25,0.5")
+    p.add_argument("--methods", default="sleep,cpu,data,node")
+    p.add_argument("--medians", type=int, default=1)
+    p.add_argument("--median-evidence-fraction", type=float, default=None)
+    p.add_argument("--median-family-z", type=int, default=None)
+    p.add_argument("--median-needs-means", type=int, default=None)
+    p.add_argument("--means-family-z", type=int, default=None)
+    p.add_argument("--json", help="write every run's result here")
+    a = p.parse_args()
+    if a.median_evidence_fraction is not None:
+        sg.MEDIAN_EVIDENCE_FRACTION = a.median_evidence_fraction
+    if a.median_family_z is not None:
+        sg.MEDIAN_FAMILY_Z = bool(a.median_family_z)
+    if a.median_needs_means is not None:
+        sg.MEDIAN_NEEDS_MEANS = bool(a.median_needs_means)
+    if a.means_family_z is not None:
+        sg.MEANS_FAMILY_Z = bool(a.means_family_z)
+    print(f"median evidence fraction {sg.MEDIAN_EVIDENCE_FRACTION}, median family z {sg.MEDIAN_FAMILY_Z}, "
+          f"median needs means {sg.MEDIAN_NEEDS_MEANS}, means family z {sg.MEANS_FAMILY_Z}", file=sys.stderr)
+    noise, _ = bd.noise_from(json.loads(Path(a.recordings).read_text()))
+    methods, levels = a.methods.split(","), [float(x) for x in a.levels.split(",")]
+    cases = []
+    for cell in a.cells.split(","):
+        kind, rest = cell[0], cell[1:]
+        n_s, scale_s = rest.split(":")
+        n, scale = int(n_s), float(scale_s)
+        per_node = 1 if n <= 8 else 8
+        common = dict(noise_scale=scale, config=f"noise x{scale}{'' if a.medians else ', means only'}",
+                      medians=bool(a.medians))
+        if kind == "h":
+            cases += [bd.Case(n, per_node, "none", 0.0, 10_000 * n + s, **common) for s in range(a.runs)]
+            continue
+        for i, m in enumerate(bd.METHODS + (("node",) if per_node > 1 else ())):
+            for j, lvl in enumerate(bd.LEVELS):
+                if m in methods and lvl in levels:
+                    cases += [bd.Case(n, per_node, m, lvl, 1_000_000 * n + 100_000 * i + 1000 * j + s, **common)
+                              for s in range(a.runs)]
+    started = time.monotonic()
+    results = [bd.replay(noise, c) for c in cases]
+    bd.print_table(bd.summarize(results))
+    print(f"{len(cases)} runs in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
