@@ -288,9 +288,10 @@ def test_a_single_outlying_step_never_makes_a_straggler() -> None:
     assert all(job.state.tracks[r].straggler_since is None for r in range(6))
 
 
-def test_hysteresis_a_straggler_stays_one_until_it_has_been_calm_for_persist_steps() -> None:
+@pytest.mark.parametrize("medians", [False, True])
+def test_hysteresis_a_straggler_stays_one_until_it_has_been_calm_for_persist_steps(medians: bool) -> None:
     end = 300
-    job = Job(8, noisy(noise=0.005, seed=3, slow={5: 0.25}, onset=50, until=end))
+    job = Job(8, noisy(noise=0.005, seed=3, slow={5: 0.25}, onset=50, until=end), medians=medians)
     job.advance(end)
     assert job.first(5) is not None and job.history[-1][1][0].rank == 5
     cleared = None
@@ -466,23 +467,6 @@ def test_medians_healthy_noisy_ranks_are_never_flagged_in_long_runs(seed: int) -
     job.advance(1000)
     assert all(not fs for _, fs in job.history)
     assert job.state.recent == ()   # not even an episode towards imbalance
-
-
-def test_medians_hysteresis_a_straggler_stays_one_until_it_has_been_calm_for_persist_steps() -> None:
-    end = 300
-    job = Job(8, noisy(noise=0.005, seed=3, slow={5: 0.25}, onset=50, until=end), medians=True)
-    job.advance(end)
-    assert job.first(5) is not None and job.history[-1][1][0].rank == 5
-    cleared = None
-    for _ in range(200):
-        job.advance(1)
-        if not job.history[-1][1]:
-            cleared = job.step
-            break
-    assert cleared is not None
-    assert end + POLICY.persist_steps - 2 <= cleared <= end + POLICY.persist_steps + WINDOW, cleared - end
-    job.advance(200)
-    assert all(not fs for s, fs in job.history if s > cleared)
 
 
 def test_a_slowdown_in_fewer_than_half_the_steps_is_found_from_the_means_beside_the_medians() -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -280,9 +281,8 @@ class Recorder:
             return 0, None, {}, None, 0
         names = {n for _, sections in window for n in sections}
         newest = window[-self._median_window:]
-        busy = sorted(max(0.0, s - sections.get(COMMUNICATION, 0.0)) for s, sections in newest)
-        half = len(busy) // 2
-        median = busy[half] if len(busy) % 2 else (busy[half - 1] + busy[half]) / 2
+        busy = [max(0.0, s - sections.get(COMMUNICATION, 0.0)) for s, sections in newest]
+        median = statistics.median(busy)
         return (len(window), sum(s for s, _ in window) / len(window),
                 {n: sum(sections.get(n, 0.0) for _, sections in window) / len(window) for n in sorted(names)},
                 median, len(busy))

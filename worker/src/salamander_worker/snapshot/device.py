@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from salamander_worker.snapshot import pool
 from salamander_worker.snapshot.payload import Pending
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,8 @@ def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int | None
     Device destinations are filled at memory speed without page-locking the snapshot: each of
     ``threads`` workers copies its pieces (every ``threads``-th ``piece`` of the bytes) into
     one of its two page-locked staging buffers and queues the DMA from it on its own stream,
-    so host copies, on all workers at once, overlap the copy engines. A worker reuses a
-    staging buffer only after the DMA out of it has finished. Host destinations, sources that
+    so host copies, on all workers at once (on the bulk pool, :mod:`.pool`), overlap the copy
+    engines. A worker reuses a staging buffer only after the DMA out of it has finished. Host destinations, sources that
     are already page-locked, dtypes that differ, and GPUs other than the first one met are
     copied directly."""
     piece = UPLOAD_PIECE if piece is None else piece
@@ -267,30 +268,25 @@ def upload(copies: list[tuple[torch.Tensor, torch.Tensor]], *, piece: int | None
             return
         workers = max(1, min(threads, len(pieces)))
         device = pieces[0][0].device
+        size = min(piece, max(src.numel() for _, src in pieces))
 
         def work(index: int) -> None:
             stream = torch.cuda.Stream(device=device)
-            staging = [torch.empty(min(piece, max(p[1].numel() for p in pieces)), dtype=torch.uint8,
-                                   pin_memory=True) for _ in range(2)]
+            staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             freed = [torch.cuda.Event(), torch.cuda.Event()]
-            for n, (dst, src) in enumerate(pieces[index::workers]):
-                buffer = n % 2
-                if n >= 2:
-                    freed[buffer].synchronize()
-                stage = staging[buffer][:src.numel()]
-                np.copyto(stage.numpy(), src.numpy())
-                with torch.cuda.stream(stream):
-                    dst.copy_(stage, non_blocking=True)
-                    freed[buffer].record(stream)
+            with torch.no_grad():   # grad mode is per thread
+                for n, (dst, src) in enumerate(pieces[index::workers]):
+                    buffer = n % 2
+                    if n >= 2:
+                        freed[buffer].synchronize()
+                    stage = staging[buffer][:src.numel()]
+                    np.copyto(stage.numpy(), src.numpy())
+                    with torch.cuda.stream(stream):
+                        dst.copy_(stage, non_blocking=True)
+                        freed[buffer].record(stream)
             stream.synchronize()
 
-        if workers == 1:
-            work(0)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="salamander-upload") as pool:
-            for future in [pool.submit(work, index) for index in range(workers)]:
-                future.result()
+        pool.run(work, range(workers))   # the bulk pool; inline for a single worker
 
 
 def stable_pointers(model: torch.nn.Module, optimizer: Any) -> set[int]:
