@@ -159,14 +159,21 @@ def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:
     return [(tensor.detach(), ref) for tensor, ref in zip(tensors, layout.refs) if ref.nbytes]
 
 
-CHUNK = 1 << 20   # copy and checksum a tensor in 1 MiB pieces, each still in cache for its crc
+#: A tensor is checksummed and copied in pieces of this size: the crc32c reads a piece from the
+#: source, and the copy then reads it again from cache. At this size glibc copies with streaming
+#: stores when the agent has set its threshold (:mod:`salamander_worker.memcopy`).
+CHUNK = 1 << 20
 
 
 def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None) -> int | None:
     """Copy each pending tensor's bytes to its place in ``buffer`` (single-threaded memcpy,
     GIL released; device tensors come to the host here). With ``length`` (the payload's), also
-    return the crc32c of ``buffer[:length]``, computed piece by piece right after each copy, so
-    the checksum costs no extra pass over memory."""
+    return the crc32c of ``buffer[:length]``, computed piece by piece just before each piece's
+    copy, from the source, so the checksum costs no extra pass over memory: the copy reads the
+    piece from cache, and its destination need never be read back (streaming stores leave it
+    out of cache). Invariant: no pending tensor changes while this runs (the caller copies
+    anything the forward pass might change in the foreground, before training goes on), so the source's bytes and
+    the copy's are the same bytes."""
     from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
 
     target = np.frombuffer(buffer, dtype=np.uint8)
@@ -181,10 +188,10 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
         if length is not None and ref.offset > done:
             crc = checksum_update(target[done:ref.offset], crc)
         for start in range(0, ref.nbytes, CHUNK):
-            piece = target[ref.offset + start:ref.offset + min(ref.nbytes, start + CHUNK)]
-            np.copyto(piece, raw[start:start + len(piece)])
+            piece = raw[start:start + CHUNK]
             if length is not None:
                 crc = checksum_update(piece, crc)
+            np.copyto(target[ref.offset + start:ref.offset + start + len(piece)], piece)
         done = ref.offset + ref.nbytes
     if length is None:
         return None

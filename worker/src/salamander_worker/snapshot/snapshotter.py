@@ -216,6 +216,8 @@ class Snapshotter:
         elif not self.overlap:
             crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length)
             pending = []
+        else:
+            pending = self._copy_volatile(pending, self._data.payload(slot))
         blocking = time.perf_counter() - started - waited
         self.stats.snapshots += 1
         self.stats.blocking_s.append(blocking)
@@ -254,6 +256,17 @@ class Snapshotter:
         if not self.overlap:
             self._copier.wait()
         return True
+
+    def _copy_volatile(self, pending: payload.Pending, buffer: memoryview) -> payload.Pending:
+        """Copy now the tensors that training may change before ``optimizer.step()`` (buffers
+        such as batch-norm statistics, which the next forward updates in place); return the
+        rest (parameters and optimizer state), which the background copies while the next
+        forward and backward run, and which stay unchanged until the step waits for it."""
+        stable = stable_pointers(self.trainee.model, self.trainee.optimizer)
+        volatile = [(t, ref) for t, ref in pending if t.data_ptr() not in stable]
+        if volatile:
+            payload.copy_tensors(volatile, buffer)
+        return [(t, ref) for t, ref in pending if t.data_ptr() in stable]
 
     def _await_copy(self) -> None:
         if self._copier is not None:
