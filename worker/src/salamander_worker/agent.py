@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from salamander_worker import elastic_agent
+    from salamander_worker import elastic_agent, memcopy
     from salamander_worker.rendezvous import register as register_rendezvous
 
     # Standalone (one node, no endpoint): host a private store on a free port, as torchrun
@@ -119,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # survivors keep dialling the dead master and hang. Opting out makes every round publish a
     # fresh master address, so losing any node, worker 0 included, is survivable.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # Streaming stores for the snapshot's copies in the training processes (read at their start).
+    streaming = memcopy.tunables(os.environ)
+    if streaming is not None:
+        os.environ[memcopy.ENV_TUNABLES] = streaming
     endpoint = args.rdzv_endpoint or "localhost:0"
     run_id = args.run_id or uuid.uuid4().hex
     os.environ.setdefault(wire.ENV_RUN_ID, run_id)
