@@ -164,7 +164,7 @@ def test_coalesced_incidents_are_events_but_not_counts() -> None:
 def test_the_scanner_is_told_when_the_hang_threshold_falls_due() -> None:
     health = JobHealth(JOB, SPEC, clock=Clock())
     health.check_hang([StepBeat(1, 0.2)], 0.0)
-    assert health.seconds_to_hang(0.5) is None  # not armed: no progress seen yet
+    assert health.seconds_to_hang(0.5) == 1799.5  # not armed: only the start-up deadline (default 1800 s)
     health.check_hang([StepBeat(2, 0.2)], 1.0)
     assert health.seconds_to_hang(3.0) == 3.0  # floor 5 s from the step at t=1
     assert health.check_hang([StepBeat(2, 0.2)], 6.0) is not None  # exactly at the threshold
@@ -218,3 +218,61 @@ def test_a_failure_in_the_new_round_is_new_even_before_its_first_step_is_seen() 
     new_round = killed_report()
     new_round.round_started_unix_ns = int((T0.timestamp() + 3) * 1e9)  # started after the restart
     assert health.on_report(AGENT, new_round).charged
+
+
+STARTUP = parse_spec({"failurePolicy": {"hang": {"floorSeconds": 5, "startupSeconds": 60}},
+                      "worker": {"image": "i", "command": ["python", "train.py"]}})
+
+
+def test_no_first_step_within_startup_seconds_is_a_hang() -> None:
+    health = JobHealth(JOB, STARTUP, clock=Clock())
+    assert health.check_hang([StepBeat(0, regrouping=True), StepBeat(0)], 0.0) is None   # rendezvous
+    assert health.check_hang([StepBeat(0), StepBeat(0)], 100.0) is None   # the processes run: clock starts
+    assert health.seconds_to_hang(130.0) == 30.0
+    assert health.check_hang([StepBeat(0), StepBeat(0)], 159.9) is None
+    incident = health.check_hang([StepBeat(0), StepBeat(0)], 160.0)
+    assert incident is not None
+    assert incident.classification.kind == "Hang" and incident.decision.action is FailureAction.RESTART_PROCESSES
+    assert "no first step 60.0 s after the processes started" in incident.classification.evidence
+    assert incident.occurred_at == T0 - datetime.timedelta(seconds=60)
+    # judged once: the restarted round gets a clock of its own
+    assert health.check_hang([StepBeat(0)], 161.0) is None
+    assert health.seconds_to_hang(161.0) == 60.0
+
+
+def test_startup_is_not_timed_while_agents_wait_or_none_report() -> None:
+    health = JobHealth(JOB, STARTUP, clock=Clock())
+    assert health.check_hang([], 0.0) is None   # pods not scheduled yet: no agent reports
+    assert health.seconds_to_hang(0.0) is None
+    for t in range(0, 1000, 10):   # an agent waits in rendezvous for a peer for a long time
+        assert health.check_hang([StepBeat(0, regrouping=True), StepBeat(0)], float(t)) is None
+    assert health.seconds_to_hang(1000.0) is None
+    assert health.check_hang([StepBeat(0), StepBeat(0)], 1000.0) is None
+    assert health.check_hang([StepBeat(0), StepBeat(0)], 1059.0) is None
+    assert health.check_hang([StepBeat(0), StepBeat(0)], 1060.0) is not None
+
+
+def test_a_first_step_ends_the_startup_clock() -> None:
+    health = JobHealth(JOB, STARTUP, clock=Clock())
+    health.check_hang([StepBeat(40)], 0.0)     # resumed at step 40 (a restore): not progress
+    health.check_hang([StepBeat(40)], 50.0)
+    assert health.check_hang([StepBeat(41, 0.2)], 59.0) is None    # the first step: armed
+    assert health.watch.armed
+    assert health.check_hang([StepBeat(41, 0.2)], 63.9) is None    # now the step-time rule: floor 5 s
+    incident = health.check_hang([StepBeat(41, 0.2)], 64.1)
+    assert incident is not None and "no progress for" in incident.classification.evidence
+
+
+def test_startup_seconds_zero_never_judges_startup() -> None:
+    spec = parse_spec({"failurePolicy": {"hang": {"startupSeconds": 0}}, "worker": {"image": "i", "command": ["c"]}})
+    health = JobHealth(JOB, spec, clock=Clock())
+    health.check_hang([StepBeat(0)], 0.0)
+    assert health.check_hang([StepBeat(0)], 1e6) is None
+    assert health.seconds_to_hang(1e6) is None
+
+
+def test_a_restart_resets_the_startup_clock() -> None:
+    health = JobHealth(JOB, STARTUP, clock=Clock())
+    health.check_hang([StepBeat(0)], 0.0)
+    health.planned_disruption()          # resets the watch (here: at the real monotonic time)
+    assert health.watch.started is None

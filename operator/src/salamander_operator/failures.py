@@ -159,6 +159,16 @@ def hang_threshold(step_times_s: list[float], factor: float = 3.0, floor_s: floa
     return min(MAX_HANG_THRESHOLD_S, max(floor_s, factor * median))
 
 
+def classify_startup_hang(since_start_s: float, startup_s: float) -> Classification | None:
+    """A hang before the first step: the round's processes have run ``startup_s`` (or longer)
+    without one. ``startup_s`` 0 never judges start-up."""
+    if startup_s <= 0 or since_start_s < startup_s:
+        return None
+    return Classification(Source.HANG, "Hang", Severity.SEV2,
+                          f"no first step {since_start_s:.1f} s after the processes started "
+                          f"(startupSeconds {startup_s:.1f} s)")
+
+
 def classify_hang(since_progress_s: float, threshold_s: float) -> Classification | None:
     """A hang once the job has made no progress for ``threshold_s`` (or longer)."""
     if since_progress_s < threshold_s:

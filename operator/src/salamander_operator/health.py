@@ -7,7 +7,10 @@ and :meth:`drain`, possibly from other threads (the local runtime).
 
 Hang invariant: a hang is judged only while the watch is *armed*, that is after the job's step
 has changed at least once since the watch was (re)set, so start-up, rendezvous and checkpoint
-loading after a restart are never mistaken for a hang.
+loading after a restart are never mistaken for a hang. Before that, start-up is judged on its own
+clock (``hang.startupSeconds``), which runs only while agents report and none is regrouping: it
+starts when the round's processes have started everywhere, never while pods wait to be scheduled
+or agents wait in rendezvous.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from salamander.api import TrainingJobSpec, TrainingJobStatus
 from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.desired import JobRef
-from salamander_operator.failures import classify_exception, classify_exit, classify_hang, hang_threshold
+from salamander_operator.failures import (classify_exception, classify_exit, classify_hang, classify_startup_hang,
+                                          hang_threshold)
 from salamander_operator.incidents import Incident
 from salamander_operator.policy import Decision, FailureEvidence, RestartHistory, decide
 
@@ -64,6 +68,7 @@ class StepWatch:
     since: float = 0.0
     armed: bool = False
     reset_at: float = float("-inf")
+    started: float | None = None   # when the round's processes were first seen running, unarmed
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
 
     def observe(self, step: int, step_time_s: float, now: float, age_s: float | None = None) -> None:
@@ -82,7 +87,13 @@ class StepWatch:
 
     def reset(self, now: float) -> None:
         """After a restart: wait for new progress before judging again."""
-        self.armed, self.since, self.reset_at = False, now, now
+        self.armed, self.since, self.reset_at, self.started = False, now, now, None
+
+    def running(self, now: float) -> None:
+        """Every reporting agent has its processes running: the start-up clock runs from now,
+        unless it already does or the job has made progress."""
+        if not self.armed and self.started is None:
+            self.started = now
 
 
 class JobHealth:
@@ -194,12 +205,19 @@ class JobHealth:
                 step_time_s = max((b.step_time_s for b in reported if b.step == step), default=0.0)
                 step_at = max((b.step_at for b in reported if b.step == step), default=0.0)
                 self.watch.observe(step, step_time_s, monotonic_now, time.time() - step_at if step_at > 0 else None)
-            if not (spec.failure_policy.hang.enabled and self.watch.armed):
-                return None
+                self.watch.running(monotonic_now)
             hang = spec.failure_policy.hang
-            threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
-            silent_s = monotonic_now - self.watch.since
-            classification = classify_hang(silent_s, threshold)
+            if not hang.enabled:
+                return None
+            if self.watch.armed:
+                threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
+                silent_s = monotonic_now - self.watch.since
+                classification = classify_hang(silent_s, threshold)
+            elif reported and self.watch.started is not None:
+                silent_s = monotonic_now - self.watch.started
+                classification = classify_startup_hang(silent_s, hang.startup_seconds)
+            else:
+                return None
             if classification is None:
                 return None
             now = self._clock()
@@ -215,10 +233,14 @@ class JobHealth:
         hang now), so a scanner can wake exactly then instead of a scan interval late."""
         hang = self.spec.failure_policy.hang
         with self._lock:
-            if not (hang.enabled and self.watch.armed):
+            if not hang.enabled:
                 return None
-            threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
-            return max(0.0, self.watch.since + threshold - monotonic_now)
+            if self.watch.armed:
+                threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
+                return max(0.0, self.watch.since + threshold - monotonic_now)
+            if self.watch.started is not None and hang.startup_seconds > 0:
+                return max(0.0, self.watch.started + hang.startup_seconds - monotonic_now)
+            return None
 
     def _decide(self, evidence: FailureEvidence, now: datetime.datetime,
                 round_started: datetime.datetime | None = None) -> Decision:

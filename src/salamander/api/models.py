@@ -145,11 +145,16 @@ class FailureRule(ApiModel):
 
 
 class HangPolicy(ApiModel):
-    """A hang is no progress for ``factor`` x the median step time, never less than ``floorSeconds``."""
+    """A hang is no progress for ``factor`` x the median step time, never less than ``floorSeconds``;
+    or, before the first step of a round (start-up, rendezvous done, checkpoint loading,
+    compilation), no step within ``startupSeconds`` of the processes' start."""
 
     enabled: bool = True
     factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 3.0
     floor_seconds: Annotated[float, Field(ge=1.0, le=86_400.0)] = 10.0
+    startup_seconds: Annotated[float, Field(ge=0.0, le=7 * 86_400.0)] = Field(1800.0, description=(
+        "How long the training processes of a round may run before their first step; longer is a "
+        "hang (0: never judge start-up). The clock starts when every agent has started its processes."))
 
 
 class FailurePolicy(ApiModel):

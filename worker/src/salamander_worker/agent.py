@@ -257,6 +257,8 @@ def _start_heartbeat(nproc_per_node: int, rdzv_endpoint: str, run_id: str):  # -
     read = store_progress_reader(rdzv_endpoint, run_id) if rdzv_endpoint else (lambda: None)
     timings = os.environ.get(wire.ENV_TIMINGS_DIR, "")
     heartbeat = Heartbeat(endpoint, token, identity, read, timings_reader(timings) if timings else None)
+    # No processes yet: no step is due (nor is start-up timed) until the first round has started.
+    heartbeat.regrouping.set()
     heartbeat.start()
     log.info("heartbeating to the control plane at %s as %s", endpoint, identity.pod)
     return heartbeat

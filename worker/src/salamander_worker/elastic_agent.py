@@ -107,6 +107,10 @@ class SalamanderAgent(LocalElasticAgent):
         started = super()._start_workers(worker_group)
         if self.metrics is not None:
             self.metrics.workers(len(started))
+        if self.link is not None:
+            # The processes run: from now on the operator's start-up clock runs (until then,
+            # including the first rendezvous, the agent reports itself regrouping).
+            self.link.regrouping.clear()
         return started
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
