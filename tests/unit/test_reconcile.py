@@ -194,6 +194,31 @@ def test_recreation_after_the_deletion_is_observed_counts_nothing_again() -> Non
     assert timeless(later) == timeless(third.status)
 
 
+def test_a_replacement_waits_out_the_backoff() -> None:
+    """``backoffSeconds`` delays pod replacements as it delays restarts in place: the failed pod
+    is deleted at once, but nothing is created until the backoff has run out."""
+    s = parse_spec({"replicas": {"min": 2, "max": 2}, "restartBudget": 5,
+                    "failurePolicy": {"backoffSeconds": 30, "maxBackoffSeconds": 300},
+                    "worker": {"image": "img", "command": ["python", "train.py"]}})
+    first = reconcile(JOB, s, [ready(0), failed(1, exit_code=1)], running_status(), None, T1)
+    assert first.delete == (1,) and first.create == ()
+    assert first.status.replacements_after == T1 + datetime.timedelta(seconds=30)
+    assert "replacing worker 1 (llm-worker-1) after 30 s" in " ".join(e.message for e in first.events)
+    held = reconcile(JOB, s, [ready(0)], first.status, None, T1 + datetime.timedelta(seconds=29))
+    assert held.create == () and held.status.replacements_after == first.status.replacements_after
+    released = reconcile(JOB, s, [ready(0)], held.status, None, T1 + datetime.timedelta(seconds=30))
+    assert released.create == (1,) and released.status.replacements_after is None
+    # The second replacement in the window backs off twice as long.
+    second = reconcile(JOB, s, [ready(0), failed(1, exit_code=1)], released.status, None, T2)
+    assert second.status.replacements_after == T2 + datetime.timedelta(seconds=60)
+
+
+def test_without_backoff_nothing_is_held() -> None:
+    first = reconcile(JOB, spec(2, 2), [ready(0), failed(1, exit_code=1)], running_status(), None, T1)
+    assert first.status.replacements_after is None
+    assert reconcile(JOB, spec(2, 2), [ready(0)], first.status, None, T1).create == (1,)
+
+
 def test_several_failures_in_one_pass_are_counted_and_numbered() -> None:
     plan = reconcile(JOB, spec(1, 3, budget=5), [ready(0), failed(1), failed(2, exit_code=2)],
                      FRESH.model_copy(update={"restarts": 1}), None, T0)

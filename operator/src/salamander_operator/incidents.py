@@ -8,6 +8,8 @@ one into the status is pure and does the bookkeeping the same way for all:
 * a charged decision adds one to ``restarts`` and its time to ``restartTimes``;
 * ``lastFailure`` becomes this one, with the detection latency where the evidence dates it;
 * a ``ReplaceNode`` decision quarantines the node for ``quarantineSeconds``;
+* a replacement with a backoff (``delay_s``) holds every worker creation until
+  ``replacementsAfter`` (the latest of the holds);
 * every incident is one Warning event that names the failure, its latency, and the action.
 """
 
@@ -72,6 +74,7 @@ def fold_incidents(status: TrainingJobStatus, incidents: Iterable[Incident], pol
     restarts, times = status.restarts, list(status.restart_times)
     record = status.last_failure
     quarantined = list(status.quarantined_nodes)
+    hold = status.replacements_after
     replace: set[int] = set()
     failure: tuple[str, str] | None = None
     events: list[tuple[str, str, str]] = []
@@ -96,7 +99,13 @@ def fold_incidents(status: TrainingJobStatus, incidents: Iterable[Incident], pol
             failure = failure or (d.fail_reason or Reason.FAILED_BY_POLICY, f"{message}")
         elif d.action in (FailureAction.REPLACE_POD, FailureAction.REPLACE_NODE) and incident.worker is not None:
             replace.add(incident.worker)
-            events.append(("Normal", Reason.WORKER_REPLACED, f"replacing worker {incident.worker} ({incident.pod}){numbered}"))
+            after = ""
+            if d.delay_s > 0:
+                until = incident.detected_at + datetime.timedelta(seconds=d.delay_s)
+                hold = until if hold is None else max(hold, until)
+                after = f" after {d.delay_s:.0f} s"
+            events.append(("Normal", Reason.WORKER_REPLACED,
+                           f"replacing worker {incident.worker} ({incident.pod}){after}{numbered}"))
             if d.action is FailureAction.REPLACE_NODE and incident.node and policy.quarantine_seconds > 0:
                 quarantined = quarantine(quarantined, incident.node, now, policy.quarantine_seconds, c.kind)
                 events.append(("Warning", Reason.NODE_QUARANTINED,
@@ -107,7 +116,8 @@ def fold_incidents(status: TrainingJobStatus, incidents: Iterable[Incident], pol
             events.append(("Normal", Reason.PROCESSES_RESTARTED,
                            f"restarting the processes of {where} in place{delay} ({c.kind}){numbered}"))
     status = status.model_copy(update={"failure_counts": counts, "restarts": restarts, "restart_times": times,
-                                       "last_failure": record, "quarantined_nodes": quarantined})
+                                       "last_failure": record, "quarantined_nodes": quarantined,
+                                       "replacements_after": hold})
     return Folded(status, frozenset(replace), failure, tuple(events))
 
 

@@ -14,7 +14,8 @@ the operator, so running it twice on the same input is harmless. Rules, in order
    channels decided (a process restarted in place, a hang), then each failed worker, decided
    by the failure policy (:mod:`.policy`). A worker to replace is deleted, to be recreated
    under the same name on a later pass; a ``ReplaceNode`` also quarantines its node. A
-   ``FailJob`` decision (a rule, a restart storm, the budget spent) fails the job.
+   ``FailJob`` decision (a rule, a restart storm, the budget spent) fails the job. A
+   replacement decided with a backoff holds every creation until ``replacementsAfter``.
 5. The job wants ``max`` workers, or the cluster planner's count when it plans (an
    ``allocation``, clamped to ``max``). Missing workers get the lowest free indices in
    ``[0, max)``; indices ``>= max`` are removed; beyond the wanted count, waiting workers go
@@ -164,6 +165,7 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
         return Plan(delete=_unfinished(live), status=_ended(status, job, Phase.FAILED, reason, message, now),
                     events=tuple(events), incidents=(*incidents, *pod_incidents))
     status, released = _release_quarantine(status, now)
+    status = _release_replacement_hold(status, now)
     events.extend(Event("Normal", Reason.NODE_RELEASED, f"node {node} is out of quarantine") for node in released)
 
     status, allocation_events = _with_allocation(status, allocation)
@@ -175,6 +177,8 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
     replaced = {w.index for w in failed} | folded.replace | folded_pods.replace | evicted
     wanted = spec.replicas.max if allocation is None else min(allocation.workers, spec.replicas.max)
     create, delete = _membership(observed, live, replaced, wanted, spec.replicas.max)
+    if status.replacements_after is not None:
+        create = ()   # backing off after a replacement (released on the first pass past it)
     kept = [w for w in running if w.index not in replaced and w.index not in delete]
     if wanted == 0:
         new_status = _suspended_status(status, job, allocation, now)
@@ -289,6 +293,13 @@ def _release_quarantine(status: TrainingJobStatus, now: datetime.datetime) -> tu
     if not released:
         return status, []
     return status.model_copy(update={"quarantined_nodes": kept}), released
+
+
+def _release_replacement_hold(status: TrainingJobStatus, now: datetime.datetime) -> TrainingJobStatus:
+    """Status without a replacement backoff that has run out."""
+    if status.replacements_after is None or status.replacements_after > now:
+        return status
+    return status.model_copy(update={"replacements_after": None})
 
 
 def _membership_events(before: TrainingJobStatus, after: TrainingJobStatus,

@@ -567,6 +567,9 @@ class TrainingJobStatus(ApiModel):
     restart_times: list[datetime.datetime] = Field(default_factory=list, description=(
         "When the restarts of the newest policy window happened (for the storm guard)."))
     quarantined_nodes: list[QuarantinedNode] = Field(default_factory=list)
+    replacements_after: datetime.datetime | None = Field(None, description=(
+        "No worker is created before this time: the backoff (failurePolicy.backoffSeconds) of the "
+        "newest pod replacement."))
     stragglers: list[StragglerRecord] = Field(default_factory=list, description=(
         "The current stragglers, slowest first."))
     allocation: AllocationRecord | None = Field(None, description=(

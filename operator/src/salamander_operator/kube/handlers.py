@@ -200,10 +200,13 @@ class JobSupervisor:
 
     def next_pass_in(self, resync_s: float) -> float:
         """Seconds until the next pass that no event asks for: the resync period, or sooner when
-        a quarantine ends then, so that the node is released on time."""
-        if self.status.phase.terminal or not self.status.quarantined_nodes:
+        a quarantine or a replacement backoff ends then, so that it is released on time."""
+        ends = [q.until for q in self.status.quarantined_nodes]
+        if self.status.replacements_after is not None:
+            ends.append(self.status.replacements_after)
+        if self.status.phase.terminal or not ends:
             return resync_s
-        soonest = min(q.until for q in self.status.quarantined_nodes)
+        soonest = min(ends)
         left = (soonest - datetime.datetime.now(datetime.UTC)).total_seconds()
         return min(resync_s, max(0.05, left + 0.05))
 
