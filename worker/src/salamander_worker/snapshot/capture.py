@@ -21,7 +21,7 @@ structure or shapes raises :class:`CaptureError` before anything is changed.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from salamander_worker.snapshot import pool
 from salamander_worker.snapshot.device import upload
+from salamander_worker.snapshot.state_dicts import StateDicts
 
 
 class CaptureError(RuntimeError):
@@ -49,6 +50,7 @@ class Trainee:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Stateful | None = None
+    state_dicts: StateDicts = field(default_factory=StateDicts, repr=False, compare=False)
 
     @property
     def sharded(self) -> bool:
@@ -76,13 +78,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _model_and_optimizer(trainee: Trainee) -> tuple[dict[str, Any], Any]:
+    """``get_state_dict``'s answer (through :class:`.state_dicts.StateDicts`)."""
     if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
-        model_state, _ = get_state_dict(trainee.model, [])
+        model_state, _ = trainee.state_dicts(trainee.model, None)
         return model_state, trainee.optimizer.optim.state_dict()
-    if trainee.optimizer is None:
-        model_state, _ = get_state_dict(trainee.model, [])
-        return model_state, None
-    return get_state_dict(trainee.model, trainee.optimizer)
+    return trainee.state_dicts(trainee.model, trainee.optimizer)
 
 
 def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:
