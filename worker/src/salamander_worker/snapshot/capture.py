@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from salamander_worker.snapshot import pool
