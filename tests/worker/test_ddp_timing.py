@@ -90,4 +90,7 @@ def test_the_slow_rank_is_busier_and_its_peer_waits(tmp_path: Path) -> None:
     assert slow.busy_s - fast.busy_s >= 0.03, report
     assert fast.wait_s > slow.wait_s, report
     assert fast.sections["communication"] >= 0.03 and fast.sections["forward"] < slow.sections["forward"], report
-    assert abs(fast.step_s - slow.step_s) < 0.1 * slow.step_s, report  # synchronous: about the same step time
+    # Synchronous: the fast rank steps at the slow rank's pace, not its own. Its step time is far
+    # nearer the slow rank's than the busy-time gap (the two differ only by where each window's
+    # first and last steps fall, which a loaded machine can move by a few ms).
+    assert abs(fast.step_s - slow.step_s) < 0.5 * (slow.busy_s - fast.busy_s), report
