@@ -224,7 +224,7 @@ SEQ_CLIP_FRACTION = 5.0
 #: The job's average run length between false alarms of the sequential test, in steps, split
 #: over its ranks (Bonferroni): see :func:`sequential_threshold`. Chosen on healthy replays with
 #: seeds other than the reported ones (docs/straggler-cusum.md).
-SEQ_ARL_STEPS = 3e5
+SEQ_ARL_STEPS = 1e6
 #: Steps over which the long-run variance of the ranks' log busy time is averaged (a running
 #: mean over the first ones, then an exponential average).
 SEQ_VAR_STEPS = 512
