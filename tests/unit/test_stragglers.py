@@ -994,7 +994,7 @@ def test_sequential_threshold_is_a_bonferroni_split_that_grows_with_the_noise() 
     h8, h64 = sg.sequential_threshold(0.01, k, 8), sg.sequential_threshold(0.01, k, 64)
     assert 0 < h8 < h64 < sg.sequential_threshold(0.04, k, 64)
     assert h64 - h8 == pytest.approx(0.01 / (2 * k) * math.log(8))
-    assert sg.sequential_threshold(0.01, k, 8, arl_steps=1e6) > h8
+    assert sg.sequential_threshold(0.01, k, 8, arl_steps=10 * sg.SEQ_ARL_STEPS) > h8
     assert sg.sequential_threshold(1e9, k, 8) == pytest.approx(1e9 / (2 * k))  # never below v / 2k
     with pytest.raises(ValueError):
         sg.sequential_threshold(0.0, k, 8)

@@ -117,7 +117,8 @@ a mean square, not a MAD: the healthy slow stretches are its heavy tail), averag
 :data:`SEQ_VAR_STEPS` steps. Invariants (for healthy steps whose log-ratio stays below ``k``):
 a burst of slow steps shorter than ``persistSteps / 2`` is never evidence, whatever its size (the
 median of the newest ``persistSteps`` stays below ``k``); no rank is confirmed before a run of
-``S > 0`` spanning ``persistSteps`` steps; a slowdown of ``X >= minSlowdown`` on most steps is
+``S > 0`` spanning ``persistSteps`` steps (which noise may have begun before the slowdown: the
+slowdown itself has then lasted at least ``persistSteps / 2`` steps); a slowdown of ``X >= minSlowdown`` on most steps is
 confirmed about ``max(persistSteps, h / (log(1 + X) - k))`` steps after it starts. ``S`` is capped
 at ``SEQ_CAP h``, so it drains within ``SEQ_CAP h / k`` steps after a slowdown ends. The test
 adds confirmations and evidence (which keeps a straggler one, and counts toward ``node``);
