@@ -712,7 +712,7 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
                        if (cause := _median_evidence(median_scores[r], fresh[r], median_sections, policy, median_z))
                        is not None}
     # the sequential test, on per-step busy times lined up by step
-    seq, seq_step, seq_var, seq_var_steps, seq_h = _sequential(state, checked, fresh, nodes, policy)
+    seq, seq_step, seq_var, seq_var_steps, seq_h = _sequential(state, fresh, nodes, policy)
     seq_evidence_of = {r: _busy_cause(fresh[r], median_sections) for r, x in seq.items()
                        if r in scores and seq_h is not None and seq_evidence(x, seq_h, policy)}
     # node: every rank (two or more) of a known node has busy evidence (from any signal)
@@ -774,7 +774,7 @@ def _with_seq(track: RankTrack, x: SeqRank) -> RankTrack:
     return replace(track, seq_s=x.s, seq_since=x.since, seq_recent=x.recent)
 
 
-def _sequential(state: DetectorState, checked: Mapping[int, RankTiming], fresh: Mapping[int, RankTiming],
+def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
                 nodes: Mapping[int, str], policy: StragglerPolicy
                 ) -> tuple[dict[int, SeqRank], int | None, float | None, int, float | None]:
     """The sequential test after one observation: every judged rank's :class:`SeqRank`, the
