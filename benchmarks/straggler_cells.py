@@ -10,7 +10,10 @@ before/after comparison on the same runs.
 or ``s`` (slowed runs of ``--methods`` and ``--levels``, seeds as the benchmark's), ``n`` the
 ranks (8: one per node; 64: 8 nodes of 8, and the ``node`` method), ``noise`` the scale of each
 rank's own deviations (1: as recorded). ``--medians 0`` replays ranks of older workers (means
-only). Prints the benchmark's table, and the per-flag detail with ``--json``.
+only). ``--per-step 0,1`` replays every run twice in the same process: as ranks that send no
+per-step busy times (main's detector: means and medians) and as ranks that do (the sequential
+test beside them); the config column says which. Prints the benchmark's table, and the
+per-flag detail with ``--json``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,14 @@ def main() -> int:
     p.add_argument("--levels", default="0.1,0.25,0.5")
     p.add_argument("--methods", default="sleep,cpu,data,node")
     p.add_argument("--medians", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
     p.add_argument("--median-evidence-fraction", type=float, default=None)
     p.add_argument("--median-family-z", type=int, default=None)
     p.add_argument("--median-needs-means", type=int, default=None)
     p.add_argument("--means-family-z", type=int, default=None)
+    p.add_argument("--seq-arl", type=float, default=None, help="the sequential test's SEQ_ARL_STEPS")
+    p.add_argument("--per-step", default="0", help="comma-separated 0/1: replay without / with per-step busy times")
+    p.add_argument("--seed-offset", type=int, default=0, help="added to every seed (tuning runs apart from reported)")
     p.add_argument("--json", help="write every run's result here")
     a = p.parse_args()
     if a.median_evidence_fraction is not None:
@@ -49,8 +56,11 @@ def main() -> int:
         sg.MEDIAN_NEEDS_MEANS = bool(a.median_needs_means)
     if a.means_family_z is not None:
         sg.MEANS_FAMILY_Z = bool(a.means_family_z)
+    if a.seq_arl is not None:
+        sg.SEQ_ARL_STEPS = a.seq_arl
     print(f"median evidence fraction {sg.MEDIAN_EVIDENCE_FRACTION}, median family z {sg.MEDIAN_FAMILY_Z}, "
-          f"median needs means {sg.MEDIAN_NEEDS_MEANS}, means family z {sg.MEANS_FAMILY_Z}", file=sys.stderr)
+          f"median needs means {sg.MEDIAN_NEEDS_MEANS}, means family z {sg.MEANS_FAMILY_Z}, "
+          f"sequential ARL {sg.SEQ_ARL_STEPS:g} steps", file=sys.stderr)
     noise, _ = bd.noise_from(json.loads(Path(a.recordings).read_text()))
     methods, levels = a.methods.split(","), [float(x) for x in a.levels.split(",")]
     cases = []
@@ -59,18 +69,25 @@ def main() -> int:
         n_s, scale_s = rest.split(":")
         n, scale = int(n_s), float(scale_s)
         per_node = 1 if n <= 8 else 8
-        common = dict(noise_scale=scale, config=f"noise x{scale}{'' if a.medians else ', means only'}",
-                      medians=bool(a.medians))
-        if kind == "h":
-            cases += [bd.Case(n, per_node, "none", 0.0, 10_000 * n + s, **common) for s in range(a.runs)]
-            continue
-        for i, m in enumerate(bd.METHODS + (("node",) if per_node > 1 else ())):
-            for j, lvl in enumerate(bd.LEVELS):
-                if m in methods and lvl in levels:
-                    cases += [bd.Case(n, per_node, m, lvl, 1_000_000 * n + 100_000 * i + 1000 * j + s, **common)
-                              for s in range(a.runs)]
+        off = a.seed_offset
+        for ps in (bool(int(x)) for x in a.per_step.split(",")):
+            common = dict(noise_scale=scale, medians=bool(a.medians), per_step=ps,
+                          config=f"noise x{scale}{'' if a.medians else ', means only'}{', per-step' if ps else ''}")
+            if kind == "h":
+                cases += [bd.Case(n, per_node, "none", 0.0, 10_000 * n + s + off, **common) for s in range(a.runs)]
+                continue
+            for i, m in enumerate(bd.METHODS + (("node",) if per_node > 1 else ())):
+                for j, lvl in enumerate(bd.LEVELS):
+                    if m in methods and lvl in levels:
+                        cases += [bd.Case(n, per_node, m, lvl, 1_000_000 * n + 100_000 * i + 1000 * j + s + off,
+                                          **common) for s in range(a.runs)]
     started = time.monotonic()
-    results = [bd.replay(noise, c) for c in cases]
+    if a.workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(max_workers=a.workers) as pool:
+            results = list(pool.map(bd._replay_star, [(noise, c) for c in cases], chunksize=2))
+    else:
+        results = [bd.replay(noise, c) for c in cases]
     bd.print_table(bd.summarize(results))
     print(f"{len(cases)} runs in {time.monotonic() - started:.0f} s", file=sys.stderr)
     if a.json:

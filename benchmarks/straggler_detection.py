@@ -89,6 +89,7 @@ LEVELS = (0.10, 0.25, 0.50)
 METHODS = ("sleep", "cpu", "data")
 WINDOW = 32  # salamander_worker.sections.WINDOW_STEPS
 MEDIAN_WINDOW = 16  # salamander_worker.sections.MEDIAN_WINDOW
+BUSY_STEPS = 64  # salamander_worker.sections.BUSY_STEPS: per-step busy times per timing
 SLOW_RANK = 1
 #: Duty cycles of the cpu method's spinning thread per level (its effect is measured, not set).
 CPU_DUTY = {0.10: 0.12, 0.25: 0.2, 0.50: 0.3}
@@ -266,12 +267,14 @@ class Stream:
 
 
 def timings_at(means: dict[str, np.ndarray], t: int, window: int, first_step: int,
-               medians: bool = True) -> dict[int, RankTiming]:
+               medians: bool = True, per_step: bool = False) -> dict[int, RankTiming]:
     """Every rank's RankTiming at step index ``t`` from the windowed means and, with
     ``medians`` (as the worker sends; without: as older workers did), the windowed median of
-    busy time."""
+    busy time; with ``per_step``, also the busy times of its newest :data:`BUSY_STEPS` steps
+    (``busy_steps``, as newer workers send them; row ``i`` is step ``first_step + i + 1``)."""
     n = means["wait"].shape[1]
     count = min(MEDIAN_WINDOW, window)
+    lo = max(0, t - BUSY_STEPS + 1)
     out = {}
     for r in range(n):
         secs = {name: float(means[name][t, r]) for name in BUSY_SECTIONS}
@@ -281,6 +284,9 @@ def timings_at(means: dict[str, np.ndarray], t: int, window: int, first_step: in
         extra: dict[str, Any] = {}
         if medians:
             extra = {"busy_median_s": max(0.0, float(means["busy_median"][t, r])), "median_window": count}
+        if per_step:
+            extra.update(busy_first_step=first_step + lo + 1,
+                         busy_steps=tuple(max(0.0, float(v)) for v in means["busy_steps"][lo:t + 1, r]))
         out[r] = RankTiming(rank=r, step=first_step + t + 1, window=window, step_s=step_s, wait_s=min(wait, step_s),
                             sections=secs, **extra)
     return out
@@ -387,6 +393,7 @@ class Case:
     persist_steps: int = 30
     config: str = ""
     medians: bool = True         # the ranks send the windowed median of busy time (False: means only)
+    per_step: bool = False       # the ranks send per-step busy times (the sequential test)
 
 
 def rank_sections(noise: Noise, case: Case, rng: np.random.Generator, common: np.ndarray) -> dict[str, np.ndarray]:
@@ -469,7 +476,7 @@ def replay(noise: Noise, case: Case) -> dict[str, Any]:
         if t - restart + 1 < sg.MIN_WINDOW:
             continue
         window = min(WINDOW, t - restart + 1)
-        timings = timings_at(means, t - restart, window, restart, case.medians)
+        timings = timings_at(means, t - restart, window, restart, case.medians, case.per_step)
         now = T0 + datetime.timedelta(seconds=clock)
         state, findings = sg.observe(state, timings, nodes, policy, now)
         for f in findings:
@@ -522,6 +529,7 @@ def _means(stream: Stream, start: int) -> dict[str, np.ndarray]:
     means = {k: windowed(v[start:]) for k, v in stream.sections.items()}
     means["wait"] = windowed(stream.wait[start:])
     means["busy_median"] = windowed_median(stream.busy[start:])
+    means["busy_steps"] = stream.busy[start:]
     return means
 
 

@@ -302,7 +302,17 @@ class RankTiming:
     and ``>= 0``, ``wait_s <= step_s`` (within rounding), at most :data:`MAX_TIMING_SECTIONS`
     sections with names of 1..:data:`MAX_SECTION_NAME` printable characters; ``busy_median_s``
     either None with ``median_window == 0``, or finite and ``>= 0`` with
-    ``1 <= median_window <= window``.
+    ``1 <= median_window <= window``; ``busy_steps`` at most :data:`MAX_BUSY_STEPS` values, each
+    finite and ``>= 0``, ``busy_first_step >= 0`` (0 when ``busy_steps`` is empty), and the newest
+    of them no later than ``step``.
+
+    ``busy_steps`` are the rank's busy seconds (step time minus communication) of each of its
+    newest closed steps, one value per step, oldest first: step ``busy_first_step``, then
+    ``busy_first_step + 1``, and so on (consecutive; the steps are numbered as
+    ``Recorder.end_step`` closes them, the same on every rank of a synchronous job). The
+    operator's sequential test (:mod:`salamander_operator.stragglers`) lines ranks up by these
+    step numbers. Empty (the default) from workers that do not send them: the detector then uses
+    the windowed forms alone.
     """
 
     rank: int
@@ -313,6 +323,8 @@ class RankTiming:
     sections: dict[str, float]
     busy_median_s: float | None = None
     median_window: int = 0
+    busy_first_step: int = 0
+    busy_steps: tuple[float, ...] = ()
 
     @property
     def busy_s(self) -> float:
@@ -347,7 +359,28 @@ class RankTiming:
             if not 1 <= self.median_window <= self.window:
                 raise WireError(f"{what}: median_window must be 1..window ({self.window}), "
                                 f"got {self.median_window}")
+        self._check_busy_steps(what)
         return self
+
+    def _check_busy_steps(self, what: str) -> None:
+        steps = self.busy_steps
+        if not isinstance(steps, tuple):
+            raise WireError(f"{what}: busy_steps must be a tuple, got a {type(steps).__name__}")
+        if len(steps) > MAX_BUSY_STEPS:
+            raise WireError(f"{what}: busy_steps has {len(steps)} values, at most {MAX_BUSY_STEPS}")
+        first = self.busy_first_step
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= _INT64:
+            raise WireError(f"{what}: busy_first_step must be an int64 >= 0, got {first!r}")
+        if not steps:
+            if first != 0:
+                raise WireError(f"{what}: busy_first_step is {first} without busy_steps")
+            return
+        if first + len(steps) - 1 > self.step:
+            raise WireError(f"{what}: busy_steps end at step {first + len(steps) - 1}, after step {self.step}")
+        for i, value in enumerate(steps):
+            if isinstance(value, bool) or not isinstance(value, float | int) or not math.isfinite(value) \
+                    or value < 0.0:
+                raise WireError(f"{what}: busy_steps[{i}] must be a finite number >= 0, got {str(value)[:80]!r}")
 
 
 # Each training process writes its RankTiming, about once a second, as JSON to
@@ -355,7 +388,8 @@ class RankTiming:
 # directory, sets the variable for its processes, and sends what it finds with its heartbeats.
 ENV_TIMINGS_DIR = "SALAMANDER_TIMINGS_DIR"
 MAX_TIMINGS_PER_HEARTBEAT = 1024
-MAX_TIMING_BYTES = 8192  # one encoded RankTiming (32 sections of 64-character names fit)
+MAX_BUSY_STEPS = 256  # per-step busy times in one RankTiming (workers send their newest 64)
+MAX_TIMING_BYTES = 16384  # one encoded RankTiming (32 sections of 64-character names and 256 steps fit)
 _INT32, _INT64 = 2**31 - 1, 2**63 - 1
 
 
@@ -366,10 +400,15 @@ def timing_file_name(rank: int) -> str:
 
 def encode_rank_timing(timing: RankTiming) -> bytes:
     """``timing`` as compact JSON (its fields, by name; without ``busy_median_s`` and
-    ``median_window`` when it has no median, as older workers wrote it)."""
+    ``median_window`` when it has no median, and without ``busy_first_step`` and
+    ``busy_steps`` when it has no per-step busy times, as older workers wrote it)."""
     data = asdict(timing)
     if timing.busy_median_s is None:
         del data["busy_median_s"], data["median_window"]
+    if not timing.busy_steps:
+        del data["busy_first_step"], data["busy_steps"]
+    else:
+        data["busy_steps"] = list(timing.busy_steps)
     return json.dumps(data, separators=(",", ":")).encode()
 
 
@@ -380,8 +419,10 @@ def decode_rank_timing(raw: str | bytes) -> RankTiming:
         raise WireError(f"rank timing is {len(raw)} bytes, at most {MAX_TIMING_BYTES}")
     data = json_object(raw, "rank timing")
     fields = {"rank": int, "step": int, "window": int, "step_s": (int, float), "wait_s": (int, float),
-              "sections": dict, "busy_median_s": (int, float, type(None)), "median_window": int}
-    _check_fields(data, fields, set(fields) - {"busy_median_s", "median_window"}, "rank timing")
+              "sections": dict, "busy_median_s": (int, float, type(None)), "median_window": int,
+              "busy_first_step": int, "busy_steps": list}
+    _check_fields(data, fields, set(fields) - {"busy_median_s", "median_window", "busy_first_step", "busy_steps"},
+                  "rank timing")
     if not (data["rank"] <= _INT32 and data["window"] <= _INT32 and data["step"] <= _INT64
             and data.get("median_window", 0) <= _INT32):
         raise WireError("rank timing fields rank/window/median_window (int32) or step (int64) are out of range")
@@ -401,4 +442,26 @@ def decode_rank_timing(raw: str | bytes) -> RankTiming:
         raise WireError("rank timing fields step_s/wait_s/busy_median_s are out of range") from None
     return RankTiming(rank=data["rank"], step=data["step"], window=data["window"], step_s=step_s,
                       wait_s=wait_s, sections=sections, busy_median_s=median,
-                      median_window=data.get("median_window", 0)).check()
+                      median_window=data.get("median_window", 0),
+                      busy_first_step=data.get("busy_first_step", 0),
+                      busy_steps=busy_steps_of(data.get("busy_steps", []))).check()
+
+
+def busy_steps_of(values: Any) -> tuple[float, ...]:
+    """Per-step busy times from the wire (a JSON list or a protobuf repeated field) as a tuple of
+    floats; raises :class:`WireError` for too many values or one that is not a finite number
+    (never anything else). The values' sign is left to :meth:`RankTiming.check`."""
+    if len(values) > MAX_BUSY_STEPS:
+        raise WireError(f"rank timing busy_steps has {len(values)} values, at most {MAX_BUSY_STEPS}")
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WireError(f"rank timing busy_steps[{i}] is not a number: {str(value)[:80]!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise WireError(f"rank timing busy_steps[{i}] is out of range") from None
+        if not math.isfinite(number):
+            raise WireError(f"rank timing busy_steps[{i}] must be finite, got {number}")
+        out.append(number)
+    return tuple(out)

@@ -111,6 +111,12 @@ def _pb(rank: int = 4, **fields) -> pb.RankTiming:
     (_pb(busy_median_s=0.3, median_window=0), ["rank 4", "median_window must be 1..window"]),
     (_pb(busy_median_s=0.3, median_window=9), ["rank 4", "median_window must be 1..window (8), got 9"]),
     (_pb(median_window=8), ["rank 4", "median_window is 8 without a busy_median_s"]),
+    (_pb(busy_first_step=2, busy_steps=[0.3, math.nan]), ["ranks[1]", "busy_steps[1] must be finite"]),
+    (_pb(busy_first_step=2, busy_steps=[0.3, -0.1]), ["rank 4", "busy_steps[1] must be a finite number >= 0"]),
+    (_pb(busy_first_step=2, busy_steps=[0.3] * (wire.MAX_BUSY_STEPS + 1)), ["ranks[1]", "at most 256"]),
+    (_pb(busy_first_step=3), ["rank 4", "busy_first_step is 3 without busy_steps"]),
+    (_pb(busy_first_step=4, busy_steps=[0.3, 0.3, 0.3]), ["rank 4", "busy_steps end at step 6, after step 5"]),
+    (_pb(busy_first_step=-1, busy_steps=[0.3]), ["rank 4", "busy_first_step must be an int64 >= 0"]),
 ])
 async def test_a_malformed_timing_is_refused_by_name(plane, bad, words) -> None:
     server, token = plane
@@ -118,6 +124,28 @@ async def test_a_malformed_timing_is_refused_by_name(plane, bad, words) -> None:
     assert error is not None and error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert all(w in (error.details() or "") for w in words), error.details()
     assert server.stats.rejected["invalid_heartbeat"] == 1
+
+
+async def test_per_step_busy_times_round_trip_and_old_agents_still_decode(plane) -> None:
+    """The per-step field survives the wire (the worker's message, the server's decoding); a
+    timing without it (an older agent) decodes with none, exactly as before."""
+    server, token = plane
+    client = AgentClient(f"127.0.0.1:{server.port}", token, POD0)
+    await client.connect()
+    new = wire.RankTiming(rank=0, step=40, window=32, step_s=0.5, wait_s=0.1, sections={"forward": 0.4},
+                          busy_median_s=0.4, median_window=16, busy_first_step=1, busy_steps=(0.4,) * 40)
+    await client.heartbeat(40, 0.5, ranks=[new, timing(1, step=40)])
+    session = server.sessions[("ns", "llm", "llm-worker-0")]
+    await _until(lambda: len(session.rank_timings) == 2, "the timings")
+    assert session.rank_timings[0] == new
+    assert session.rank_timings[1] == timing(1, step=40) and session.rank_timings[1].busy_steps == ()
+    message = client_module.timing_message(new)
+    assert message.busy_first_step == 1 and list(message.busy_steps) == [0.4] * 40
+    old = pb.RankTiming(rank=2, step=5, window=8, step_s=0.5, wait_s=0.1, sections={"forward": 0.3})
+    assert pb.RankTiming.FromString(old.SerializeToString()).busy_steps == []
+    decoded = heartbeat_timings(pb.Heartbeat(step=1, ranks=[old]))[2]
+    assert decoded.busy_steps == () and decoded.busy_first_step == 0
+    await client.close()
 
 
 async def test_too_many_timings_are_refused_and_the_client_stays_within_bounds(plane, monkeypatch) -> None:

@@ -122,3 +122,32 @@ def test_the_timing_file_carries_the_median(monkeypatch: pytest.MonkeyPatch, tmp
     assert sections.TimingWriter(tmp_path, 7, rec=rec, clock=lambda: 0.0).maybe_write(3)
     timing = wire.decode_rank_timing((tmp_path / "rank-7.json").read_bytes())
     assert timing.busy_median_s == pytest.approx(0.020) and timing.median_window == 3 and timing.window == 3
+
+
+def test_the_timing_carries_the_busy_time_of_each_newest_step(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import types
+
+    from salamander import wire
+    from salamander_worker import sections
+
+    clock = _Clock()
+    monkeypatch.setattr(sections, "time", types.SimpleNamespace(time_ns=clock.time_ns))
+    rec = Recorder()
+    assert rec.busy_steps() == (0, ())
+    _steps(rec, clock, [10.0] * 70 + [20.0, 5000.0])   # steps 1..72; the newest 64 are kept
+    first, busy = rec.busy_steps()
+    assert first == 72 - sections.BUSY_STEPS + 1 and len(busy) == sections.BUSY_STEPS
+    assert busy[-2:] == (pytest.approx(0.020), pytest.approx(5.0)) and busy[0] == pytest.approx(0.010)
+    timing = rec.timing(4, 72)
+    assert timing is not None and timing.check() is timing
+    assert (timing.busy_first_step, timing.busy_steps) == (first, busy)
+    assert rec.timing(4, 70).busy_steps == busy[:-2]   # never past the timing's step
+    assert sections.TimingWriter(tmp_path, 4, rec=rec, clock=lambda: 0.0).maybe_write(72)
+    assert wire.decode_rank_timing((tmp_path / "rank-4.json").read_bytes()).busy_steps == busy
+    # the steps restart (a restore from a snapshot): only consecutive steps go out
+    rec.end_step(10)
+    with rec.section("forward"):
+        clock.ns += 3_000_000
+    rec.end_step(11)
+    first, busy = rec.busy_steps()
+    assert first == 10 and len(busy) == 2 and busy[1] == pytest.approx(0.003)

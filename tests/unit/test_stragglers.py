@@ -28,6 +28,7 @@ POLICY = StragglerPolicy()
 EVICT = StragglerPolicy(action=StragglerAction.EVICT)
 WINDOW = 32
 MEDIAN_WINDOW = 16   # salamander_worker.sections.MEDIAN_WINDOW
+BUSY_STEPS = 64      # salamander_worker.sections.BUSY_STEPS
 
 
 def timing(rank: int, busy: float, *, step: int = 100, wait: float = 0.02, window: int = WINDOW,
@@ -56,9 +57,10 @@ class Job:
 
     def __init__(self, n: int, busy: Busy, *, nodes: dict[int, str] | None = None, data: DataShare | None = None,
                  policy: StragglerPolicy = POLICY, every: int = 1, comm: float = 0.02,
-                 medians: bool = False) -> None:
+                 medians: bool = False, per_step: bool = False) -> None:
         self.n, self.busy, self.data, self.policy, self.every, self.comm = n, busy, data, policy, every, comm
-        self.medians = medians
+        self.medians, self.per_step = medians, per_step
+        self.steps: dict[int, deque[float]] = {r: deque(maxlen=BUSY_STEPS) for r in range(n)}
         self.nodes = nodes if nodes is not None else {r: f"node-{r}" for r in range(n)}
         self.windows: dict[int, deque[tuple[float, float, float]]] = {r: deque(maxlen=WINDOW) for r in range(n)}
         self.state = DetectorState()
@@ -75,6 +77,9 @@ class Job:
             if self.medians:
                 newest = [x[0] for x in w][-MEDIAN_WINDOW:]
                 median = {"busy_median_s": statistics.median(newest), "median_window": len(newest)}
+            if self.per_step:
+                kept = tuple(self.steps[r])
+                median |= {"busy_first_step": self.step - len(kept) + 1, "busy_steps": kept}
             out[r] = RankTiming(rank=r, step=self.step, window=k, step_s=step, wait_s=wait,
                                 sections={"data": data, "forward": busy - data, "communication": wait}, **median)
         return out
@@ -88,6 +93,7 @@ class Job:
             for r in range(self.n):
                 data = self.data(r, self.step) if self.data else 0.0
                 self.windows[r].append((busy[r], data, step_s))
+                self.steps[r].append(busy[r])
             if self.step % self.every == 0 and self.step >= MIN_WINDOW:
                 self.state, findings = observe(self.state, self.timings(), self.nodes, self.policy, at(self.step))
                 self.history.append((self.step, findings))
@@ -603,8 +609,20 @@ timing_values = st.builds(
     st.integers(0, 9), st.integers(0, 500), st.integers(1, 40), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
 
 
+def _with_steps(t: RankTiming, back: int, values: list[float]) -> RankTiming:
+    """``t`` with per-step busy times ``values`` ending ``back`` steps before its step."""
+    values = values[:max(0, t.step - back + 1)]
+    if not values:
+        return t
+    return sg.replace(t, busy_first_step=t.step - back - len(values) + 1, busy_steps=tuple(values))
+
+
+timing_with_steps = st.builds(_with_steps, timing_values, st.integers(0, 3),
+                              st.lists(st.floats(0.0, 2.0), max_size=70))
+
+
 @QUICK
-@given(st.lists(st.lists(timing_values, max_size=10), min_size=1, max_size=12),
+@given(st.lists(st.lists(timing_values | timing_with_steps, max_size=10), min_size=1, max_size=12),
        st.dictionaries(st.integers(0, 9), st.sampled_from(["a", "b", "c", ""])))
 def test_any_sequence_of_valid_observations_never_crashes(batches: list[list[RankTiming]],
                                                           nodes: dict[int, str]) -> None:
@@ -821,6 +839,177 @@ def test_the_same_rank_slow_again_on_a_new_node_is_imbalance() -> None:
     job.advance(150)
     (finding,) = job.history[-1][1]
     assert finding.rank == 2 and finding.node == "node-new" and finding.cause == "imbalance"
+
+
+# --- the sequential test on per-step busy times --------------------------------------------------
+
+def wavy(base: float = 0.1, noise: float = 0.05, seed: int = 0, slow: dict[int, float] | None = None,
+         onset: int = 0, until: int | None = None, stretch: float = 0.0) -> Busy:
+    """Heavy-tailed, autocorrelated healthy noise: ``spiky``'s (a common load, +-``noise`` per
+    step, outlying steps of 3x..30x) and, with ``stretch``, each rank ``stretch`` slower for 40
+    steps of every 200 at its own phase (contention on its core); ranks in ``slow`` slower by
+    their factor from ``onset`` (until ``until``)."""
+    healthy = spiky(base=base, noise=noise, seed=seed)
+
+    def busy(rank: int, step: int) -> float:
+        value = healthy(rank, step)
+        if stretch and (step + 37 * rank) % 200 < 40:
+            value *= 1.0 + stretch
+        if slow and rank in slow and step > onset and (until is None or step <= until):
+            value *= 1.0 + slow[rank]
+        return value
+    return busy
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sequential_finds_a_10_percent_step_change_within_50_steps(seed: int) -> None:
+    # 8 ranks, +-5% per step, outliers, a common load; rank 3 is 10% slower from step 300; the
+    # operator observes every 2 steps. Per-step busy times find it after persistSteps and
+    # within 50 steps; the windowed forms alone (the same job without them) take longer.
+    onset = 300
+    fast = Job(8, wavy(seed=seed, slow={3: 0.10}, onset=onset), every=2, medians=True, per_step=True)
+    fast.advance(onset + 120)
+    found = fast.first(3)
+    assert found is not None and onset + 20 <= found <= onset + 50, found
+    assert {r for _, fs in fast.history for f in fs for r in [f.rank]} == {3}
+    assert next(f for _, fs in fast.history for f in fs).cause == "compute"
+    slow = Job(8, wavy(seed=seed, slow={3: 0.10}, onset=onset), every=2, medians=True)
+    slow.advance(onset + 120)
+    assert slow.state.seq_step is None and (slow.first(3) is None or slow.first(3) > found)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("stretch", [0.0, 0.06])
+def test_sequential_healthy_heavy_tailed_noise_adds_no_finding_in_long_runs(seed: int, stretch: float) -> None:
+    # 16 ranks, 1,000 steps: outliers of 3x..30x and, with ``stretch``, every rank 6% slower for
+    # 40 of every 200 steps. The sequential test (armed: it ran) adds no finding to what the
+    # windowed forms make of the same job: none without the stretches; with them, the means'
+    # imbalance rule (episodes that move from rank to rank) reports the same as without it
+    def run(per_step: bool) -> Job:
+        job = Job(16, wavy(seed=seed, stretch=stretch), every=2, medians=True, per_step=per_step, policy=EVICT)
+        job.advance(1000)
+        return job
+    job = run(True)
+    assert job.state.seq_step == 1000 and job.state.seq_var is not None
+    assert job.state.seq_var_steps >= sg.SEQ_WARMUP_STEPS
+    assert all(t.straggler_since is None for t in job.state.tracks.values())
+    assert all(f.cause == "imbalance" for _, fs in job.history for f in fs)
+    assert job.history == run(False).history
+    if not stretch:
+        assert all(not fs for _, fs in job.history)
+
+
+@pytest.mark.parametrize("size", [0.5, 3.0])
+def test_sequential_a_burst_shorter_than_half_persist_steps_is_never_a_straggler(size: float) -> None:
+    # rank 2 is (1 + size)x slower for 14 steps, ranks around it +-2%: S crosses h, but the
+    # median of its newest persistSteps log-ratios never reaches k
+    job = Job(6, noisy(noise=0.02, slow={2: size}, onset=200, until=214), every=2, medians=True, per_step=True)
+    job.advance(216)
+    k = sg.seq_drift(POLICY)
+    assert job.state.tracks[2].seq_s > sg.sequential_threshold(job.state.seq_var, k, 6)  # it saw the burst
+    job.advance(200)
+    assert all(not fs for _, fs in job.history)
+
+
+def test_sequential_never_confirms_before_persist_steps_whatever_the_slowdown() -> None:
+    job = Job(6, noisy(noise=0.02, slow={1: 1.0}, onset=100), every=1, per_step=True)
+    job.advance(200)
+    assert job.first(1) is not None and job.first(1) >= 100 + POLICY.persist_steps
+
+
+def test_sequential_a_slow_node_is_node_and_sparse_data_is_data() -> None:
+    nodes = {r: f"node-{r // 2}" for r in range(8)}
+    job = Job(8, wavy(seed=1, slow={4: 0.12, 5: 0.12}, onset=200), nodes=nodes, every=2, per_step=True)
+    job.advance(260)
+    assert {f.rank: f.cause for f in job.history[-1][1]} == {4: "node", 5: "node"}
+    busy = noisy(noise=0.02, slow={6: 0.15}, onset=200)
+    job = Job(8, busy, every=2, per_step=True,
+              data=lambda r, step: 0.02 + (busy(r, step) - 0.1 if r == 6 and step > 200 else 0.0))
+    job.advance(260)
+    assert {f.rank: f.cause for f in job.history[-1][1]} == {6: "data"}
+
+
+def test_without_per_step_times_from_every_rank_the_windowed_forms_judge_alone() -> None:
+    # one rank of an older worker (no busy_steps): the sequential test stays off, as on main
+    job = Job(6, noisy(noise=0.02, slow={1: 0.3}, onset=100), every=2, medians=True, per_step=True)
+    old_timings = job.timings
+
+    def mixed() -> dict[int, RankTiming]:
+        out = old_timings()
+        return {r: sg.replace(t, busy_first_step=0, busy_steps=()) if r == 5 else t for r, t in out.items()}
+    job.timings = mixed  # type: ignore[method-assign]
+    job.advance(250)
+    assert job.state.seq_step is None and all(t.seq_s == 0.0 for t in job.state.tracks.values())
+    assert job.first(1) is not None   # found by the medians and means, as before
+    reference = Job(6, noisy(noise=0.02, slow={1: 0.3}, onset=100), every=2, medians=True)
+    reference.advance(250)
+    assert reference.history == job.history
+
+
+def _seq_timings(busy: dict[int, list[float]], last: dict[int, int], keep: int = BUSY_STEPS
+                 ) -> dict[int, RankTiming]:
+    """Rank -> a timing at step ``last[rank]`` carrying its newest ``keep`` steps of ``busy``
+    (step ``n`` is ``busy[rank][n - 1]``)."""
+    out = {}
+    for r, values in busy.items():
+        kept = tuple(values[max(0, last[r] - keep):last[r]])
+        out[r] = RankTiming(rank=r, step=last[r], window=WINDOW, step_s=0.12, wait_s=0.02, sections={"forward": 0.1},
+                            busy_first_step=last[r] - len(kept) + 1, busy_steps=kept)
+    return out
+
+
+def test_fold_steps_lines_ranks_up_by_step_and_folds_each_step_once() -> None:
+    rng = random.Random(5)
+    busy = {r: [0.1 * (1.0 + rng.uniform(-0.05, 0.05)) * (1.3 if r == 2 else 1.0) for _ in range(100)]
+            for r in range(5)}
+    ranks: dict[int, sg.SeqRank] = {}
+    # rank 4 is ahead: steps past the frontier (the others' newest, 60) wait for them
+    first = _seq_timings(busy, {0: 60, 1: 60, 2: 60, 3: 60, 4: 64})
+    ranks, folded = sg.fold_steps(ranks, first, None, POLICY)
+    assert folded == 60 and len(ranks[4].recent) == POLICY.persist_steps
+    again, folded_again = sg.fold_steps(ranks, first, folded, POLICY)   # the same timings: nothing new
+    assert (again, folded_again) == (ranks, folded)
+    second = _seq_timings(busy, {r: 90 for r in range(5)})
+    later, folded = sg.fold_steps(ranks, second, folded, POLICY)
+    assert folded == 90 and later[2].s > ranks[2].s > 0.0 and later[0].s < 0.1
+    # all at once gives the same result as in two observations
+    whole, _ = sg.fold_steps({}, _seq_timings(busy, {r: 90 for r in range(5)}, keep=90), None, POLICY)
+    assert whole[2].s == pytest.approx(later[2].s) and whole[2].recent == pytest.approx(later[2].recent)
+    # relabelled ranks: relabelled statistics
+    swapped = {4 - r: sg.replace(t, rank=4 - r) for r, t in _seq_timings(busy, {r: 90 for r in range(5)}, 90).items()}
+    mirror, _ = sg.fold_steps({}, swapped, None, POLICY)
+    assert mirror[2 - 0] == whole[2] and mirror[4] == whole[0]
+    # steps went back (a restart): every rank starts over
+    restarted, folded = sg.fold_steps(later, _seq_timings(busy, {r: 40 for r in range(5)}), 90, POLICY)
+    assert folded == 40 and restarted[2] == whole_at(busy, 40)[2]
+
+
+def whole_at(busy: dict[int, list[float]], last: int) -> dict[int, sg.SeqRank]:
+    return sg.fold_steps({}, _seq_timings(busy, {r: last for r in busy}), None, POLICY)[0]
+
+
+def test_sequential_threshold_is_a_bonferroni_split_that_grows_with_the_noise() -> None:
+    k = sg.seq_drift(POLICY)
+    assert k == pytest.approx(0.5 * math.log(1.1))
+    h8, h64 = sg.sequential_threshold(0.01, k, 8), sg.sequential_threshold(0.01, k, 64)
+    assert 0 < h8 < h64 < sg.sequential_threshold(0.04, k, 64)
+    assert h64 - h8 == pytest.approx(0.01 / (2 * k) * math.log(8))
+    assert sg.sequential_threshold(0.01, k, 8, arl_steps=10 * sg.SEQ_ARL_STEPS) > h8
+    assert sg.sequential_threshold(1e9, k, 8) == pytest.approx(1e9 / (2 * k))  # never below v / 2k
+    with pytest.raises(ValueError):
+        sg.sequential_threshold(0.0, k, 8)
+    flat = [sg.SeqRank(recent=(0.0,) * 30) for _ in range(4)]
+    assert sg.long_run_variance(flat[:2], 30) is None and sg.long_run_variance(flat, 31) is None
+    assert sg.long_run_variance(flat, 30) == pytest.approx(30 * sg.MAD_FLOOR ** 2)  # equal ranks: the floor
+    spread = flat[:3] + [sg.SeqRank(recent=(0.1,) * 30)]
+    assert sg.long_run_variance(spread, 30) == pytest.approx(30 * 0.1 ** 2 / 4)  # a mean square, not a MAD
+
+
+def test_the_state_with_sequential_statistics_round_trips_through_json() -> None:
+    job = Job(6, noisy(noise=0.02, slow={1: 0.2}, onset=100), every=2, per_step=True)
+    job.advance(160)
+    assert job.state.seq_step == 160 and job.state.tracks[1].seq_recent
+    assert DetectorState.decode(job.state.encode()) == job.state
 
 
 # --- state and status ------------------------------------------------------------------------------

@@ -406,3 +406,55 @@ def test_a_malformed_median_in_json_is_rejected_by_name(extra: dict[str, Any], n
     with pytest.raises(WireError) as info:
         wire.decode_rank_timing(text)
     assert needle in str(info.value)
+
+
+# --- RankTiming: per-step busy times ------------------------------------------------------------
+
+def test_rank_timing_round_trips_with_per_step_busy_times() -> None:
+    timing = _timing(busy_median_s=0.38, median_window=16, busy_first_step=57, busy_steps=(0.4,) * 63 + (1e-9,))
+    assert timing.check() is timing
+    assert wire.decode_rank_timing(wire.encode_rank_timing(timing)) == timing
+    most = _timing(step=300, busy_first_step=300 - wire.MAX_BUSY_STEPS + 1, busy_steps=(123.456789,) * wire.MAX_BUSY_STEPS,
+                   sections={f"{i:02d}" + "n" * (wire.MAX_SECTION_NAME - 2): 1.2345678901234567
+                             for i in range(wire.MAX_TIMING_SECTIONS)})
+    assert len(wire.encode_rank_timing(most)) <= wire.MAX_TIMING_BYTES  # the largest valid one fits
+    assert wire.decode_rank_timing(wire.encode_rank_timing(most)) == most
+    # without them it encodes as older workers wrote it
+    assert "busy_steps" not in json.loads(wire.encode_rank_timing(_timing()))
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"busy_first_step": 1, "busy_steps": (0.1, math.nan)}, "busy_steps[1] must be a finite number >= 0"),
+    ({"busy_first_step": 1, "busy_steps": (-0.1,)}, "busy_steps[0] must be a finite number >= 0"),
+    ({"busy_first_step": 1, "busy_steps": (True,)}, "busy_steps[0] must be a finite number >= 0"),
+    ({"busy_first_step": 1, "busy_steps": [0.1]}, "busy_steps must be a tuple"),
+    ({"busy_first_step": 1, "busy_steps": (0.1,) * (wire.MAX_BUSY_STEPS + 1)}, "at most 256"),
+    ({"busy_first_step": 5}, "busy_first_step is 5 without busy_steps"),
+    ({"busy_first_step": -1, "busy_steps": (0.1,)}, "busy_first_step must be an int64 >= 0"),
+    ({"busy_first_step": 100, "busy_steps": (0.1,) * 22}, "busy_steps end at step 121, after step 120"),
+])
+def test_malformed_per_step_busy_times_are_rejected_by_name(fields: dict[str, Any], needle: str) -> None:
+    with pytest.raises(WireError, match="rank timing of rank 3") as info:
+        _timing(**fields).check()
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"busy_first_step": 1, "busy_steps": "0.1"}, "'busy_steps' has the wrong type"),
+    ({"busy_first_step": 1.0, "busy_steps": [0.1]}, "'busy_first_step' has the wrong type"),
+    ({"busy_first_step": 1, "busy_steps": [0.1, "x"]}, "busy_steps[1] is not a number"),
+    ({"busy_first_step": 1, "busy_steps": [0.1, None]}, "busy_steps[1] is not a number"),
+    ({"busy_first_step": 1, "busy_steps": [0.1, False]}, "busy_steps[1] is not a number"),
+    ({"busy_first_step": 1, "busy_steps": "NaN"}, "busy_steps[0] must be finite"),
+    ({"busy_first_step": 1, "busy_steps": [10**400]}, "busy_steps[0] is out of range"),
+    ({"busy_first_step": 1, "busy_steps": [0.1] * 300}, "at most 256"),
+    ({"busy_first_step": 2**63, "busy_steps": [0.1]}, "busy_first_step must be an int64"),
+])
+def test_malformed_per_step_busy_times_in_json_are_rejected_by_name(extra: dict[str, Any], needle: str) -> None:
+    raw = json.loads(wire.encode_rank_timing(_timing())) | extra
+    text = json.dumps(raw)
+    if extra.get("busy_steps") == "NaN":  # a number JSON reads as a non-finite float
+        text = text.replace('"busy_steps": "NaN"', '"busy_steps": [NaN]')
+    with pytest.raises(WireError) as info:
+        wire.decode_rank_timing(text)
+    assert needle in str(info.value)

@@ -96,6 +96,35 @@ of it (``z`` keeps the healthy ranks out). Whichever form proves persistence fir
 the medians for a slowdown of most steps clearly above ``minSlowdown``, the means for a sparse
 one or one near the threshold.
 
+**The sequential test** (:func:`fold_steps`, :func:`seq_confirmed`), when every judged rank
+(three or more) also sends the busy time of each of its newest steps (``RankTiming.busy_steps``,
+newer workers). Windows of fixed length plus a persistence span cost ``persistSteps`` plus
+half a window or more whatever the slowdown, and near ``minSlowdown`` the windows' ``z`` wavers
+and restarts the runs (79 steps for 10% at half this machine's noise). A one-sided CUSUM per
+rank accumulates evidence at a rate that grows with the slowdown instead. Ranks are lined up by
+step number; at each step, ``r = log(busy / median of the ranks' busy)`` (the step's common load
+cancels), clipped to ``+-log(1 + 5 minSlowdown)`` so one outlying step adds a bounded amount;
+``S = max(0, S + r - k)`` with ``k = log(1 + minSlowdown) / 2``, so a healthy rank's ``S`` drifts
+down by ``k`` a step and one ``minSlowdown`` slower gains ``k`` a step. Evidence: ``S > h`` and
+the median of the rank's newest ``persistSteps`` log-ratios at least ``k``; a straggler once the
+run of ``S > 0`` has lasted ``persistSteps`` steps (:func:`seq_confirmed`). ``h`` is set from
+the noise (:func:`sequential_threshold`): the Brownian approximation of the CUSUM's average
+run length, with the long-run variance of ``r`` (which counts the noise's autocorrelation:
+healthy ranks on a busy host are several percent slow for tens of steps), split over the ranks
+(Bonferroni) for a job false-alarm rate of one in :data:`SEQ_ARL_STEPS` steps. The variance is
+estimated from the ranks' own ``persistSteps``-step means of ``r`` (:func:`long_run_variance`,
+a mean square, not a MAD: the healthy slow stretches are its heavy tail), averaged over
+:data:`SEQ_VAR_STEPS` steps. Invariants (for healthy steps whose log-ratio stays below ``k``):
+a burst of slow steps shorter than ``persistSteps / 2`` is never evidence, whatever its size (the
+median of the newest ``persistSteps`` stays below ``k``); no rank is confirmed before a run of
+``S > 0`` spanning ``persistSteps`` steps (which noise may have begun before the slowdown: the
+slowdown itself has then lasted at least ``persistSteps / 2`` steps); a slowdown of ``X >= minSlowdown`` on most steps is
+confirmed about ``max(persistSteps, h / (log(1 + X) - k))`` steps after it starts. ``S`` is capped
+at ``SEQ_CAP h``, so it drains within ``SEQ_CAP h / k`` steps after a slowdown ends. The test
+adds confirmations and evidence (which keeps a straggler one, and counts toward ``node``);
+causes, findings' slowdown and ``z`` (from the means), and everything after are as below. A
+job with a rank that sends no per-step times is judged without it.
+
 **Hysteresis.** By the same accounting, a straggler stops being one after it has been below
 the evidence threshold for ``persistSteps`` steps: observations without evidence of either
 form spanning ``persistSteps - W + r`` steps (at least :data:`MIN_WINDOW`), since its first
@@ -185,6 +214,26 @@ MEANS_FAMILY_Z = True
 #: Whether a run of evidence from the medians confirms a straggler only at an observation with
 #: evidence from the means too.
 MEDIAN_NEEDS_MEANS = True
+#: Whether the per-step sequential test (:func:`fold_steps`) judges jobs whose workers send
+#: per-step busy times (``RankTiming.busy_steps``); False: the windowed forms alone, as before.
+SEQUENTIAL = True
+#: The sequential test needs at least this many ranks with per-step busy times at a step.
+SEQ_MIN_RANKS = 3
+#: Each step's log-ratio is clipped to +-log(1 + SEQ_CLIP_FRACTION * minSlowdown): one outlying
+#: step (a GC pause) adds at most that much to a rank's statistic.
+SEQ_CLIP_FRACTION = 5.0
+#: The job's average run length between false alarms of the sequential test, in steps, split
+#: over its ranks (Bonferroni): see :func:`sequential_threshold`. Chosen on healthy replays with
+#: seeds other than the reported ones (docs/straggler-cusum.md).
+SEQ_ARL_STEPS = 1e6
+#: Steps over which the long-run variance of the ranks' log busy time is averaged (a running
+#: mean over the first ones, then an exponential average).
+SEQ_VAR_STEPS = 512
+#: Steps of that estimate needed before the sequential test judges anyone.
+SEQ_WARMUP_STEPS = 32
+#: A rank's statistic is capped at this multiple of the threshold: after a slowdown ends it
+#: drains in at most ``SEQ_CAP * h / k`` steps.
+SEQ_CAP = 2.0
 #: Ranks with episodes of evidence that did not persist, on two or more nodes within the last
 #: IMBALANCE_SPANS persistence spans, that make an imbalance.
 IMBALANCE_RANKS = 3
@@ -301,7 +350,10 @@ class RankTrack:
     These follow the windowed means; ``median_since`` is the step of the first observation of
     the current unbroken run of evidence from the windowed medians (None: none at the newest
     observation), ``lead`` (set with it) ``ceil(n / 2)`` for the median window ``n`` of that
-    first observation. ``last_step`` is the newest step seen.
+    first observation. ``last_step`` is the newest step seen. The sequential test
+    (:func:`fold_steps`) keeps ``seq_s``, the rank's statistic ``S >= 0``, ``seq_since``, the
+    first step of its current run with ``S > 0`` (None: ``S == 0``), and ``seq_recent``, its
+    newest (at most ``persistSteps``) clipped log-ratios, oldest first.
     """
 
     rank: int
@@ -319,6 +371,9 @@ class RankTrack:
     base_slowdown: float = 0.0
     median_since: int | None = None
     lead: int | None = None
+    seq_s: float = 0.0
+    seq_since: int | None = None
+    seq_recent: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -356,7 +411,9 @@ class DetectorState:
     and lasted a window, but ended before the rank became a straggler), for the imbalance rule,
     which has held since ``imbalance_since`` (job step ``imbalance_step``) when set;
     ``job_step``, ``job_step_s`` and ``job_window`` are the newest observation's highest step,
-    median step time and longest window.
+    median step time and longest window. ``seq_step`` is the newest step the sequential test
+    folded in (None: none yet, or the test is off), ``seq_var`` its estimate of the long-run
+    variance of a rank's log busy time per step, averaged over ``seq_var_steps`` steps.
     """
 
     tracks: Mapping[int, RankTrack] = field(default_factory=dict)
@@ -367,6 +424,9 @@ class DetectorState:
     job_step_s: float | None = None
     job_window: int = 0
     evictions: tuple[EvictionRecord, ...] = ()
+    seq_step: int | None = None
+    seq_var: float | None = None
+    seq_var_steps: int = 0
 
     def stragglers(self) -> list[int]:
         """The ranks that are stragglers now."""
@@ -383,6 +443,7 @@ class DetectorState:
             "job_step": self.job_step, "job_step_s": self.job_step_s, "job_window": self.job_window,
             "evictions": [{**_plain(e), "at": when(e.at), "samples": [list(p) for p in e.samples]}
                           for e in self.evictions],
+            "seq_step": self.seq_step, "seq_var": self.seq_var, "seq_var_steps": self.seq_var_steps,
         }, sort_keys=True)
 
     @classmethod
@@ -391,7 +452,8 @@ class DetectorState:
 
         def when(value: str | None) -> datetime.datetime | None:
             return None if value is None else datetime.datetime.fromisoformat(value)
-        tracks = {t["rank"]: RankTrack(**{**t, "straggler_since": when(t["straggler_since"])})
+        tracks = {t["rank"]: RankTrack(**{**t, "straggler_since": when(t["straggler_since"]),
+                                          "seq_recent": tuple(float(v) for v in t.get("seq_recent", ()))})
                   for t in data["tracks"]}
         evictions = tuple(EvictionRecord(**{**e, "at": when(e["at"]),
                                             "samples": tuple((int(s), float(v)) for s, v in e["samples"])})
@@ -399,7 +461,9 @@ class DetectorState:
         return cls(tracks=tracks, recent=tuple((int(s), int(r)) for s, r in data["recent"]),
                    imbalance_since=when(data["imbalance_since"]), imbalance_step=data["imbalance_step"],
                    job_step=data["job_step"],
-                   job_step_s=data["job_step_s"], job_window=data["job_window"], evictions=evictions)
+                   job_step_s=data["job_step_s"], job_window=data["job_window"], evictions=evictions,
+                   seq_step=data.get("seq_step"), seq_var=data.get("seq_var"),
+                   seq_var_steps=data.get("seq_var_steps", 0))
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -451,6 +515,136 @@ def family_z_threshold(policy: StragglerPolicy, ranks: int) -> float:
     if not 0.0 < tail < 0.5:
         return policy.z_threshold
     return max(policy.z_threshold, -statistics.NormalDist().inv_cdf(tail))
+
+
+# --- the sequential test ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeqRank:
+    """One rank's sequential statistic: ``s >= 0``, the first step of its current run with
+    ``s > 0`` (None when ``s == 0``), and its newest clipped log-ratios (at most
+    ``persistSteps``), oldest first."""
+
+    s: float = 0.0
+    since: int | None = None
+    recent: tuple[float, ...] = ()
+
+
+def seq_drift(policy: StragglerPolicy) -> float:
+    """``k``, subtracted from every step's log-ratio: half of ``log(1 + minSlowdown)``, so a
+    rank exactly ``minSlowdown`` slower gains ``k`` per step on average and a healthy one loses
+    ``k``."""
+    return 0.5 * math.log1p(policy.min_slowdown)
+
+
+def seq_clip(policy: StragglerPolicy) -> float:
+    """The bound on one step's log-ratio: ``log(1 + SEQ_CLIP_FRACTION * minSlowdown)``."""
+    return math.log1p(SEQ_CLIP_FRACTION * policy.min_slowdown)
+
+
+def long_run_variance(ranks: Iterable[SeqRank], steps: int) -> float | None:
+    """An estimate, from the ranks' newest ``steps`` clipped log-ratios (``SeqRank.recent``), of
+    the long-run variance per step of a rank's log-ratio: ``steps`` times the mean square
+    deviation of the ranks' means of those from their median, at least
+    ``steps * MAD_FLOOR ** 2``. The variance of an ``L``-step mean of autocorrelated values is
+    their long-run variance over ``L``, so this counts the noise's autocorrelation over up to
+    ``L`` steps (healthy ranks slow for tens of steps on a busy host), which a per-step scale
+    would miss. A mean square, not a MAD: healthy ranks' slow stretches are the heavy tail of
+    this distribution, and a MAD would ignore exactly them (docs/straggler-cusum.md); the
+    clipping bounds what one outlying step adds. None with fewer than :data:`SEQ_MIN_RANKS`
+    ranks holding ``steps`` values."""
+    means = [sum(x.recent[-steps:]) / steps for x in ranks if steps >= 1 and len(x.recent) >= steps]
+    if len(means) < SEQ_MIN_RANKS:
+        return None
+    ref = statistics.median(means)
+    return steps * max(sum((m - ref) ** 2 for m in means) / len(means), MAD_FLOOR ** 2)
+
+
+def sequential_threshold(variance: float, k: float, ranks: int, arl_steps: float | None = None) -> float:
+    """``h`` for a job of ``ranks`` ranks: ``variance / (2 k) * max(1, ln(ranks * arl_steps * 2 k^2 /
+    variance))``.
+
+    For a statistic ``S = max(0, S + r - k)`` over steps whose ``r`` has mean 0 and long-run
+    variance ``v``, the average run length to ``S > h`` is about ``v / (2 k^2) * exp(2 k h / v)``
+    (Brownian approximation); setting it to ``ranks * arl_steps`` gives ``h``: a Bonferroni
+    split, so the job's ``ranks`` statistics together raise a false alarm about once in
+    ``arl_steps`` steps. Invariants: positive for a positive ``variance`` and ``k``; grows with
+    ``variance``, ``ranks`` and ``arl_steps`` (default :data:`SEQ_ARL_STEPS`)."""
+    if variance <= 0.0 or k <= 0.0:
+        raise ValueError("variance and k must be positive")
+    arl_steps = SEQ_ARL_STEPS if arl_steps is None else arl_steps
+    return variance / (2.0 * k) * max(1.0, math.log(max(1, ranks) * arl_steps * 2.0 * k * k / variance))
+
+
+def uses_steps(timings: Iterable[RankTiming]) -> bool:
+    """Whether the sequential test can judge these ranks: at least :data:`SEQ_MIN_RANKS`, and
+    every one sends per-step busy times (``RankTiming.busy_steps``)."""
+    timings = list(timings)
+    return len(timings) >= SEQ_MIN_RANKS and all(t.busy_steps for t in timings)
+
+
+def fold_steps(ranks: Mapping[int, SeqRank], timings: Mapping[int, RankTiming], after: int | None,
+               policy: StragglerPolicy, cap: float = math.inf) -> tuple[dict[int, SeqRank], int | None]:
+    """Every rank's :class:`SeqRank` after the steps of ``timings`` (checked, rank -> newest)
+    later than step ``after`` (None: every step they hold), and the newest step folded in.
+
+    Ranks are lined up by step number. Steps are folded in order up to the *frontier*, the
+    oldest of the ranks' newest steps (a rank that is ahead keeps its newer steps for the next
+    observation, which sends them again); a step is folded when at least :data:`SEQ_MIN_RANKS`
+    ranks, and at least half of them, hold it (steps lost between two observations are skipped).
+    At a step, rank ``i``'s log-ratio is ``r_i = log(busy_i / median of the ranks' busy)``,
+    clipped to ``+-seq_clip``, and ``S_i = min(cap, max(0, S_i + r_i - k))``.
+
+    Invariants: pure; folding the same timings again changes nothing (no step after ``after``
+    is left below the frontier); the result does not depend on how ranks are numbered; a step
+    whose median busy time is zero is skipped; a rank missing at a step keeps its statistic.
+    ``after`` beyond the frontier (the job restarted and its steps went back) starts every rank
+    over."""
+    newest = {r: t.busy_first_step + len(t.busy_steps) - 1 for r, t in timings.items() if t.busy_steps}
+    if len(newest) < SEQ_MIN_RANKS:
+        return dict(ranks), after
+    frontier = min(newest.values())
+    out = dict(ranks)
+    if after is not None and after > frontier:
+        out, after = {r: SeqRank() for r in ranks}, None
+    first = min(t.busy_first_step for r, t in timings.items() if r in newest)
+    start = first if after is None else max(first, after + 1)
+    k, clip = seq_drift(policy), seq_clip(policy)
+    keep = max(1, policy.persist_steps)
+    folded = after
+    for step in range(start, frontier + 1):
+        values = {r: timings[r].busy_steps[step - timings[r].busy_first_step] for r in newest
+                  if timings[r].busy_first_step <= step}
+        if len(values) < max(SEQ_MIN_RANKS, (len(newest) + 1) // 2):
+            continue
+        ref = statistics.median(values.values())
+        folded = step
+        if ref <= TINY_S:
+            continue
+        for r, v in values.items():
+            x = max(-clip, min(clip, math.log(max(v, TINY_S) / ref)))
+            old = out.get(r, SeqRank())
+            new_s = min(cap, max(0.0, old.s + x - k))
+            since = None if new_s <= 0.0 else (old.since if old.since is not None else step)
+            out[r] = SeqRank(new_s, since, (old.recent + (x,))[-keep:])
+    return out, folded
+
+
+def seq_evidence(rank: SeqRank, h: float, policy: StragglerPolicy) -> bool:
+    """Evidence from the sequential test: ``S > h``, and the median of the rank's newest
+    ``persistSteps`` clipped log-ratios at least ``k`` (so a burst of slow steps shorter than
+    half of ``persistSteps`` is never evidence, however slow, when the healthy steps around it
+    stay below ``k``)."""
+    keep = max(1, policy.persist_steps)
+    return (rank.s > h and len(rank.recent) >= keep
+            and statistics.median(rank.recent[-keep:]) >= seq_drift(policy))
+
+
+def seq_confirmed(rank: SeqRank, h: float, policy: StragglerPolicy, step: int) -> bool:
+    """A straggler by the sequential test: :func:`seq_evidence`, and a run of ``S > 0`` that has
+    lasted ``persistSteps`` steps up to ``step``."""
+    return (seq_evidence(rank, h, policy) and rank.since is not None
+            and step - rank.since + 1 >= policy.persist_steps)
 
 
 def _median_evidence(s: RankScore, t: RankTiming, median_sections: Mapping[str, float],
@@ -517,15 +711,21 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
     median_evidence = {r: cause for r in median_scores
                        if (cause := _median_evidence(median_scores[r], fresh[r], median_sections, policy, median_z))
                        is not None}
-    # node: every rank (two or more) of a known node has busy evidence (from either signal)
+    # the sequential test, on per-step busy times lined up by step
+    seq, seq_step, seq_var, seq_var_steps, seq_h = _sequential(state, fresh, nodes, policy)
+    seq_evidence_of = {r: _busy_cause(fresh[r], median_sections) for r, x in seq.items()
+                       if r in scores and seq_h is not None and seq_evidence(x, seq_h, policy)}
+    # node: every rank (two or more) of a known node has busy evidence (from any signal)
     by_node: dict[str, list[int]] = {}
     for r in scores:
         if nodes.get(r):
             by_node.setdefault(nodes[r], []).append(r)
     for ranks in by_node.values():
-        if len(ranks) >= 2 and all(evidence.get(r) in ("data", "compute") or r in median_evidence for r in ranks):
+        if len(ranks) >= 2 and all(evidence.get(r) in ("data", "compute") or r in median_evidence
+                                   or r in seq_evidence_of for r in ranks):
             evidence.update({r: "node" for r in ranks if evidence.get(r) in ("data", "compute")})
             median_evidence.update({r: "node" for r in ranks if r in median_evidence})
+            seq_evidence_of.update({r: "node" for r in ranks if r in seq_evidence_of})
 
     tracks: dict[int, RankTrack] = {}
     episodes: list[tuple[int, int]] = []
@@ -534,13 +734,17 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
         old = state.tracks.get(rank)
         if old is not None and (old.node != node or t.step < old.last_step):
             old = None  # moved to another node, or restarted: start over
+        x = seq.get(rank)
         if old is None:
             old = RankTrack(rank=rank, node=node, last_step=t.step)
         elif t.step == old.last_step or rank not in scores:
-            tracks[rank] = old  # nothing new (or not judged): no evidence either way
+            tracks[rank] = old if x is None else _with_seq(old, x)  # nothing new (or not judged)
             continue
-        tracks[rank] = new = _advance(old, t, scores.get(rank), evidence.get(rank), policy, now,
-                                      median_scores.get(rank), median_evidence.get(rank))
+        confirm = (x is not None and rank in seq_evidence_of and seq_h is not None and seq_step is not None
+                   and seq_confirmed(x, seq_h, policy, seq_step))
+        new = _advance(old, t, scores.get(rank), evidence.get(rank), policy, now,
+                       median_scores.get(rank), median_evidence.get(rank), seq_evidence_of.get(rank), confirm)
+        tracks[rank] = new = new if x is None else _with_seq(new, x)
         if (old.evidence_since is not None and new.evidence_since is None and old.straggler_since is None
                 and _episode(old, policy, t.window)):
             episodes.append((t.step, rank))
@@ -561,9 +765,52 @@ def observe(state: DetectorState, timings: Mapping[int, RankTiming], nodes: Mapp
     step_s = statistics.median(t.step_s for t in fresh.values()) if fresh else state.job_step_s
     new = DetectorState(tracks=tracks, recent=recent, imbalance_since=imbalance_since,
                         imbalance_step=imbalance_step, job_step=job_step, job_step_s=step_s, job_window=job_window,
-                        evictions=evictions)
+                        evictions=evictions, seq_step=seq_step, seq_var=seq_var, seq_var_steps=seq_var_steps)
     imbalance = imbalance_step is not None and job_step - imbalance_step >= span
     return new, _findings(new, checked, evidence, imbalance, policy)
+
+
+def _with_seq(track: RankTrack, x: SeqRank) -> RankTrack:
+    return replace(track, seq_s=x.s, seq_since=x.since, seq_recent=x.recent)
+
+
+def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
+                nodes: Mapping[int, str], policy: StragglerPolicy
+                ) -> tuple[dict[int, SeqRank], int | None, float | None, int, float | None]:
+    """The sequential test after one observation: every judged rank's :class:`SeqRank`, the
+    newest step folded in, the long-run variance estimate and the steps it spans, and ``h``
+    (None while the estimate spans fewer than :data:`SEQ_WARMUP_STEPS` steps). Off (the state's
+    values, nothing judged) unless :data:`SEQUENTIAL` and every fresh rank sends per-step busy
+    times (:func:`uses_steps`). The variance is averaged over the steps the job advanced (a
+    running mean over its first :data:`SEQ_VAR_STEPS` steps, then an exponential average of that
+    length) from :func:`long_run_variance` over ``persistSteps`` steps, once at least half the
+    ranks hold that many (a shorter stretch would miss the noise's autocorrelation)."""
+    if not SEQUENTIAL or not uses_steps(fresh.values()):
+        return {}, state.seq_step, state.seq_var, state.seq_var_steps, None
+    var, var_steps = state.seq_var, state.seq_var_steps
+    k = seq_drift(policy)
+    old: dict[int, SeqRank] = {}
+    for r, t in fresh.items():
+        track = state.tracks.get(r)
+        if track is not None and track.node == nodes.get(r, "") and t.step >= track.last_step:
+            old[r] = SeqRank(track.seq_s, track.seq_since, track.seq_recent)
+        else:
+            old[r] = SeqRank()
+    cap = math.inf
+    if var is not None and var_steps >= SEQ_WARMUP_STEPS:
+        cap = SEQ_CAP * sequential_threshold(var, k, len(fresh))
+    seq, step = fold_steps(old, fresh, state.seq_step, policy, cap)
+    advanced = 0 if step is None else step - (state.seq_step if state.seq_step is not None else step - 1)
+    estimate = long_run_variance(seq.values(), max(1, policy.persist_steps)) if advanced > 0 else None
+    if estimate is not None and len([x for x in seq.values()
+                                     if len(x.recent) >= policy.persist_steps]) >= (len(fresh) + 1) // 2:
+        advanced = min(SEQ_VAR_STEPS, advanced)
+        weight = advanced / min(SEQ_VAR_STEPS, var_steps + advanced)
+        var = estimate if var is None else var + weight * (estimate - var)
+        var_steps = min(SEQ_VAR_STEPS, var_steps + advanced)
+    h = (sequential_threshold(var, k, len(fresh)) if var is not None and var_steps >= SEQ_WARMUP_STEPS
+         else None)
+    return seq, step, var, var_steps, h
 
 
 def _episode(track: RankTrack, policy: StragglerPolicy, window: int) -> bool:
@@ -630,10 +877,12 @@ def _level(old: RankTrack, t: RankTiming, newest: float, peak: float, fresh_run:
 
 
 def _advance(old: RankTrack, t: RankTiming, s: RankScore | None, cause: str | None, policy: StragglerPolicy,
-             now: datetime.datetime, ms: RankScore | None = None, median_cause: str | None = None) -> RankTrack:
+             now: datetime.datetime, ms: RankScore | None = None, median_cause: str | None = None,
+             seq_cause: str | None = None, seq_confirm: bool = False) -> RankTrack:
     """The track after one new observation of the rank (at a new step): ``s`` and ``cause``
     from the windowed means, ``ms`` and ``median_cause`` from the windowed medians (None
-    without them)."""
+    without them), ``seq_cause`` the cause when the sequential test shows evidence (None
+    otherwise) and ``seq_confirm`` whether it confirms the rank (:func:`seq_confirmed`)."""
     if s is None:  # a fresh track whose timing is not judged
         return old
     track = replace(old, last_step=t.step, slowdown=s.slowdown, z=s.z)
@@ -658,9 +907,12 @@ def _advance(old: RankTrack, t: RankTiming, s: RankScore | None, cause: str | No
                                   and (cause is not None or not MEDIAN_NEEDS_MEANS))
     else:
         track = replace(track, median_since=None, lead=None)
+    if seq_cause is not None:  # the sequential test: its own persistence (seq_confirmed)
+        track = replace(track, calm_since=None, cause=track.cause if confirmed else seq_cause)
+        confirmed = confirmed or seq_confirm
     if confirmed and track.straggler_since is None:
         track = replace(track, straggler_since=now)
-    if cause is not None or median_cause is not None:
+    if cause is not None or median_cause is not None or seq_cause is not None:
         return track
     calm = old.calm_since if old.calm_since is not None else t.step
     track = replace(track, calm_since=calm)

@@ -43,6 +43,9 @@ def timing_message(timing: wire.RankTiming) -> pb.RankTiming:
     if timing.busy_median_s is not None:  # unset otherwise: the operator then reads None
         message.busy_median_s = timing.busy_median_s
         message.median_window = timing.median_window
+    if timing.busy_steps:  # empty otherwise: the operator then reads ()
+        message.busy_first_step = timing.busy_first_step
+        message.busy_steps.extend(timing.busy_steps)
     return message
 
 

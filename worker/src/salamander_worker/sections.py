@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 SPAN_CAPACITY = 8192
 WINDOW_STEPS = 32
 MEDIAN_WINDOW = 16               # steps of the busy-time median in RankTiming (at most the window)
+BUSY_STEPS = 64                  # per-step busy times in RankTiming (the operator's sequential test)
 COMMUNICATION = "communication"  # waiting on peers: collectives, and the tails after mark_ready
 OTHER = "other"                  # the step's time outside any top-level section
 ENV_SECTION_SYNC = "SALAMANDER_SECTION_SYNC"
@@ -100,6 +101,7 @@ class _EventStep:
     pending: list[tuple[str, Any, Any, Any, bool]]  # (name, begin, end, mark or None, top-level)
     sections: dict[str, float] = field(default_factory=dict)
     top: float = 0.0
+    step: int = 0  # the step number it closed at (Recorder.end_step)
 
 
 class Recorder:
@@ -114,6 +116,7 @@ class Recorder:
         self._current: dict[str, float] = {}  # section -> seconds in the step under way
         self._top = 0.0  # seconds in top-level sections in the step under way
         self._window: deque[tuple[float, dict[str, float]]] = deque(maxlen=window)  # (step s, sections)
+        self._busy: deque[tuple[int, float]] = deque(maxlen=BUSY_STEPS)  # (step number, busy s)
         self._step = 0
         self._step_started_ns: int | None = None
         self._owner: int | None = None  # the thread that closes the steps (top-level sections are its)
@@ -219,18 +222,21 @@ class Recorder:
                 seconds = (now - started) / 1e9
                 self._spans.append(Span("step", started, now - started, self._step))
                 if self._pending or self._unresolved:
-                    self._unresolved.append(_EventStep(seconds, self._pending, self._current, self._top))
+                    self._unresolved.append(_EventStep(seconds, self._pending, self._current, self._top, step))
                 else:
-                    self._push(seconds, self._current, self._top)
+                    self._push(seconds, self._current, self._top, step)
             self._current, self._top, self._pending = {}, 0.0, []
             self._step = step
             if self._unresolved:
                 self._resolve()
         return seconds
 
-    def _push(self, seconds: float, sections: dict[str, float], top: float) -> None:
+    def _push(self, seconds: float, sections: dict[str, float], top: float, step: int) -> None:
         sections[OTHER] = sections.get(OTHER, 0.0) + max(0.0, seconds - top)
         self._window.append((seconds, sections))
+        if self._busy and step != self._busy[-1][0] + 1:
+            self._busy.clear()  # a step dropped (or renumbered): only consecutive steps go out
+        self._busy.append((step, max(0.0, seconds - sections.get(COMMUNICATION, 0.0))))
 
     def _resolve(self) -> None:
         """CUDA mode: turn the events of closed steps into seconds, oldest step first, as far
@@ -258,7 +264,7 @@ class Recorder:
                 self._unresolved.popleft()  # the device is far behind: give this step up
                 continue
             self._unresolved.popleft()
-            self._push(entry.seconds, entry.sections, entry.top)
+            self._push(entry.seconds, entry.sections, entry.top, entry.step)
 
     def window_means(self) -> tuple[float | None, dict[str, float]]:
         """Mean step seconds and mean seconds per step of each section (and :data:`OTHER`),
@@ -293,10 +299,13 @@ class Recorder:
         busy time per step over the newest ``median_window`` steps (:meth:`busy_median`); the
         sections are bounded to the wire's limits (names cut to
         :data:`salamander.wire.MAX_SECTION_NAME` printable characters; the largest kept,
-        communication and other first, when there are too many)."""
+        communication and other first, when there are too many); ``busy_steps`` the busy
+        seconds of each of the newest :data:`BUSY_STEPS` closed steps (:meth:`busy_steps`), up to
+        ``step``."""
         count, step_s, means, median, median_count = self._summary()
         if step_s is None or median is None:
             return None
+        first, busy = self.busy_steps(max(0, int(step)))
         sections: dict[str, float] = {}
         for name, seconds in means.items():
             key = "".join(c if c.isprintable() else "?" for c in name)[:wire.MAX_SECTION_NAME] or "?"
@@ -307,7 +316,23 @@ class Recorder:
         step_s = max(0.0, step_s)
         return wire.RankTiming(rank=int(rank), step=max(0, int(step)), window=count, step_s=step_s,
                                wait_s=min(step_s, sections.get(COMMUNICATION, 0.0)), sections=sections,
-                               busy_median_s=median, median_window=median_count)
+                               busy_median_s=median, median_window=median_count,
+                               busy_first_step=first, busy_steps=busy)
+
+    def busy_steps(self, up_to: int | None = None) -> tuple[int, tuple[float, ...]]:
+        """The busy seconds (step time minus :data:`COMMUNICATION`) of the newest closed steps,
+        at most :data:`BUSY_STEPS` of them, consecutive and oldest first, numbered as
+        :meth:`end_step` closed them (the one closed by ``end_step(n)`` is step ``n``), with the
+        number of the first: ``(first, values)``; ``(0, ())`` when there are none (at or before
+        ``up_to``). A step dropped in CUDA mode, or a step number that does not follow the one
+        before (a restart), starts the run over."""
+        with self._lock:
+            kept = list(self._busy)
+        if up_to is not None:
+            kept = [(n, v) for n, v in kept if n <= up_to]
+        if not kept or kept[0][0] < 0:
+            return 0, ()
+        return kept[0][0], tuple(v for _, v in kept)
 
     def spans(self) -> list[Span]:
         """The newest finished spans, oldest first."""

@@ -130,7 +130,8 @@ def heartbeat_timings(hb: pb.Heartbeat) -> dict[int, wire.RankTiming]:
             timing = wire.RankTiming(rank=t.rank, step=t.step, window=t.window, step_s=t.step_s,
                                      wait_s=t.wait_s, sections=dict(t.sections),
                                      busy_median_s=t.busy_median_s if t.HasField("busy_median_s") else None,
-                                     median_window=t.median_window).check()
+                                     median_window=t.median_window, busy_first_step=t.busy_first_step,
+                                     busy_steps=wire.busy_steps_of(t.busy_steps)).check()
         except wire.WireError as exc:
             raise ProtocolError("invalid_heartbeat", f"heartbeat.ranks[{i}]: {exc}") from None
         timings[timing.rank] = timing

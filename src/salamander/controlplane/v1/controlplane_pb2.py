@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-salamander/controlplane/v1/controlplane.proto\x12\x1asalamander.controlplane.v1\"\xc4\x01\n\x0c\x41gentMessage\x12\x32\n\x05hello\x18\x01 \x01(\x0b\x32!.salamander.controlplane.v1.HelloH\x00\x12:\n\theartbeat\x18\x02 \x01(\x0b\x32%.salamander.controlplane.v1.HeartbeatH\x00\x12<\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32).salamander.controlplane.v1.FailureReportH\x00\x42\x06\n\x04\x62ody\"\x81\x01\n\x05Hello\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x12\n\nfirst_rank\x18\x05 \x01(\x05\x12\x12\n\nrank_count\x18\x06 \x01(\x05\x12\x15\n\ragent_version\x18\x07 \x01(\t\"\xb2\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x03 \x01(\x01\x12\x14\n\x0csent_unix_ns\x18\x04 \x01(\x03\x12\x14\n\x0cstep_unix_ns\x18\x05 \x01(\x03\x12\x12\n\nregrouping\x18\x06 \x01(\x08\x12\x35\n\x05ranks\x18\x07 \x03(\x0b\x32&.salamander.controlplane.v1.RankTiming\"\x96\x02\n\nRankTiming\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06window\x18\x03 \x01(\x05\x12\x0e\n\x06step_s\x18\x04 \x01(\x01\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x46\n\x08sections\x18\x06 \x03(\x0b\x32\x34.salamander.controlplane.v1.RankTiming.SectionsEntry\x12\x1a\n\rbusy_median_s\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmedian_window\x18\x08 \x01(\x05\x1a/\n\rSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x10\n\x0e_busy_median_s\"0\n\x0bProcessExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"E\n\x11TrainingException\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xfb\x01\n\rFailureReport\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x37\n\x04\x65xit\x18\x03 \x01(\x0b\x32\'.salamander.controlplane.v1.ProcessExitH\x00\x12\x42\n\texception\x18\x04 \x01(\x0b\x32-.salamander.controlplane.v1.TrainingExceptionH\x00\x12\x10\n\x08log_tail\x18\x05 \x03(\t\x12\x18\n\x10observed_unix_ns\x18\x06 \x01(\x03\x12\x1d\n\x15round_started_unix_ns\x18\x07 \x01(\x03\x42\x07\n\x05\x63\x61use\"\xb9\x01\n\x0fOperatorMessage\x12\x36\n\x07welcome\x18\x01 \x01(\x0b\x32#.salamander.controlplane.v1.WelcomeH\x00\x12.\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1f.salamander.controlplane.v1.AckH\x00\x12\x36\n\x07\x63ommand\x18\x03 \x01(\x0b\x32#.salamander.controlplane.v1.CommandH\x00\x42\x06\n\x04\x62ody\"^\n\x07Verdict\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".salamander.controlplane.v1.Action\x12\x0f\n\x07\x64\x65lay_s\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\";\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"H\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x34\n\x07verdict\x18\x02 \x01(\x0b\x32#.salamander.controlplane.v1.Verdict\"_\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12?\n\x07restart\x18\x02 \x01(\x0b\x32,.salamander.controlplane.v1.RestartProcessesH\x00\x42\x06\n\x04\x62ody\"\"\n\x10RestartProcesses\x12\x0e\n\x06reason\x18\x01 \x01(\t*|\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0eRETRY_IN_PLACE\x10\x01\x12\x15\n\x11RESTART_PROCESSES\x10\x02\x12\x0f\n\x0bREPLACE_POD\x10\x03\x12\x10\n\x0cREPLACE_NODE\x10\x04\x12\x0c\n\x08\x46\x41IL_JOB\x10\x05\x32t\n\x0c\x43ontrolPlane\x12\x64\n\x07Session\x12(.salamander.controlplane.v1.AgentMessage\x1a+.salamander.controlplane.v1.OperatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-salamander/controlplane/v1/controlplane.proto\x12\x1asalamander.controlplane.v1\"\xc4\x01\n\x0c\x41gentMessage\x12\x32\n\x05hello\x18\x01 \x01(\x0b\x32!.salamander.controlplane.v1.HelloH\x00\x12:\n\theartbeat\x18\x02 \x01(\x0b\x32%.salamander.controlplane.v1.HeartbeatH\x00\x12<\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32).salamander.controlplane.v1.FailureReportH\x00\x42\x06\n\x04\x62ody\"\x81\x01\n\x05Hello\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x12\n\nfirst_rank\x18\x05 \x01(\x05\x12\x12\n\nrank_count\x18\x06 \x01(\x05\x12\x15\n\ragent_version\x18\x07 \x01(\t\"\xb2\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x03 \x01(\x01\x12\x14\n\x0csent_unix_ns\x18\x04 \x01(\x03\x12\x14\n\x0cstep_unix_ns\x18\x05 \x01(\x03\x12\x12\n\nregrouping\x18\x06 \x01(\x08\x12\x35\n\x05ranks\x18\x07 \x03(\x0b\x32&.salamander.controlplane.v1.RankTiming\"\xc3\x02\n\nRankTiming\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06window\x18\x03 \x01(\x05\x12\x0e\n\x06step_s\x18\x04 \x01(\x01\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x46\n\x08sections\x18\x06 \x03(\x0b\x32\x34.salamander.controlplane.v1.RankTiming.SectionsEntry\x12\x1a\n\rbusy_median_s\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmedian_window\x18\x08 \x01(\x05\x12\x17\n\x0f\x62usy_first_step\x18\t \x01(\x03\x12\x12\n\nbusy_steps\x18\n \x03(\x01\x1a/\n\rSectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x10\n\x0e_busy_median_s\"0\n\x0bProcessExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"E\n\x11TrainingException\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xfb\x01\n\rFailureReport\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x37\n\x04\x65xit\x18\x03 \x01(\x0b\x32\'.salamander.controlplane.v1.ProcessExitH\x00\x12\x42\n\texception\x18\x04 \x01(\x0b\x32-.salamander.controlplane.v1.TrainingExceptionH\x00\x12\x10\n\x08log_tail\x18\x05 \x03(\t\x12\x18\n\x10observed_unix_ns\x18\x06 \x01(\x03\x12\x1d\n\x15round_started_unix_ns\x18\x07 \x01(\x03\x42\x07\n\x05\x63\x61use\"\xb9\x01\n\x0fOperatorMessage\x12\x36\n\x07welcome\x18\x01 \x01(\x0b\x32#.salamander.controlplane.v1.WelcomeH\x00\x12.\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1f.salamander.controlplane.v1.AckH\x00\x12\x36\n\x07\x63ommand\x18\x03 \x01(\x0b\x32#.salamander.controlplane.v1.CommandH\x00\x42\x06\n\x04\x62ody\"^\n\x07Verdict\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".salamander.controlplane.v1.Action\x12\x0f\n\x07\x64\x65lay_s\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\";\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"H\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x34\n\x07verdict\x18\x02 \x01(\x0b\x32#.salamander.controlplane.v1.Verdict\"_\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12?\n\x07restart\x18\x02 \x01(\x0b\x32,.salamander.controlplane.v1.RestartProcessesH\x00\x42\x06\n\x04\x62ody\"\"\n\x10RestartProcesses\x12\x0e\n\x06reason\x18\x01 \x01(\t*|\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0eRETRY_IN_PLACE\x10\x01\x12\x15\n\x11RESTART_PROCESSES\x10\x02\x12\x0f\n\x0bREPLACE_POD\x10\x03\x12\x10\n\x0cREPLACE_NODE\x10\x04\x12\x0c\n\x08\x46\x41IL_JOB\x10\x05\x32t\n\x0c\x43ontrolPlane\x12\x64\n\x07Session\x12(.salamander.controlplane.v1.AgentMessage\x1a+.salamander.controlplane.v1.OperatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKTIMING_SECTIONSENTRY']._loaded_options = None
   _globals['_RANKTIMING_SECTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1797
-  _globals['_ACTION']._serialized_end=1921
+  _globals['_ACTION']._serialized_start=1842
+  _globals['_ACTION']._serialized_end=1966
   _globals['_AGENTMESSAGE']._serialized_start=78
   _globals['_AGENTMESSAGE']._serialized_end=274
   _globals['_HELLO']._serialized_start=277
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=409
   _globals['_HEARTBEAT']._serialized_end=587
   _globals['_RANKTIMING']._serialized_start=590
-  _globals['_RANKTIMING']._serialized_end=868
-  _globals['_RANKTIMING_SECTIONSENTRY']._serialized_start=803
-  _globals['_RANKTIMING_SECTIONSENTRY']._serialized_end=850
-  _globals['_PROCESSEXIT']._serialized_start=870
-  _globals['_PROCESSEXIT']._serialized_end=918
-  _globals['_TRAININGEXCEPTION']._serialized_start=920
-  _globals['_TRAININGEXCEPTION']._serialized_end=989
-  _globals['_FAILUREREPORT']._serialized_start=992
-  _globals['_FAILUREREPORT']._serialized_end=1243
-  _globals['_OPERATORMESSAGE']._serialized_start=1246
-  _globals['_OPERATORMESSAGE']._serialized_end=1431
-  _globals['_VERDICT']._serialized_start=1433
-  _globals['_VERDICT']._serialized_end=1527
-  _globals['_WELCOME']._serialized_start=1529
-  _globals['_WELCOME']._serialized_end=1588
-  _globals['_ACK']._serialized_start=1590
-  _globals['_ACK']._serialized_end=1662
-  _globals['_COMMAND']._serialized_start=1664
-  _globals['_COMMAND']._serialized_end=1759
-  _globals['_RESTARTPROCESSES']._serialized_start=1761
-  _globals['_RESTARTPROCESSES']._serialized_end=1795
-  _globals['_CONTROLPLANE']._serialized_start=1923
-  _globals['_CONTROLPLANE']._serialized_end=2039
+  _globals['_RANKTIMING']._serialized_end=913
+  _globals['_RANKTIMING_SECTIONSENTRY']._serialized_start=848
+  _globals['_RANKTIMING_SECTIONSENTRY']._serialized_end=895
+  _globals['_PROCESSEXIT']._serialized_start=915
+  _globals['_PROCESSEXIT']._serialized_end=963
+  _globals['_TRAININGEXCEPTION']._serialized_start=965
+  _globals['_TRAININGEXCEPTION']._serialized_end=1034
+  _globals['_FAILUREREPORT']._serialized_start=1037
+  _globals['_FAILUREREPORT']._serialized_end=1288
+  _globals['_OPERATORMESSAGE']._serialized_start=1291
+  _globals['_OPERATORMESSAGE']._serialized_end=1476
+  _globals['_VERDICT']._serialized_start=1478
+  _globals['_VERDICT']._serialized_end=1572
+  _globals['_WELCOME']._serialized_start=1574
+  _globals['_WELCOME']._serialized_end=1633
+  _globals['_ACK']._serialized_start=1635
+  _globals['_ACK']._serialized_end=1707
+  _globals['_COMMAND']._serialized_start=1709
+  _globals['_COMMAND']._serialized_end=1804
+  _globals['_RESTARTPROCESSES']._serialized_start=1806
+  _globals['_RESTARTPROCESSES']._serialized_end=1840
+  _globals['_CONTROLPLANE']._serialized_start=1968
+  _globals['_CONTROLPLANE']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)

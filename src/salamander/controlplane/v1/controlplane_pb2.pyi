@@ -69,7 +69,7 @@ class Heartbeat(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., step_unix_ns: _Optional[int] = ..., regrouping: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
 
 class RankTiming(_message.Message):
-    __slots__ = ("rank", "step", "window", "step_s", "wait_s", "sections", "busy_median_s", "median_window")
+    __slots__ = ("rank", "step", "window", "step_s", "wait_s", "sections", "busy_median_s", "median_window", "busy_first_step", "busy_steps")
     class SectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,8 @@ class RankTiming(_message.Message):
     SECTIONS_FIELD_NUMBER: _ClassVar[int]
     BUSY_MEDIAN_S_FIELD_NUMBER: _ClassVar[int]
     MEDIAN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    BUSY_STEPS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     step: int
     window: int
@@ -93,7 +95,9 @@ class RankTiming(_message.Message):
     sections: _containers.ScalarMap[str, float]
     busy_median_s: float
     median_window: int
-    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., window: _Optional[int] = ..., step_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., sections: _Optional[_Mapping[str, float]] = ..., busy_median_s: _Optional[float] = ..., median_window: _Optional[int] = ...) -> None: ...
+    busy_first_step: int
+    busy_steps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., window: _Optional[int] = ..., step_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., sections: _Optional[_Mapping[str, float]] = ..., busy_median_s: _Optional[float] = ..., median_window: _Optional[int] = ..., busy_first_step: _Optional[int] = ..., busy_steps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
     __slots__ = ("exit_code", "signal")
