@@ -6,8 +6,8 @@ tens of MiB on a server, and hundreds in a VM that reports its host's whole cach
 the development machine). Below it, each destination line is first read into cache and then
 written (read-for-ownership), so a snapshot's 1 MiB pieces cost three passes over memory instead
 of two, and push training's working set out of cache. Measured on the development machine
-(BENCHMARKS.md, "Streaming stores"): the copy of the live tensors ran at 0.59x a plain large
-``memcpy`` with ordinary stores and at 0.9x with streaming ones.
+(BENCHMARKS.md, "Streaming stores"): the snapshot's copy of the live tensors ran at 0.56x a plain
+large ``memcpy`` with ordinary stores and at 0.84x with streaming ones.
 
 The agent sets the threshold for its training processes to :data:`THRESHOLD` through
 ``GLIBC_TUNABLES``, which the dynamic loader reads once, at process start: so it is set in the
