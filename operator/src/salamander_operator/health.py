@@ -24,11 +24,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from salamander.api import TrainingJobSpec, TrainingJobStatus
+from salamander.api.models import HangPolicy
 from salamander.controlplane import AgentIdentity
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.desired import JobRef
-from salamander_operator.failures import (classify_exception, classify_exit, classify_hang, classify_startup_hang,
-                                          hang_threshold)
+from salamander_operator.failures import (Classification, classify_exception, classify_exit, classify_hang,
+                                          classify_startup_hang, hang_threshold)
 from salamander_operator.incidents import Incident
 from salamander_operator.policy import Decision, FailureEvidence, RestartHistory, decide
 
@@ -206,18 +207,12 @@ class JobHealth:
                 step_at = max((b.step_at for b in reported if b.step == step), default=0.0)
                 self.watch.observe(step, step_time_s, monotonic_now, time.time() - step_at if step_at > 0 else None)
                 self.watch.running(monotonic_now)
-            hang = spec.failure_policy.hang
-            if not hang.enabled:
+            judged = self._judged(spec.failure_policy.hang)
+            if judged is None or not (reported or self.watch.armed):
                 return None
-            if self.watch.armed:
-                threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
-                silent_s = monotonic_now - self.watch.since
-                classification = classify_hang(silent_s, threshold)
-            elif reported and self.watch.started is not None:
-                silent_s = monotonic_now - self.watch.started
-                classification = classify_startup_hang(silent_s, hang.startup_seconds)
-            else:
-                return None
+            since, limit_s, classify = judged
+            silent_s = monotonic_now - since
+            classification = classify(silent_s, limit_s)
             if classification is None:
                 return None
             now = self._clock()
@@ -231,16 +226,25 @@ class JobHealth:
     def seconds_to_hang(self, monotonic_now: float) -> float | None:
         """How long until the job counts as hung if it makes no step meanwhile (None: it cannot
         hang now), so a scanner can wake exactly then instead of a scan interval late."""
-        hang = self.spec.failure_policy.hang
         with self._lock:
-            if not hang.enabled:
+            judged = self._judged(self.spec.failure_policy.hang)
+            if judged is None:
                 return None
-            if self.watch.armed:
-                threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
-                return max(0.0, self.watch.since + threshold - monotonic_now)
-            if self.watch.started is not None and hang.startup_seconds > 0:
-                return max(0.0, self.watch.started + hang.startup_seconds - monotonic_now)
+            since, limit_s, _ = judged
+            return max(0.0, since + limit_s - monotonic_now)
+
+    def _judged(self, hang: HangPolicy) -> tuple[float, float, Callable[[float, float], Classification | None]] | None:
+        """Under the lock: what a hang is timed from now, as (since, limit in seconds, classify):
+        the newest progress and the step-time threshold once the watch is armed, the processes'
+        start and ``startupSeconds`` before; None when nothing can hang now."""
+        if not hang.enabled:
             return None
+        if self.watch.armed:
+            threshold = hang_threshold(list(self.watch.step_times), hang.factor, hang.floor_seconds)
+            return self.watch.since, threshold, classify_hang
+        if self.watch.started is not None and hang.startup_seconds > 0:
+            return self.watch.started, hang.startup_seconds, classify_startup_hang
+        return None
 
     def _decide(self, evidence: FailureEvidence, now: datetime.datetime,
                 round_started: datetime.datetime | None = None) -> Decision:
