@@ -38,10 +38,10 @@ def held(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     release = threading.Event()
     real = payload.copy_tensors
 
-    def copy_tensors(pending, buffer, length=None):  # type: ignore[no-untyped-def]
+    def copy_tensors(pending, buffer, length=None, **options):  # type: ignore[no-untyped-def]
         if threading.current_thread() is not threading.main_thread():
             assert release.wait(timeout=30), "the test never released the background copy"
-        return real(pending, buffer, length)
+        return real(pending, buffer, length, **options)
 
     monkeypatch.setattr(snapshotter.payload, "copy_tensors", copy_tensors)
     return release

@@ -165,7 +165,8 @@ def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:
 CHUNK = 1 << 20
 
 
-def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None) -> int | None:
+def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None, *,
+                 landed: Callable[[int], None] | None = None) -> int | None:
     """Copy each pending tensor's bytes to its place in ``buffer`` (single-threaded memcpy,
     GIL released; device tensors come to the host here). With ``length`` (the payload's), also
     return the crc32c of ``buffer[:length]``, computed piece by piece just before each piece's
@@ -173,7 +174,9 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
     piece from cache, and its destination need never be read back (streaming stores leave it
     out of cache). Invariant: no pending tensor changes while this runs (the caller copies
     anything the forward pass might change in the foreground, before training goes on), so the source's bytes and
-    the copy's are the same bytes."""
+    the copy's are the same bytes. ``landed``, when given, is called after each piece with an
+    offset below which the pending tensors' bytes are all copied (growing; the bytes that are
+    not pending must already be in place)."""
     from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
 
     target = np.frombuffer(buffer, dtype=np.uint8)
@@ -192,6 +195,8 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
             if length is not None:
                 crc = checksum_update(piece, crc)
             np.copyto(target[ref.offset + start:ref.offset + start + len(piece)], piece)
+            if landed is not None:
+                landed(ref.offset + start + len(piece))
         done = ref.offset + ref.nbytes
     if length is None:
         return None

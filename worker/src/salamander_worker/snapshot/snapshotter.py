@@ -17,10 +17,12 @@ What happens at a snapshot (every ``interval`` steps):
   (a step pre-hook): parameters and optimizer state must change only in ``optimizer.step()``.
   On a GPU the copy is DMA into the page-locked slot on a copy stream (:mod:`.device`), and
   the hook is a GPU-side wait: the host thread does not block at all.
-* **Background** (one thread, overlapping the next steps): crc32c of the payload, the atomic
-  commit, then the erasure-coding exchange within the rank's group (gloo ``reduce_scatter``
-  with ``BXOR`` on a dedicated group; rotating parity, :mod:`.erasure`), the parity commit, and
-  every ``persist_every`` snapshots a torch.distributed.checkpoint of the payload.
+* **Background** (overlapping the next steps): crc32c of the payload as it lands, the atomic
+  commit, and every ``persist_every`` snapshots a torch.distributed.checkpoint of the payload.
+  Beside the copy, on a second thread, the erasure-coding exchange within the rank's group
+  (point to point on a dedicated gloo group; rotating parity, :mod:`.erasure`) runs window by
+  window as the copy lands the bytes it needs (:mod:`.exchange`), then the parity commit. So a
+  snapshot is protected about one window after its copy ends, not one exchange after.
 * The next snapshot waits for the previous one's background work, so at most one snapshot is
   in flight and the newest *protected* snapshot is never the one being overwritten.
 
@@ -50,6 +52,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,7 @@ import torch.distributed as dist
 
 from salamander import wire
 from salamander_worker import progress, telemetry
-from salamander_worker.snapshot import erasure, payload, persist
+from salamander_worker.snapshot import erasure, exchange, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, Rebuild, RestorePlan,
@@ -70,7 +73,6 @@ from salamander_worker.snapshot.region import SLOTS, Committed, RegionError, Slo
 log = logging.getLogger(__name__)
 
 HEADROOM = 1.05          # slot capacity over the first payload, for state that grows a little
-_BXOR = dist.ReduceOp.BXOR
 
 
 class SnapshotError(RuntimeError):
@@ -86,6 +88,7 @@ class Stats:
     waiting_s: list[float] = field(default_factory=list)    # waiting for the previous background
     copy_wait_s: list[float] = field(default_factory=list)  # optimizer.step() waiting for the copy
     background_s: list[float] = field(default_factory=list)
+    encode_s: list[float] = field(default_factory=list)     # protection's time beyond the copy's commit
     dma_s: list[float] = field(default_factory=list)        # GPU copy-stream time of a snapshot's DMA
     protected_step: int | None = None
     persisted_step: int | None = None
@@ -110,7 +113,8 @@ class Snapshotter:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any = None, config: wire.SnapshotConfig | None = None,
-                 memory_dir: str | os.PathLike[str] | None = None, overlap: bool = True) -> None:
+                 memory_dir: str | os.PathLike[str] | None = None, overlap: bool = True,
+                 pipeline: bool = True) -> None:
         if config is None:
             raw = os.environ.get(wire.ENV_SNAPSHOT)
             try:
@@ -157,6 +161,10 @@ class Snapshotter:
         self._closed = False
         self._thread = threading.Thread(target=self._background, name="salamander-snapshot", daemon=True)
         self._thread.start()
+        # With ``pipeline`` the parity exchange runs on its own thread beside the copy, window by
+        # window as the bytes land; without, it starts once the copy has been committed.
+        self._exchanger = ThreadPoolExecutor(1, thread_name_prefix="salamander-parity") \
+            if pipeline and self._ec_group is not None else None
         self._persister = persist.Persister(config.persist_directory) if config.persist_every and \
             config.persist_directory else None
         if self._persister is not None:
@@ -292,6 +300,8 @@ class Snapshotter:
         self._closed = True
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        if self._exchanger is not None:
+            self._exchanger.shutdown(wait=False)
         self._unpin_data()
 
     def _raise_background_error(self) -> None:
@@ -306,21 +316,32 @@ class Snapshotter:
                 return
             started = time.perf_counter()
             step, slot, length, pending, crc, by_dma = job
+            landing = exchange.Landing(length)
+            encoding: Future[None] | None = None
             try:
+                assert self._data is not None
+                if not by_dma and not pending:
+                    landing.advance(length)   # copied in the foreground, before this job was queued
+                if self._exchanger is not None:   # the parity exchange follows the copy as it lands
+                    encoding = self._exchanger.submit(self._encode, step, slot, landing)
                 if by_dma:
-                    assert self._copier is not None and self._data is not None
-                    crc = self._checksum_as_landed(self._data.payload(slot), length)
+                    assert self._copier is not None
+                    crc = self._checksum_as_landed(self._data.payload(slot), length, landing)
                     copied = time.perf_counter() - started
                     self.stats.dma_s.append(self._copier.copy_seconds() or 0.0)
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 if pending:
-                    assert self._data is not None
-                    crc = payload.copy_tensors(pending, self._data.payload(slot), length)
+                    crc = payload.copy_tensors(pending, self._data.payload(slot), length, landed=landing.advance)
                     self._copied.set()
                     copied = time.perf_counter() - started
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
-                self._protect(step, slot, length, crc)
+                assert crc is not None
+                self._protect(step, slot, length, crc, landing, encoding)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
+                landing.fail(f"{type(exc).__name__}: {exc}")
+                if encoding is not None:
+                    with contextlib.suppress(BaseException):
+                        encoding.result()   # it stops at the failed landing; the copy's error is the one to report
                 log.exception("snapshot background work failed")
                 self._error = exc
             finally:
@@ -328,26 +349,36 @@ class Snapshotter:
                 self.stats.background_s.append(time.perf_counter() - started)
                 self._idle.set()
 
-    def _checksum_as_landed(self, buffer: memoryview, length: int) -> int:
+    def _checksum_as_landed(self, buffer: memoryview, length: int, landing: exchange.Landing) -> int:
         """The crc32c of ``buffer[:length]`` while a device copy into it is in flight: each
-        stretch is checksummed as soon as the copy engines have written it."""
+        stretch is checksummed (and announced to ``landing``) as soon as the copy engines have
+        written it."""
         assert self._copier is not None
         crc, done = 0, 0
         for reached in self._copier.landed():
             crc = checksum_update(buffer[done:reached], crc)
             done = reached
+            landing.advance(done)
         self._copier.wait()
         return checksum_update(buffer[done:length], crc)
 
-    def _protect(self, step: int, slot: int, length: int, crc: int | None) -> None:
+    def _protect(self, step: int, slot: int, length: int, crc: int, landing: exchange.Landing,
+                 encoding: Future[None] | None) -> None:
+        """Commit the copied slot, then see its parity exchange through (``encoding`` when it
+        has been running beside the copy, else run it now), then persist if due."""
         assert self._data is not None
         committed = self._data.commit(slot, length, {"step": step, "rank": self.rank, "world": self.world,
                                                      "sharded": self.trainee.sharded}, crc=crc)
+        landing.finish(crc)
         telemetry.guarded(lambda: telemetry.worker().snapshot_committed(length))
         if self._ec_group is not None:
             started = time.perf_counter()
-            self._encode(committed)
-            encoded = time.perf_counter() - started
+            if encoding is not None:
+                encoding.result()
+            else:
+                self._encode(step, slot, landing)
+            encoded = time.perf_counter() - started   # what protection took beyond the copy
+            self.stats.encode_s.append(encoded)
             telemetry.guarded(lambda: telemetry.worker().snapshot_stage("encode", encoded))
         if self._persister is not None and (step // self.config.interval) % self.config.persist_every == 0:
             started = time.perf_counter()
@@ -357,20 +388,20 @@ class Snapshotter:
 
     # -- erasure coding ------------------------------------------------------------------------
 
-    def _encode(self, committed: Committed) -> None:
-        """Exchange blocks with the group and commit this member's parity for the snapshot."""
+    def _encode(self, step: int, slot: int, landing: exchange.Landing) -> None:
+        """Exchange blocks with the group as this member's copy lands (:func:`.exchange.encode_parity`)
+        and commit this member's parity for the snapshot, recording every member's length and
+        crc32c (gathered once all copies are done)."""
         assert self._ec_group is not None and self._data is not None
         group, pg, m = self._ec_group, self._ec_pg, self.config.parity
         k, j = len(group), self._ec_group.index(self.rank)
-        record = committed.record
-        mine = torch.tensor([record["step"], record["length"], record["checksum"]], dtype=torch.int64)
-        everyone = [torch.empty(3, dtype=torch.int64) for _ in group]
+        mine = torch.tensor([step, landing.length], dtype=torch.int64)
+        everyone = [torch.empty(2, dtype=torch.int64) for _ in group]
         dist.all_gather(everyone, mine, group=pg)
         steps = {int(t[0]) for t in everyone}
-        if steps != {record["step"]}:
+        if steps != {step}:
             raise SnapshotError(f"group {group} snapshot steps disagree: {sorted(steps)}")
         lengths = [int(t[1]) for t in everyone]
-        checksums = [int(t[2]) for t in everyone]
         block_len = erasure.block_length(lengths, k, m)
         if self._parity is None or self._parity.capacity < m * block_len:
             if self._parity is not None:
@@ -378,20 +409,14 @@ class Snapshotter:
             self._parity = SlotFile.open(self._path("parity"), int(m * block_len * HEADROOM))
         pslot = self._parity.begin()
         out = np.frombuffer(self._parity.payload(pslot), dtype=np.uint8, count=m * block_len)
-        data = np.frombuffer(self._data.payload(committed.slot), dtype=np.uint8, count=record["length"])
-        roles = erasure.roles(k, m)
-        zeros = torch.zeros(block_len, dtype=torch.uint8)
-        for row in range(m):
-            inputs = []
-            for receiver in range(k):
-                stripe = (receiver - row) % k
-                inputs.append(_contribution(roles[stripe][j], row, data, block_len, zeros))
-            target = torch.from_numpy(out[row * block_len:(row + 1) * block_len])
-            dist.reduce_scatter(_words(target), [_words(t) for t in inputs], op=_BXOR, group=pg)
+        data = np.frombuffer(self._data.payload(slot), dtype=np.uint8, count=landing.length)
+        exchange.encode_parity(pg, group, m, data, landing, block_len, out)
+        crcs = [torch.empty(1, dtype=torch.int64) for _ in group]
+        dist.all_gather(crcs, torch.tensor([landing.checksum()], dtype=torch.int64), group=pg)
         self._parity.commit(pslot, m * block_len, {
-            "step": record["step"], "group": group, "member": j, "m": m, "block_len": block_len,
-            "lengths": lengths, "checksums": checksums})
-        self.stats.protected_step = record["step"]
+            "step": step, "group": group, "member": j, "m": m, "block_len": block_len,
+            "lengths": lengths, "checksums": [int(t[0]) for t in crcs]})
+        self.stats.protected_step = step
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -678,7 +703,7 @@ class Snapshotter:
 
         Per stripe and parity row, the providers' contributions (their data block times the
         row's coefficient, or their parity block) are XORed into the row's syndrome on the
-        stripe's solver by :func:`_xor_reduce` (point-to-point; each provider reduces a share).
+        stripe's solver by :func:`.exchange.xor_reduce` (point-to-point; each provider reduces a share).
         With one lost data block and row 0 (always so for m=1) the syndrome *is* the block, and
         it is reduced straight into the destination's buffer (a slot of its data file, see
         :meth:`_receive_into`); otherwise the solver solves the stripe and sends each block to
@@ -717,7 +742,8 @@ class Snapshotter:
                                        if roles[stripe][j].kind == "data" or roles[stripe][j].index == row})
                 part = None
                 if self.rank in contributors:
-                    part = _Part([_contributed(roles[stripe][j], row, data_views[j], parity_views[j], block_len)
+                    part = exchange.Part([exchange.contributed(roles[stripe][j], row, data_views[j],
+                                                               parity_views[j], block_len)
                                   for j in provides
                                   if roles[stripe][j].kind == "data" or roles[stripe][j].index == row])
                 out = None
@@ -728,7 +754,7 @@ class Snapshotter:
                     else:
                         out = syndromes[row] = np.empty(block_len, dtype=np.uint8)
                 with self._timed("transfer.reduce"):
-                    _xor_reduce(pg, part, contributors, solver, out, block_len)
+                    exchange.xor_reduce(pg, part, contributors, solver, out, block_len)
             if direct:
                 continue
             if self.rank == solver:
@@ -758,169 +784,3 @@ class Snapshotter:
     def _load_persistent(self, plan: RestorePlan) -> np.ndarray | None:
         assert self._persister is not None and plan.step is not None
         return self._persister.load(plan.step, plan.want[self.rank])
-
-
-def _words(tensor: torch.Tensor) -> torch.Tensor:
-    """A uint8 tensor whose length is a multiple of 8, as int64 words (XOR is bitwise anyway)."""
-    return tensor.view(torch.int64)
-
-
-def _contribution(role: erasure.StripeRole, row: int, data: np.ndarray, block_len: int,
-                  zeros: torch.Tensor) -> torch.Tensor:
-    """What a member adds to parity row ``row`` of a stripe: its block times the row's
-    coefficient if it is a data member there, zeros otherwise."""
-    if role.kind != "data":
-        return zeros
-    block = erasure.block_view(data, role.block, block_len)
-    coefficient = erasure.coefficient(row, role.index)
-    if coefficient != 1:
-        block = erasure.gf_scale(block, coefficient)
-    return torch.from_numpy(np.ascontiguousarray(block))
-
-
-# -- the point-to-point XOR reduction of a rebuild ------------------------------------------------
-
-#: Bytes per message of :func:`_xor_reduce`: big enough for the transport's speed, small enough
-#: that the reducers' receive buffers stay few and reused.
-REDUCE_CHUNK = 8 << 20
-_TAG_PART, _TAG_RESULT = 71, 72
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One rank's contribution to a syndrome: the XOR of ``arrays``, each a uint8 array of at
-    most the block's length and zeros past its end (so a payload's last, short block is a view,
-    not a zero-padded copy)."""
-
-    arrays: list[np.ndarray]
-
-    def chunk(self, start: int, end: int) -> np.ndarray:
-        """Bytes ``start:end`` of the contribution: a view when one array covers them, else a
-        new array."""
-        if len(self.arrays) == 1 and self.arrays[0].size >= end:
-            return self.arrays[0][start:end]
-        out = np.zeros(end - start, dtype=np.uint8)
-        for array in self.arrays:
-            piece = array[start:min(end, array.size)]
-            if piece.size:
-                erasure.xor_into(out[:piece.size], piece)
-        return out
-
-
-def _contributed(role: erasure.StripeRole, row: int, data: np.ndarray, parity: np.ndarray,
-                 block_len: int) -> np.ndarray:
-    """What a member adds to parity row ``row`` of a stripe, possibly shorter than the block
-    (zeros past its end): its data block times the row's coefficient, or its parity block."""
-    if role.kind != "data":
-        return parity[row * block_len:(row + 1) * block_len]
-    block = data[role.block * block_len:min((role.block + 1) * block_len, data.size)]
-    coefficient = erasure.coefficient(row, role.index)
-    return block if coefficient == 1 else erasure.gf_scale(block, coefficient)
-
-
-def _shares(length: int, parts: int) -> list[tuple[int, int]]:
-    """``[0, length)`` cut into ``parts`` consecutive shares, multiples of 64 bytes but the last."""
-    size = -(-length // parts)
-    size = -(-size // 64) * 64
-    return [(min(length, i * size), min(length, (i + 1) * size)) for i in range(parts)]
-
-
-def _chunks(start: int, end: int) -> list[tuple[int, int]]:
-    return [(a, min(end, a + REDUCE_CHUNK)) for a in range(start, end, REDUCE_CHUNK)]
-
-
-def _xor_reduce(pg: Any, part: _Part | None, contributors: list[int], root: int, out: np.ndarray | None,
-                length: int) -> None:
-    """XOR the ``contributors``' parts (``length`` bytes each) into ``out`` on ``root``.
-
-    Collective over the contributors and the root, who call it with the same ``contributors``,
-    ``root`` and ``length`` (``part`` on a contributor, ``out`` on the root). Contributor ``i``
-    reduces share ``i`` of the bytes: it receives that share of every other contributor's part
-    (in ``REDUCE_CHUNK`` messages, two chunks in flight), XORs its own in and sends the result
-    to the root. So every contributor sends ``length`` bytes and the root receives ``length``:
-    the least the destination's network can carry, with the XOR work spread evenly. Messages
-    between two ranks go in one order on each tag, which both sides follow, so nothing can
-    deadlock; every request is waited for before returning."""
-    rank = dist.get_rank()
-    n = len(contributors)
-    shares = _shares(length, n)
-    pending: list[Any] = []     # requests with the buffers they use, waited for at the end
-    try:
-        if rank == root and rank not in contributors:
-            assert out is not None
-            for i, (a, e) in enumerate(shares):
-                for x, y in _chunks(a, e):
-                    pending.append((dist.irecv(torch.from_numpy(out[x:y]), src=contributors[i], group=pg,
-                                               tag=_TAG_RESULT), None))
-        elif rank in contributors:
-            assert part is not None
-            me = contributors.index(rank)
-            if rank == root:
-                assert out is not None
-                for i, (a, e) in enumerate(shares):
-                    if i != me:
-                        for x, y in _chunks(a, e):
-                            pending.append((dist.irecv(torch.from_numpy(out[x:y]), src=contributors[i], group=pg,
-                                                       tag=_TAG_RESULT), None))
-            for i, (a, e) in enumerate(shares):
-                if i != me:
-                    for x, y in _chunks(a, e):
-                        piece = part.chunk(x, y)
-                        pending.append((dist.isend(torch.from_numpy(piece), dst=contributors[i], group=pg,
-                                                   tag=_TAG_PART), piece))
-            _reduce_share(pg, part, [c for c in contributors if c != rank], shares[me], root, out, pending)
-    finally:
-        for request, _ in pending:
-            request.wait()
-
-
-def _reduce_share(pg: Any, part: _Part, others: list[int], share: tuple[int, int], root: int,
-                  out: np.ndarray | None, pending: list[Any]) -> None:
-    """This contributor's share of :func:`_xor_reduce`: chunk by chunk, receive the others'
-    bytes into one of two reused buffer sets (the next chunk's receives are posted before this
-    one's XOR), XOR its own in, and send the result to the root (or write it into ``out`` when
-    this rank is the root)."""
-    rank = dist.get_rank()
-    chunks = _chunks(*share)
-    if not chunks:
-        return
-    if not others:   # the only contributor: its part is the result
-        for x, y in chunks:
-            piece = part.chunk(x, y)
-            if rank == root:
-                assert out is not None
-                out[x:y] = piece
-            else:
-                pending.append((dist.isend(torch.from_numpy(piece), dst=root, group=pg, tag=_TAG_RESULT), piece))
-        return
-    size = min(REDUCE_CHUNK, share[1] - share[0])
-    sets = [[np.empty(size, dtype=np.uint8) for _ in others] for _ in range(2)]
-    sent: list[Any] = [None, None]    # the result send still reading each buffer set
-
-    def post(c: int) -> list[Any]:
-        x, y = chunks[c]
-        buffers = sets[c % 2]
-        if sent[c % 2] is not None:
-            sent[c % 2].wait()
-            sent[c % 2] = None
-        return [dist.irecv(torch.from_numpy(buffers[o][:y - x]), src=src, group=pg, tag=_TAG_PART)
-                for o, src in enumerate(others)]
-
-    posted = post(0)
-    for c, (x, y) in enumerate(chunks):
-        following = post(c + 1) if c + 1 < len(chunks) else []
-        for request in posted:
-            request.wait()
-        received = [b[:y - x] for b in sets[c % 2]]
-        mine = part.chunk(x, y)
-        target = out[x:y] if rank == root else received[0]
-        assert target is not None
-        np.bitwise_xor(received[0], mine, out=target)
-        for extra in received[1:]:
-            erasure.xor_into(target, extra)
-        if rank != root:
-            sent[c % 2] = dist.isend(torch.from_numpy(target), dst=root, group=pg, tag=_TAG_RESULT)
-        posted = following
-    for request in sent:
-        if request is not None:
-            request.wait()
