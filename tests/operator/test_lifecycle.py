@@ -252,3 +252,31 @@ async def test_a_silent_agent_gets_its_worker_replaced(cluster: Cluster) -> None
     messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "FailureDetected"]
     assert any("AgentLost" in m and "no heartbeat" in m for m in messages), messages
     await agent.close()
+
+
+async def test_a_worker_left_waiting_in_rendezvous_after_training_finished_is_removed(cluster: Cluster) -> None:
+    """A replacement that came up as the others finished: its agent waits in rendezvous for a
+    round that will never start. Once a worker has succeeded, the operator removes it, and the
+    job succeeds instead of waiting for it forever."""
+    from salamander.controlplane import AgentIdentity
+    from salamander_worker.controlplane import AgentClient
+
+    await cluster.apply_job(job_manifest("late"))
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "late", 2), "two worker pods")
+    secret = await cluster.eventually(lambda: _both(cluster.secrets(), "late-control"), "the secret")
+    token = base64.b64decode(secret["late-control"]["data"]["token"]).decode()
+    agent = AgentClient(cluster.operator.control_endpoint, token,
+                        AgentIdentity("team-a", "late", "late-worker-1", "node-2", 1, 2))
+    await agent.connect()
+    await agent.heartbeat(0, 0.0, regrouping=True)
+    await cluster.set_pod("late-worker-1", "Running", ready=True)
+    await cluster.set_pod("late-worker-0", "Succeeded", exit_code=0)
+    status = await cluster.wait_status("late", "Succeeded", lambda s: s.get("phase") == "Succeeded")
+    assert status["phase"] == "Succeeded"
+
+    async def removed() -> bool:
+        pod = (await cluster.pods("late")).get("late-worker-1")
+        return pod is None or bool(pod["metadata"].get("deletionTimestamp"))
+    await cluster.eventually(removed, "the stranded worker's pod deleted")
+    assert pods["late-worker-0"]["metadata"]["uid"] == (await cluster.pods("late"))["late-worker-0"]["metadata"]["uid"]
+    await agent.close()

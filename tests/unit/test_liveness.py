@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from salamander_operator.liveness import AgentBeat, mark_lost_agents
+from salamander_operator.liveness import AgentBeat, mark_lost_agents, regrouping
 from salamander_operator.observed import ObservedWorker, WorkerPhase
 
 RUNNING = [ObservedWorker(index=i, phase=WorkerPhase.RUNNING, ready=True) for i in range(3)]
@@ -38,3 +38,10 @@ def test_a_closed_session_gets_a_longer_grace() -> None:
     assert mark_lost_agents(RUNNING[:1], closed, now=100.0, timeout_s=5.0, closed_grace_s=30.0) == RUNNING[:1]
     assert mark_lost_agents(RUNNING[:1], closed, now=121.0, timeout_s=5.0, closed_grace_s=30.0)[0].reason == \
         "AgentLost"
+
+
+def test_regrouping_takes_each_workers_newest_beat_on_a_connected_stream() -> None:
+    beats = [AgentBeat(0, 10.0, regrouping=True), AgentBeat(0, 11.0, regrouping=False),
+             AgentBeat(1, 5.0, regrouping=False), AgentBeat(1, 6.0, regrouping=True),
+             AgentBeat(2, 9.0, connected=False, regrouping=True)]
+    assert regrouping(beats) == frozenset({1})

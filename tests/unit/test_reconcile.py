@@ -289,6 +289,26 @@ def test_succeeded_while_others_still_run_waits_and_removes_waiting_ones() -> No
     assert plan.status.completion_time is None
 
 
+def test_a_worker_still_waiting_in_rendezvous_after_training_finished_is_removed() -> None:
+    """A replacement that came up after the others finished waits for a round that will never
+    start: it is removed with the waiting ones, and the job ends once nothing else runs."""
+    s = spec(2, 3)
+    plan = reconcile(JOB, s, [succeeded(0), ready(1), ready(2)], running_status(), None, T1,
+                     regrouping=frozenset({2}))
+    assert plan.delete == (2,) and not plan.status.phase.terminal   # worker 1 is still finishing
+    plan = reconcile(JOB, s, [succeeded(0), succeeded(1), ready(2)], running_status(), None, T1,
+                     regrouping=frozenset({2}))
+    assert plan.delete == (2,) and plan.status.phase is Phase.SUCCEEDED
+    assert reconcile(JOB, s, [succeeded(0), succeeded(1), ready(2)], running_status(), None, T1).status.phase \
+        is Phase.RUNNING   # without the agent's word it could still be finishing
+
+
+def test_regrouping_workers_are_left_alone_while_training_goes_on() -> None:
+    plan = reconcile(JOB, spec(2, 3), [ready(0), ready(1), ready(2)], running_status(), None, T1,
+                     regrouping=frozenset({0, 1, 2}))
+    assert plan.delete == () and plan.status.phase is Phase.RUNNING
+
+
 def test_succeeded_while_others_run_does_not_replace_a_failed_one() -> None:
     plan = reconcile(JOB, spec(2, 3), [succeeded(0), ready(1), failed(2)], running_status(), None, T1)
     assert plan.create == () and plan.delete == ()

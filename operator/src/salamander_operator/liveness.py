@@ -27,6 +27,7 @@ class AgentBeat:
     index: int
     last_heartbeat: float
     connected: bool = True
+    regrouping: bool = False   # waiting in rendezvous for a round, with no training processes
 
 
 def is_silent(last_heartbeat: float, connected: bool, now: float, timeout_s: float = DEFAULT_AGENT_TIMEOUT_S,
@@ -41,10 +42,7 @@ def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBe
     """``observed`` with every running worker whose agent has been silent for more than
     ``timeout_s`` (``closed_grace_s`` if its stream closed) turned into a failed one (reason
     ``AgentLost``), so reconcile replaces it."""
-    newest: dict[int, AgentBeat] = {}
-    for beat in beats:
-        if beat.index not in newest or beat.last_heartbeat > newest[beat.index].last_heartbeat:
-            newest[beat.index] = beat
+    newest = _newest(beats)
     result = []
     for worker in observed:
         beat = newest.get(worker.index)
@@ -55,3 +53,16 @@ def mark_lost_agents(observed: Sequence[ObservedWorker], beats: Iterable[AgentBe
                                          message=lost.evidence)
         result.append(worker)
     return result
+
+
+def regrouping(beats: Iterable[AgentBeat]) -> frozenset[int]:
+    """The workers whose agent's newest heartbeat, on a connected stream, says it is regrouping."""
+    return frozenset(i for i, beat in _newest(beats).items() if beat.regrouping and beat.connected)
+
+
+def _newest(beats: Iterable[AgentBeat]) -> dict[int, AgentBeat]:
+    newest: dict[int, AgentBeat] = {}
+    for beat in beats:
+        if beat.index not in newest or beat.last_heartbeat > newest[beat.index].last_heartbeat:
+            newest[beat.index] = beat
+    return newest

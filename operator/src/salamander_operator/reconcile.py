@@ -9,7 +9,10 @@ the operator, so running it twice on the same input is harmless. Rules, in order
 2. An invalid spec fails the job with reason ``InvalidSpec``; nothing is created and any
    worker it had is deleted. A later spec change (new generation) re-evaluates it.
 3. Once any worker has succeeded the job is completing: no worker is created or replaced,
-   waiting ones are removed, and when none runs the job ends, Succeeded if no worker failed.
+   waiting ones are removed, and so are running ones whose agent is regrouping (waiting in
+   rendezvous for a round that, with training done, will never start: e.g. a replacement
+   that came up after the others finished). When none runs the job ends, Succeeded if no
+   worker failed.
 4. Failures are folded into status (:mod:`.incidents`): first the incidents the in-band
    channels decided (a process restarted in place, a hang), then each failed worker, decided
    by the failure policy (:mod:`.policy`). A worker to replace is deleted, to be recreated
@@ -98,13 +101,15 @@ def _unfinished(observed: Sequence[ObservedWorker]) -> tuple[int, ...]:
 def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
               previous: TrainingJobStatus, progress: Progress | None,
               now: datetime.datetime, incidents: Sequence[Incident] = (),
-              straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None) -> Plan:
+              straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None,
+              regrouping: frozenset[int] = frozenset()) -> Plan:
     """Decide one pass for one job. Pure: the caller observes and applies. ``incidents`` are the
     failures the in-band channels detected and decided since the last pass; ``straggling`` what
     straggler detection found and asks (status, an eviction, an undo); ``allocation`` the
-    cluster planner's worker count (None: no planning, the job wants ``max``). The goodput
-    ledger is brought up to ``now`` on every pass of a live job, and frozen once it ends."""
-    plan = _decide(job, spec, observed, previous, progress, now, incidents, straggling, allocation)
+    cluster planner's worker count (None: no planning, the job wants ``max``); ``regrouping``
+    the workers whose agents say they wait in rendezvous (:func:`.liveness.regrouping`). The
+    goodput ledger is brought up to ``now`` on every pass of a live job, and frozen once it ends."""
+    plan = _decide(job, spec, observed, previous, progress, now, incidents, straggling, allocation, regrouping)
     if plan.status.phase.terminal and previous.phase.terminal:
         return plan
     ledger = goodput.account(plan.status.goodput, progress, plan.status.last_failure, now,
@@ -115,7 +120,8 @@ def reconcile(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequen
 def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence[ObservedWorker],
             previous: TrainingJobStatus, progress: Progress | None,
             now: datetime.datetime, incidents: Sequence[Incident] = (),
-            straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None) -> Plan:
+            straggling: StragglerVerdict | None = None, allocation: AllocationRecord | None = None,
+            regrouping: frozenset[int] = frozenset()) -> Plan:
     if previous.phase.terminal:
         invalid_before = _reason(previous) == Reason.INVALID_SPEC
         if invalid_before and previous.observed_generation != job.generation:
@@ -137,7 +143,10 @@ def _decide(job: JobRef, spec: TrainingJobSpec | InvalidSpec, observed: Sequence
     status, restored = with_restore(_with_progress(previous, progress), progress, now)
 
     if succeeded:
-        waiting = tuple(sorted(w.index for w in live if w.phase is WorkerPhase.PENDING))
+        stranded = [w for w in running if w.index in regrouping]   # their round will never start
+        running = [w for w in running if w.index not in regrouping]
+        waiting = tuple(sorted([w.index for w in live if w.phase is WorkerPhase.PENDING]
+                               + [w.index for w in stranded]))
         if running:
             return Plan(delete=waiting, status=_running_status(status, job, spec, running, progress, now,
                                                                completing=True), events=restored)

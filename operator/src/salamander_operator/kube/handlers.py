@@ -34,7 +34,7 @@ from salamander_operator.desired import (JobRef, build_credential_secret, build_
                                          trace_config_map_name, worker_name)
 from salamander_operator.kube.cluster import ClusterError, KubeCluster
 from salamander_operator.health import SETTLE_S, JobHealth, StepBeat, verdict
-from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents
+from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, is_silent, mark_lost_agents, regrouping
 from salamander_operator.nodes import (LABEL_QUARANTINED_BY, NodeState, mark_failed_nodes, node_state,
                                        quarantine_labels, quarantined_by, stranded)
 from salamander_operator.observed import WorkerPhase, observe_pod
@@ -219,7 +219,7 @@ class JobSupervisor:
         for session in plane.job_sessions(ref.namespace, ref.name):
             prefix, _, index = session.identity.pod.rpartition("-")
             if prefix == f"{ref.name}-worker" and index.isdigit():
-                beats.append(AgentBeat(int(index), session.last_heartbeat, session.connected))
+                beats.append(AgentBeat(int(index), session.last_heartbeat, session.connected, session.regrouping))
         return beats
 
     async def ensure_credential(self, ref: JobRef) -> None:
@@ -253,7 +253,8 @@ class JobSupervisor:
             spec = exc
         pods = await self.ctx.cluster.list_worker_pods(ref.namespace, ref.name, ref.uid)
         observed = [w for w in (observe_pod(p) for p in pods) if w is not None]
-        observed = mark_lost_agents(observed, self.agent_beats(ref), time.monotonic(), self.ctx.agent_timeout_s)
+        beats = self.agent_beats(ref)
+        observed = mark_lost_agents(observed, beats, time.monotonic(), self.ctx.agent_timeout_s)
         nodes = self.ctx.nodes
         self.ctx.job_nodes[ref.uid] = frozenset(w.node for w in observed if w.node)
         self.stranded = tuple(stranded(observed, nodes))
@@ -293,7 +294,8 @@ class JobSupervisor:
             ready = sum(1 for w in observed if w.phase is WorkerPhase.RUNNING and w.ready and not w.deleting)
             straggling = self.stragglers.verdict(spec, self.ctx.control_plane.job_timings(ref.namespace, ref.name),
                                                  nodes_of, worker_of_node, ready, now)
-        plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling, allocation)
+        plan = reconcile(ref, spec, observed, self.status, progress, now, incidents, straggling, allocation,
+                         regrouping(beats))
         if isinstance(spec, TrainingJobSpec):
             health.sync(spec, plan.status)  # restarts this pass charged start their recovery
             if any(e.reason in _PLANNED_DISRUPTIONS for e in plan.events):
@@ -399,21 +401,23 @@ def register(registry: kopf.OperatorRegistry) -> None:
                  when=lambda memo, **_: memo.context.control_plane is not None)
     async def watch_liveness(uid: str, namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                              **_: Any) -> None:
-        """Wake the job's reconcile as soon as one of its agents falls silent, and restart its
-        processes as soon as it hangs: an in-memory scan of the control plane's sessions twice
-        a second, with no API calls."""
+        """Wake the job's reconcile as soon as one of its agents falls silent or starts
+        regrouping, and restart its processes as soon as it hangs: an in-memory scan of the
+        control plane's sessions every LIVENESS_SCAN_S, with no API calls."""
         ctx: OperatorContext = memo.context
         plane = ctx.control_plane
         assert plane is not None
         reported: set[str] = set()
+        regrouped: set[str] = set()
         while not stopped:
             now = time.monotonic()
             sessions = plane.job_sessions(namespace, name)
             silent = {s.session_id for s in sessions
                       if is_silent(s.last_heartbeat, s.connected, now, ctx.agent_timeout_s)}
-            if silent - reported:
+            regrouping_now = {s.session_id for s in sessions if s.regrouping and s.connected}
+            if silent - reported or regrouping_now - regrouped:   # (a completing job removes regrouping workers)
                 ctx.wake(uid)
-            reported = silent
+            reported, regrouped = silent, regrouping_now
             health = ctx.health.get((namespace, name))
             if health is not None:
                 steps = [StepBeat(s.step, s.step_time_s, s.step_at, s.regrouping) for s in sessions if s.connected]

@@ -26,7 +26,7 @@ from salamander_operator.controlplane.server import AgentSession
 from salamander_operator.desired import JobRef, worker_name
 from salamander_operator.health import JobHealth, StepBeat, verdict, worker_index
 from salamander_operator.incidents import Incident
-from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents
+from salamander_operator.liveness import DEFAULT_AGENT_TIMEOUT_S, AgentBeat, mark_lost_agents, regrouping
 from salamander_operator.local.plane import ControlPlaneThread
 from salamander_operator.local.view import RunView
 from salamander_operator.local.workers import LocalWorkers
@@ -135,7 +135,7 @@ class LocalRun:
         mono = time.monotonic()
         self._previous = self.status
         sessions = self._sessions()
-        beats = [AgentBeat(i, s.last_heartbeat, s.connected) for s in sessions
+        beats = [AgentBeat(i, s.last_heartbeat, s.connected, s.regrouping) for s in sessions
                  if (i := worker_index(self.ref, s.identity.pod)) is not None]
         observed = mark_lost_agents(self.workers.observe(), beats, mono, self.agent_timeout_s)
         progress = self.host.read_progress(self.ref.uid)
@@ -166,7 +166,8 @@ class LocalRun:
         straggling = self.stragglers.verdict(self.job.spec, self.plane.server.job_timings(self.ref.namespace,
                                                                                           self.ref.name),
                                              nodes, worker_of_node, ready, now)
-        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents, straggling)
+        plan = reconcile(self.ref, self.job.spec, observed, self.status, progress, now, incidents, straggling,
+                         regrouping=regrouping(beats))
         self.stragglers.applied(straggling, now)
         if any(e.reason == Reason.STRAGGLER_EVICTED for e in plan.events):
             self.health.planned_disruption()
