@@ -280,3 +280,48 @@ async def test_a_worker_left_waiting_in_rendezvous_after_training_finished_is_re
     await cluster.eventually(removed, "the stranded worker's pod deleted")
     assert pods["late-worker-0"]["metadata"]["uid"] == (await cluster.pods("late"))["late-worker-0"]["metadata"]["uid"]
     await agent.close()
+
+
+async def test_a_kill_worker_fault_is_fired_once_through_the_workers_agent(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Kubernetes the operator fires KillWorker: once the job reaches the fault's step, it
+    claims the fault in the rendezvous store and tells that worker's agent to kill its worker."""
+    import asyncio
+
+    from salamander.controlplane import AgentIdentity
+    from salamander_operator.kube import handlers
+    from salamander_worker.controlplane import AgentClient
+
+    monkeypatch.setattr(handlers, "RESYNC_S", 0.5)   # progress is polled
+    job = await cluster.apply_job(job_manifest("chaos", faults=[{"kind": "KillWorker", "atStep": 5, "worker": 1}]))
+    uid = job["metadata"]["uid"]
+    pods = await cluster.eventually(lambda: _pods_named(cluster, "chaos", 2), "two worker pods")
+    for name in pods:
+        await cluster.set_pod(name, "Running", ready=True)
+    secret = await cluster.eventually(lambda: _both(cluster.secrets(), "chaos-control"), "the secret")
+    token = base64.b64decode(secret["chaos-control"]["data"]["token"]).decode()
+    commands: dict[str, list] = {"chaos-worker-0": [], "chaos-worker-1": []}
+    agents = [AgentClient(cluster.operator.control_endpoint, token,
+                          AgentIdentity("team-a", "chaos", pod, f"node-{i}", 2 * i, 2),
+                          on_command=commands[pod].append)
+              for i, pod in enumerate(commands)]
+    for agent in agents:
+        await agent.connect()
+    store = cluster.operator.rendezvous
+    store.set(wire.progress_key(uid), wire.Progress(step=4, samples=64, world_size=4, time=0.0).encode())
+    await asyncio.sleep(1.5)   # a few passes below the fault's step: nothing fires
+    assert commands == {"chaos-worker-0": [], "chaos-worker-1": []}
+    store.set(wire.progress_key(uid), wire.Progress(step=6, samples=96, world_size=4, time=0.0).encode())
+
+    async def killed() -> list:
+        return commands["chaos-worker-1"]
+    [command] = await cluster.eventually(killed, "the kill command at worker 1's agent")
+    assert command.WhichOneof("body") == "kill" and "killed worker 1 at step 6 (fault 1)" in command.kill.reason
+    assert store.fault_fired_at(uid, 0) is not None
+    assert not store.claim_fault(uid, 0)   # claimed once for the run
+    await asyncio.sleep(1.5)
+    assert len(commands["chaos-worker-1"]) == 1 and commands["chaos-worker-0"] == []
+    messages = [e.get("message", "") for e in await cluster.events() if e.get("reason") == "FaultInjected"]
+    assert messages == ["killed worker 1 at step 6 (fault 1)"]
+    for agent in agents:
+        await agent.close()

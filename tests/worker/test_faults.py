@@ -265,3 +265,47 @@ def test_report_without_faults_reads_the_environment_once(monkeypatch: pytest.Mo
         progress.report(step)
     assert calls == [1]
     assert faults_mod._injector is not None and faults_mod._injector.idle
+
+
+def test_losing_this_worker_kills_its_training_processes_and_the_agent(tmp_path: Path) -> None:
+    """What an agent does on the operator's KillWorker command: its whole process group (the
+    training processes are in it) is killed at once, itself included, with no cleanup."""
+    pid_file = tmp_path / "child.pid"
+    code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        from salamander_worker.faults import lose_this_worker
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        lose_this_worker("fault 1: a test")
+        time.sleep(60)
+    """)
+    agent = subprocess.run([sys.executable, "-c", code], start_new_session=True, capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ))
+    assert agent.returncode == -signal.SIGKILL, agent.stderr
+    assert "killing this worker" in agent.stderr and "fault 1: a test" in agent.stderr
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break   # killed, not yet reaped by init
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the training process {child} outlived its worker")
+
+
+def test_the_agents_heartbeat_loses_the_worker_on_a_kill_command() -> None:
+    from salamander.controlplane import AgentIdentity
+    from salamander.controlplane.v1 import controlplane_pb2 as pb
+    from salamander_worker.heartbeat import Heartbeat
+
+    beat = Heartbeat("127.0.0.1:1", "t", AgentIdentity("ns", "job", "job-worker-1", "node", 0, 1), lambda: None)
+    lost: list[str] = []
+    beat.on_kill = lost.append
+    beat._on_command(pb.Command(seq=1, restart=pb.RestartProcesses(reason="hang")))
+    assert beat.restart_requested.is_set() and lost == []
+    beat._on_command(pb.Command(seq=2, kill=pb.KillWorker(reason="fault 2: KillWorker")))
+    assert lost == ["fault 2: KillWorker"]

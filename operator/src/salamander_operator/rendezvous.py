@@ -51,7 +51,9 @@ class RendezvousStore(Protocol):
     None when the job published nothing, its record is malformed, or the store is unreachable
     (progress unknown: the last status stands). ``request_stop`` raises :class:`RendezvousError`
     when the request could not be delivered. ``forget`` is best effort: a store that cannot be
-    reached keeps the finished job's few keys, and nothing else depends on them.
+    reached keeps the finished job's few keys, and nothing else depends on them. ``claim_fault``
+    is True only for the one caller that is to fire a fault (False when it was claimed before or
+    the store cannot be reached: a fault that cannot be fired once is not fired).
     """
 
     @property
@@ -62,6 +64,17 @@ class RendezvousStore(Protocol):
     def request_stop(self, run_id: str) -> None: ...
 
     def forget(self, run_id: str) -> None: ...
+
+    def claim_fault(self, run_id: str, fault_index: int) -> bool: ...
+
+
+def _claim_fault(store: Any, run_id: str, fault_index: int) -> bool:
+    """Fault ``fault_index`` of a run fires once, whoever fires it (operator or training
+    process): the first ``add`` of its key wins, and the winner records the time it fired."""
+    if store.add(wire.fault_key(run_id, fault_index), 1) != 1:
+        return False
+    store.set(wire.fault_fired_key(run_id, fault_index), repr(time.time()))
+    return True
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -132,6 +145,16 @@ class RendezvousHost:
         """Drop a finished job's progress, stop request and rendezvous state. (torch also leaves
         a few small per-round keys, whose names it does not expose; they stay.)"""
         _forget(self._store, run_id)
+
+    def claim_fault(self, run_id: str, fault_index: int) -> bool:
+        """Claim fault ``fault_index`` of a run, as a training process would (the first ``add``
+        wins, so it fires once per run, whoever fires it), and record when; False if it was
+        claimed before or the store cannot be reached."""
+        try:
+            return _claim_fault(self._live(), run_id, fault_index)
+        except (RuntimeError, RendezvousError) as exc:
+            log.warning("fault %d of run %s not injected: claiming it failed: %s", fault_index, run_id, exc)
+            return False
 
     def fault_fired_at(self, run_id: str, fault_index: int) -> float | None:
         """When (epoch seconds) a training process fired fault ``fault_index``; None if not yet."""
@@ -227,6 +250,14 @@ class RendezvousClient:
             self._call("forget", lambda store: _forget(store, run_id))
         except RendezvousError as exc:
             log.warning("left run %s's keys in the store: %s", run_id, exc)
+
+    def claim_fault(self, run_id: str, fault_index: int) -> bool:
+        """Claim a fault to fire (see :class:`RendezvousStore`); False if claimed or unreachable."""
+        try:
+            return self._call("claim fault", lambda store: _claim_fault(store, run_id, fault_index))
+        except RendezvousError as exc:
+            log.warning("fault %d of run %s not injected: %s", fault_index, run_id, exc)
+            return False
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,8 @@ step. A fault fires on the rank it targets once the job reaches its step (``step
 * ``SlowRank``: sleep ``seconds`` more on each of ``steps`` steps (0: to the end of the process),
   starting with the step it fires on.
 
-``KillWorker`` is executed by whoever runs the workers; it is skipped here.
+``KillWorker`` is executed by whoever runs the workers; it is skipped here. On Kubernetes the
+operator claims it and tells the worker's agent, which calls :func:`lose_this_worker`.
 
 Once per run: before acting, the firing process claims fault ``i`` with
 ``store.add(wire.fault_key(run_id, i), 1) == 1`` on the job's rendezvous store, then writes the
@@ -36,7 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -90,6 +91,20 @@ def _flush_output() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
+
+
+def lose_this_worker(reason: str) -> NoReturn:
+    """Kill this agent's training processes and the agent at once, as the loss of its node
+    would: SIGKILL to the agent's process group (its training processes are in it), then exit
+    137 in case the signal could not end this process (a container's PID 1 ignores it)."""
+    log.warning("killing this worker (agent and training processes): %s", reason)
+    _flush_output()
+    if os.getpid() != 1:
+        try:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(137)
 
 
 class FaultInjector:

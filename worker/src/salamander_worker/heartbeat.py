@@ -30,6 +30,7 @@ from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander import wire
 from salamander.controlplane import AgentIdentity
 from salamander_worker.controlplane import AgentClient, ControlPlaneError
+from salamander_worker.faults import lose_this_worker
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class Heartbeat(threading.Thread):
         self.restart_requested = threading.Event()
         self.regrouping = threading.Event()  # set by the agent while it restarts its processes
         self.restart_reason = ""
+        self.on_kill: Callable[[str], object] = lose_this_worker   # a KillWorker fault: never returns
 
     def report_failure(self, rank: int, *, exit_code: int = 0, signal: int = 0,
                        exception: tuple[str, str, str] | None = None, log_tail: list[str] | None = None,
@@ -165,9 +167,12 @@ class Heartbeat(threading.Thread):
             return None
 
     def _on_command(self, command: pb.Command) -> None:
-        if command.WhichOneof("body") == "restart":
+        body = command.WhichOneof("body")
+        if body == "restart":
             self.restart_reason = command.restart.reason
             self.restart_requested.set()
+        elif body == "kill":
+            self.on_kill(command.kill.reason or "the operator injected a KillWorker fault")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopped.set()

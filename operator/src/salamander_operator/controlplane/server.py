@@ -275,6 +275,14 @@ class ControlPlaneServer:
                 seq=n, restart=pb.RestartProcesses(reason=reason[:500]))))
         return len(sessions)
 
+    def kill_worker(self, namespace: str, job: str, pod: str, reason: str) -> int:
+        """Tell the connected agent(s) of one worker pod to kill the worker (a KillWorker fault);
+        how many were told."""
+        sessions = [s for s in self.job_sessions(namespace, job) if s.connected and s.identity.pod == pod]
+        for session in sessions:
+            session.send(pb.OperatorMessage(command=pb.Command(seq=1, kill=pb.KillWorker(reason=reason[:500]))))
+        return len(sessions)
+
     def job_sessions(self, namespace: str, job: str) -> list[AgentSession]:
         return [s for (ns, j, _), s in list(self.servicer.sessions.items()) if ns == namespace and j == job]
 

@@ -22,8 +22,8 @@ from typing import Any
 import kopf
 
 from salamander import wire
-from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus, check_name,
-                            parse_spec)
+from salamander.api import (GROUP, PLURAL, VERSION, FaultKind, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus,
+                            check_name, parse_spec)
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.allocations import ClusterAllocations, ThroughputMeter, transition_seconds
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
@@ -194,6 +194,7 @@ class JobSupervisor:
     stranded: tuple[int, ...] = ()  # workers being deleted on a failed node, stuck Terminating
     stragglers: StragglerWatch = field(default_factory=StragglerWatch)
     meter: ThroughputMeter = field(default_factory=ThroughputMeter)
+    faults_claimed: set[int] = field(default_factory=set)   # KillWorker faults this supervisor has claimed
 
     def __post_init__(self) -> None:
         self.node_labels = {q.node: None for q in self.status.quarantined_nodes}
@@ -221,6 +222,29 @@ class JobSupervisor:
             if prefix == f"{ref.name}-worker" and index.isdigit():
                 beats.append(AgentBeat(int(index), session.last_heartbeat, session.connected, session.regrouping))
         return beats
+
+    async def inject_worker_faults(self, ref: JobRef, spec: TrainingJobSpec, progress: wire.Progress | None,
+                                   body: kopf.Body) -> None:
+        """KillWorker faults are the operator's to fire here (the other kinds fire inside the
+        training processes). Once the job has reached a fault's step and the worker's agent is
+        connected, the fault is claimed in the rendezvous store (so it fires once per run, an
+        operator restart included when the store outlives it) and the agent is told to kill its
+        worker: processes and agent at once, as a lost node would be."""
+        plane, store = self.ctx.control_plane, self.ctx.rendezvous
+        if plane is None or store is None or progress is None:
+            return
+        for n, fault in enumerate(spec.faults):
+            if fault.kind is not FaultKind.KILL_WORKER or progress.step < fault.at_step or n in self.faults_claimed:
+                continue
+            pod = worker_name(ref, fault.worker)
+            if not any(s.connected and s.identity.pod == pod for s in plane.job_sessions(ref.namespace, ref.name)):
+                continue   # its agent is not up (yet): a later pass fires it
+            self.faults_claimed.add(n)
+            if not await asyncio.to_thread(store.claim_fault, ref.uid, n):
+                continue   # fired before (by an earlier operator), or the store cannot say
+            message = f"killed worker {fault.worker} at step {progress.step} (fault {n + 1})"
+            plane.kill_worker(ref.namespace, ref.name, pod, message)
+            kopf.event(body, type="Warning", reason=Reason.FAULT_INJECTED, message=message)
 
     async def ensure_credential(self, ref: JobRef) -> None:
         """Adopt the token in the job's Secret (after an operator restart), or create one."""
@@ -264,6 +288,8 @@ class JobSupervisor:
         progress = None
         if self.ctx.rendezvous is not None:
             progress = await asyncio.to_thread(self.ctx.rendezvous.read_progress, ref.uid)
+        if isinstance(spec, TrainingJobSpec) and not self.status.phase.terminal:
+            await self.inject_worker_faults(ref, spec, progress, body)
         incidents = []
         if isinstance(spec, TrainingJobSpec):
             health = self.ctx.health.get((ref.namespace, ref.name))

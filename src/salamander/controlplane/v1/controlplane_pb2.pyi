@@ -172,12 +172,20 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("seq", "restart")
+    __slots__ = ("seq", "restart", "kill")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RESTART_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
     seq: int
     restart: RestartProcesses
-    def __init__(self, seq: _Optional[int] = ..., restart: _Optional[_Union[RestartProcesses, _Mapping]] = ...) -> None: ...
+    kill: KillWorker
+    def __init__(self, seq: _Optional[int] = ..., restart: _Optional[_Union[RestartProcesses, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ...) -> None: ...
+
+class KillWorker(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RestartProcesses(_message.Message):
     __slots__ = ("reason",)
