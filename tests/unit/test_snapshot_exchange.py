@@ -109,3 +109,20 @@ def test_a_landing_made_landed_needs_no_waiting() -> None:
     landing = Landing.landed(100, 7)
     landing.wait_for(100)
     assert landing.checksum() == 7 and landing.reached == 100
+
+
+def test_the_exchange_thread_runs_calls_in_order_and_never_holds_up_exit() -> None:
+    from salamander_worker.snapshot.snapshotter import _Worker
+
+    worker = _Worker("test-exchange")
+    assert worker._thread.daemon   # a stuck exchange must not keep a dying process alive
+    done: list[int] = []
+    first = worker.submit(done.append, 1)
+    failing = worker.submit(lambda: 1 / 0)
+    last = worker.submit(lambda x: done.append(x) or x, 3)
+    assert last.result(timeout=5) == 3 and first.result() is None and done == [1, 3]
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    worker.stop()
+    worker._thread.join(timeout=5)
+    assert not worker._thread.is_alive()

@@ -52,7 +52,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,34 @@ def default_memory_dir() -> Path:
         return Path(explicit)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
     return Path(wire.SNAPSHOT_SHM_ROOT) / run / socket.gethostname()
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order. Unlike a ThreadPoolExecutor's, its
+    thread never holds up the interpreter's exit: a parity exchange stuck on a dead peer must not
+    keep a failing training process alive."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.Queue[tuple[Future[Any], Any, tuple[Any, ...]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
 
 
 class Snapshotter:
@@ -163,8 +191,7 @@ class Snapshotter:
         self._thread.start()
         # With ``pipeline`` the parity exchange runs on its own thread beside the copy, window by
         # window as the bytes land; without, it starts once the copy has been committed.
-        self._exchanger = ThreadPoolExecutor(1, thread_name_prefix="salamander-parity") \
-            if pipeline and self._ec_group is not None else None
+        self._exchanger = _Worker("salamander-parity") if pipeline and self._ec_group is not None else None
         self._persister = persist.Persister(config.persist_directory) if config.persist_every and \
             config.persist_directory else None
         if self._persister is not None:
@@ -301,7 +328,7 @@ class Snapshotter:
         self._jobs.put(None)
         self._thread.join(timeout=30)
         if self._exchanger is not None:
-            self._exchanger.shutdown(wait=False)
+            self._exchanger.stop()
         self._unpin_data()
 
     def _raise_background_error(self) -> None:
