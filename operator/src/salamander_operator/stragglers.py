@@ -226,8 +226,10 @@ SEQ_MIN_RANKS = 3
 SEQ_CLIP_FRACTION = 5.0
 #: The job's average run length between false alarms of the sequential test, in steps, split
 #: over its ranks (Bonferroni): see :func:`sequential_threshold`. Chosen on healthy replays with
-#: seeds other than the reported ones (docs/straggler-cusum.md).
-SEQ_ARL_STEPS = 1e6
+#: seeds other than the reported ones (docs/straggler-cusum.md): 1e6 while every rank counted in
+#: the variance estimate, 3e6 since suspects are left out of it (:data:`SEQ_VAR_SUSPECT_FRACTION`:
+#: healthy slow stretches no longer raise their own threshold).
+SEQ_ARL_STEPS = 3e6
 #: Steps over which the long-run variance of the ranks' log busy time is averaged (a running
 #: mean over the first ones, then an exponential average).
 SEQ_VAR_STEPS = 512
