@@ -1043,19 +1043,22 @@ def test_sequential_a_slow_rank_does_not_raise_the_threshold_it_has_to_cross(see
     # (about 40 steps), the job's h stays that of the same job without the slow rank; with
     # every rank counted (as before), the slow rank alone raises it by a fifth or more
     onset, until = 300, 340
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", 0.5)
     healthy = _h_after(wavy(seed=seed, noise=0.1), until)
     slowed = _h_after(wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=onset), until)
     assert len(healthy) == len(slowed) > 100
     assert max(abs(a / b - 1.0) for a, b in zip(slowed, healthy)) < 0.05
-    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)   # the default: every rank counts
     before = _h_after(wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=onset), until)
     assert before[-1] / healthy[-1] > 1.2
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_sequential_healthy_jobs_keep_their_threshold(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sequential_leaving_suspects_out_keeps_a_healthy_jobs_threshold(seed: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # no slow rank: leaving suspects out changes h by little (healthy ranks are rarely above
-    # half of it) and the findings not at all
+    # half of it)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", 0.5)
     now = _h_after(wavy(seed=seed, noise=0.1, stretch=0.06), 1000)
     monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)
     before = _h_after(wavy(seed=seed, noise=0.1, stretch=0.06), 1000)

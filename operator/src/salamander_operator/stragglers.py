@@ -114,9 +114,9 @@ healthy ranks on a busy host are several percent slow for tens of steps), split 
 (Bonferroni) for a job false-alarm rate of one in :data:`SEQ_ARL_STEPS` steps. The variance is
 estimated from the ranks' own ``persistSteps``-step means of ``r`` (:func:`long_run_variance`,
 a mean square, not a MAD: the healthy slow stretches are its heavy tail), averaged over
-:data:`SEQ_VAR_STEPS` steps; ranks whose ``S`` is above :data:`SEQ_VAR_SUSPECT_FRACTION` of
-``h`` (suspects) are left out of it, so that a straggler does not raise the threshold it has
-to cross. Invariants (for healthy steps whose log-ratio stays below ``k``):
+:data:`SEQ_VAR_STEPS` steps (optionally without suspects, ranks whose ``S`` is above
+:data:`SEQ_VAR_SUSPECT_FRACTION` of ``h``, so that a straggler does not raise the threshold it
+has to cross; off by default). Invariants (for healthy steps whose log-ratio stays below ``k``):
 a burst of slow steps shorter than ``persistSteps / 2`` is never evidence, whatever its size (the
 median of the newest ``persistSteps`` stays below ``k``); no rank is confirmed before a run of
 ``S > 0`` spanning ``persistSteps`` steps (which noise may have begun before the slowdown: the
@@ -226,20 +226,21 @@ SEQ_MIN_RANKS = 3
 SEQ_CLIP_FRACTION = 5.0
 #: The job's average run length between false alarms of the sequential test, in steps, split
 #: over its ranks (Bonferroni): see :func:`sequential_threshold`. Chosen on healthy replays with
-#: seeds other than the reported ones (docs/straggler-cusum.md): 1e6 while every rank counted in
-#: the variance estimate, 3e6 since suspects are left out of it (:data:`SEQ_VAR_SUSPECT_FRACTION`:
-#: healthy slow stretches no longer raise their own threshold).
-SEQ_ARL_STEPS = 3e6
+#: seeds other than the reported ones (docs/straggler-cusum.md). With suspects left out of the
+#: variance estimate (:data:`SEQ_VAR_SUSPECT_FRACTION`), 3e6 was chosen the same way: healthy
+#: slow stretches then no longer raise their own threshold.
+SEQ_ARL_STEPS = 1e6
 #: Steps over which the long-run variance of the ranks' log busy time is averaged (a running
 #: mean over the first ones, then an exponential average).
 SEQ_VAR_STEPS = 512
 #: Steps of that estimate needed before the sequential test judges anyone.
 SEQ_WARMUP_STEPS = 32
-#: Suspects are left out of the long-run variance estimate: ranks whose statistic ``S`` is above
-#: this fraction of the current threshold ``h`` (:func:`long_run_variance`). None: every rank
-#: counts, as before (a straggler then inflates ``h`` on its way to it). Chosen on replays with
-#: seeds other than the reported ones (docs/straggler-cusum.md).
-SEQ_VAR_SUSPECT_FRACTION: float | None = 0.5
+#: Suspects left out of the long-run variance estimate: ranks whose statistic ``S`` is above
+#: this fraction of the current threshold ``h`` (:func:`long_run_variance`). None (the default):
+#: every rank counts, and a straggler raises ``h`` on its way to it. Off because, measured
+#: (docs/straggler-cusum.md), 0.5 with ``SEQ_ARL_STEPS`` 3e6 found 10% slowdowns sooner but
+#: added healthy evictions at this machine's raw noise (4 -> 7 in 300 runs of 8 ranks).
+SEQ_VAR_SUSPECT_FRACTION: float | None = None
 #: A rank's statistic is capped at this multiple of the threshold: after a slowdown ends it
 #: drains in at most ``SEQ_CAP * h / k`` steps.
 SEQ_CAP = 2.0
@@ -803,8 +804,8 @@ def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
     running mean over its first :data:`SEQ_VAR_STEPS` steps, then an exponential average of that
     length) from :func:`long_run_variance` over ``persistSteps`` steps, once at least half the
     ranks hold that many (a shorter stretch would miss the noise's autocorrelation). Once armed,
-    ranks whose statistic is above :data:`SEQ_VAR_SUSPECT_FRACTION` of ``h`` are left out of it
-    (when too few are left, the estimate is kept as it was)."""
+    with :data:`SEQ_VAR_SUSPECT_FRACTION` set, ranks whose statistic is above that fraction of
+    ``h`` are left out of it (when too few are left, the estimate is kept as it was)."""
     if not SEQUENTIAL or not uses_steps(fresh.values()):
         return {}, state.seq_step, state.seq_var, state.seq_var_steps, None
     var, var_steps = state.seq_var, state.seq_var_steps
