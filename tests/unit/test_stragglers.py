@@ -1005,6 +1005,66 @@ def test_sequential_threshold_is_a_bonferroni_split_that_grows_with_the_noise() 
     assert sg.long_run_variance(spread, 30) == pytest.approx(30 * 0.1 ** 2 / 4)  # a mean square, not a MAD
 
 
+def test_long_run_variance_leaves_suspects_out() -> None:
+    rng = random.Random(3)
+    healthy = [sg.SeqRank(s=rng.uniform(0.0, 0.4), recent=tuple(rng.gauss(0.0, 0.05) for _ in range(30)))
+               for _ in range(7)]
+    slow = sg.SeqRank(s=0.9, recent=tuple(0.095 + rng.gauss(0.0, 0.05) for _ in range(30)))
+    alone = sg.long_run_variance(healthy, 30)
+    assert alone is not None
+    # every rank counts by default: the slow one inflates the estimate
+    assert sg.long_run_variance(healthy + [slow], 30) > 1.5 * alone
+    # above the bound it is left out, median included: exactly the estimate without it
+    assert sg.long_run_variance(healthy + [slow], 30, suspect_above=0.5) == alone
+    assert sg.long_run_variance([slow] + healthy[::-1], 30, suspect_above=0.5) == pytest.approx(alone)  # any order
+    # ranks below the bound (healthy ones) count as before
+    assert sg.long_run_variance(healthy, 30, suspect_above=0.5) == alone
+    # too few ranks left: no estimate (the running one is kept)
+    assert sg.long_run_variance(healthy[:2] + [slow], 30, suspect_above=0.5) is None
+    flat = [sg.SeqRank(s=1.0, recent=(0.0,) * 30) for _ in range(4)]
+    assert sg.long_run_variance(flat, 30, suspect_above=0.5) is None
+
+
+def _h_after(busy: Busy, steps: int, n: int = 8) -> list[float]:
+    """``h`` after every observation of an ``n``-rank job (every 2 steps, per-step times)."""
+    job = Job(n, busy, every=2, medians=True, per_step=True)
+    k, out = sg.seq_drift(POLICY), []
+    for _ in range(steps // 2):
+        job.advance(2)
+        if job.state.seq_var is not None and job.state.seq_var_steps >= sg.SEQ_WARMUP_STEPS:
+            out.append(sg.sequential_threshold(job.state.seq_var, k, n))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sequential_a_slow_rank_does_not_raise_the_threshold_it_has_to_cross(seed: int,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 ranks, heavy-tailed noise; rank 3 is 10% slower from step 300. Until it is confirmed
+    # (about 40 steps), the job's h stays that of the same job without the slow rank; with
+    # every rank counted (as before), the slow rank alone raises it by a fifth or more
+    onset, until = 300, 340
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", 0.5)
+    healthy = _h_after(wavy(seed=seed, noise=0.1), until)
+    slowed = _h_after(wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=onset), until)
+    assert len(healthy) == len(slowed) > 100
+    assert max(abs(a / b - 1.0) for a, b in zip(slowed, healthy)) < 0.05
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)   # the default: every rank counts
+    before = _h_after(wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=onset), until)
+    assert before[-1] / healthy[-1] > 1.2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sequential_leaving_suspects_out_keeps_a_healthy_jobs_threshold(seed: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # no slow rank: leaving suspects out changes h by little (healthy ranks are rarely above
+    # half of it)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", 0.5)
+    now = _h_after(wavy(seed=seed, noise=0.1, stretch=0.06), 1000)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)
+    before = _h_after(wavy(seed=seed, noise=0.1, stretch=0.06), 1000)
+    assert len(now) == len(before) and max(abs(a / b - 1.0) for a, b in zip(now, before)) < 0.05
+
+
 def test_the_state_with_sequential_statistics_round_trips_through_json() -> None:
     job = Job(6, noisy(noise=0.02, slow={1: 0.2}, onset=100), every=2, per_step=True)
     job.advance(160)

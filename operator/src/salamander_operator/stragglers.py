@@ -114,7 +114,9 @@ healthy ranks on a busy host are several percent slow for tens of steps), split 
 (Bonferroni) for a job false-alarm rate of one in :data:`SEQ_ARL_STEPS` steps. The variance is
 estimated from the ranks' own ``persistSteps``-step means of ``r`` (:func:`long_run_variance`,
 a mean square, not a MAD: the healthy slow stretches are its heavy tail), averaged over
-:data:`SEQ_VAR_STEPS` steps. Invariants (for healthy steps whose log-ratio stays below ``k``):
+:data:`SEQ_VAR_STEPS` steps (optionally without suspects, ranks whose ``S`` is above
+:data:`SEQ_VAR_SUSPECT_FRACTION` of ``h``, so that a straggler does not raise the threshold it
+has to cross; off by default). Invariants (for healthy steps whose log-ratio stays below ``k``):
 a burst of slow steps shorter than ``persistSteps / 2`` is never evidence, whatever its size (the
 median of the newest ``persistSteps`` stays below ``k``); no rank is confirmed before a run of
 ``S > 0`` spanning ``persistSteps`` steps (which noise may have begun before the slowdown: the
@@ -224,13 +226,21 @@ SEQ_MIN_RANKS = 3
 SEQ_CLIP_FRACTION = 5.0
 #: The job's average run length between false alarms of the sequential test, in steps, split
 #: over its ranks (Bonferroni): see :func:`sequential_threshold`. Chosen on healthy replays with
-#: seeds other than the reported ones (docs/straggler-cusum.md).
+#: seeds other than the reported ones (docs/straggler-cusum.md). With suspects left out of the
+#: variance estimate (:data:`SEQ_VAR_SUSPECT_FRACTION`), 3e6 was chosen the same way: healthy
+#: slow stretches then no longer raise their own threshold.
 SEQ_ARL_STEPS = 1e6
 #: Steps over which the long-run variance of the ranks' log busy time is averaged (a running
 #: mean over the first ones, then an exponential average).
 SEQ_VAR_STEPS = 512
 #: Steps of that estimate needed before the sequential test judges anyone.
 SEQ_WARMUP_STEPS = 32
+#: Suspects left out of the long-run variance estimate: ranks whose statistic ``S`` is above
+#: this fraction of the current threshold ``h`` (:func:`long_run_variance`). None (the default):
+#: every rank counts, and a straggler raises ``h`` on its way to it. Off because, measured
+#: (docs/straggler-cusum.md), 0.5 with ``SEQ_ARL_STEPS`` 3e6 found 10% slowdowns sooner but
+#: added healthy evictions at this machine's raw noise (4 -> 7 in 300 runs of 8 ranks).
+SEQ_VAR_SUSPECT_FRACTION: float | None = None
 #: A rank's statistic is capped at this multiple of the threshold: after a slowdown ends it
 #: drains in at most ``SEQ_CAP * h / k`` steps.
 SEQ_CAP = 2.0
@@ -542,7 +552,7 @@ def seq_clip(policy: StragglerPolicy) -> float:
     return math.log1p(SEQ_CLIP_FRACTION * policy.min_slowdown)
 
 
-def long_run_variance(ranks: Iterable[SeqRank], steps: int) -> float | None:
+def long_run_variance(ranks: Iterable[SeqRank], steps: int, suspect_above: float = math.inf) -> float | None:
     """An estimate, from the ranks' newest ``steps`` clipped log-ratios (``SeqRank.recent``), of
     the long-run variance per step of a rank's log-ratio: ``steps`` times the mean square
     deviation of the ranks' means of those from their median, at least
@@ -551,9 +561,18 @@ def long_run_variance(ranks: Iterable[SeqRank], steps: int) -> float | None:
     ``L`` steps (healthy ranks slow for tens of steps on a busy host), which a per-step scale
     would miss. A mean square, not a MAD: healthy ranks' slow stretches are the heavy tail of
     this distribution, and a MAD would ignore exactly them (docs/straggler-cusum.md); the
-    clipping bounds what one outlying step adds. None with fewer than :data:`SEQ_MIN_RANKS`
-    ranks holding ``steps`` values."""
-    means = [sum(x.recent[-steps:]) / steps for x in ranks if steps >= 1 and len(x.recent) >= steps]
+    clipping bounds what one outlying step adds.
+
+    Suspects, ranks whose statistic ``S`` is above ``suspect_above``, are left out of the
+    estimate, its median included: a straggler on its way to the threshold would otherwise
+    raise the threshold it has to cross (by about a quarter in a job of 8 ranks).
+
+    Invariants: pure; the result does not depend on the order of ``ranks``; adding a rank with
+    ``S > suspect_above`` changes nothing, whatever its log-ratios (with ``suspect_above``
+    infinite, the default, every rank counts); at least ``steps * MAD_FLOOR ** 2``. None with
+    fewer than :data:`SEQ_MIN_RANKS` ranks that are not suspects and hold ``steps`` values."""
+    means = [sum(x.recent[-steps:]) / steps for x in ranks
+             if steps >= 1 and len(x.recent) >= steps and not x.s > suspect_above]
     if len(means) < SEQ_MIN_RANKS:
         return None
     ref = statistics.median(means)
@@ -784,7 +803,9 @@ def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
     times (:func:`uses_steps`). The variance is averaged over the steps the job advanced (a
     running mean over its first :data:`SEQ_VAR_STEPS` steps, then an exponential average of that
     length) from :func:`long_run_variance` over ``persistSteps`` steps, once at least half the
-    ranks hold that many (a shorter stretch would miss the noise's autocorrelation)."""
+    ranks hold that many (a shorter stretch would miss the noise's autocorrelation). Once armed,
+    with :data:`SEQ_VAR_SUSPECT_FRACTION` set, ranks whose statistic is above that fraction of
+    ``h`` are left out of it (when too few are left, the estimate is kept as it was)."""
     if not SEQUENTIAL or not uses_steps(fresh.values()):
         return {}, state.seq_step, state.seq_var, state.seq_var_steps, None
     var, var_steps = state.seq_var, state.seq_var_steps
@@ -801,7 +822,10 @@ def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
         cap = SEQ_CAP * sequential_threshold(var, k, len(fresh))
     seq, step = fold_steps(old, fresh, state.seq_step, policy, cap)
     advanced = 0 if step is None else step - (state.seq_step if state.seq_step is not None else step - 1)
-    estimate = long_run_variance(seq.values(), max(1, policy.persist_steps)) if advanced > 0 else None
+    suspect_above = (SEQ_VAR_SUSPECT_FRACTION * cap / SEQ_CAP
+                     if SEQ_VAR_SUSPECT_FRACTION is not None and cap < math.inf else math.inf)
+    estimate = (long_run_variance(seq.values(), max(1, policy.persist_steps), suspect_above)
+                if advanced > 0 else None)
     if estimate is not None and len([x for x in seq.values()
                                      if len(x.recent) >= policy.persist_steps]) >= (len(fresh) + 1) // 2:
         advanced = min(SEQ_VAR_STEPS, advanced)
