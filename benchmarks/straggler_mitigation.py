@@ -13,7 +13,9 @@ step rate over stretches of steps at a fixed world size:
 * straggler, mitigated: from 20 steps after the evicted worker's replacement has joined (three
   workers again) to the end.
 
-The goal is the mitigated rate within 5% of the healthy rate over the same steps.
+The goal is the mitigated rate within 5% of the healthy rate over the same steps. With
+``--control`` each pair also has a second healthy run, compared with the first over the same
+steps: how far two healthy runs differ on this machine.
 
     python benchmarks/straggler_mitigation.py --pairs 2     # ~8 min on 2 cores
 """
@@ -118,6 +120,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--slow-at", type=int, default=20)
     parser.add_argument("--sleep", type=float, default=0.08, help="seconds rank 2 sleeps per step")
+    parser.add_argument("--control", action="store_true",
+                        help="a second healthy run per pair, compared with the first over the same steps (the noise)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/straggler_mitigation.json")
     args = parser.parse_args()
     if args.pairs < 1 or args.steps < 200 or not 0 <= args.slow_at < args.steps // 4 or args.sleep <= 0:
@@ -127,7 +131,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="straggler-mitigation-") as tmp:
         for n in range(args.pairs):
             pair = {}
-            for kind in ("healthy", "straggler") if n % 2 == 0 else ("straggler", "healthy"):
+            kinds = ("healthy", "straggler", "control") if args.control else ("healthy", "straggler")
+            for kind in kinds if n % 2 == 0 else kinds[::-1]:
                 started = time.monotonic()
                 print(f"pair {n + 1}/{args.pairs}: {kind} run ...", end=" ", flush=True)
                 pair[kind] = run_job(manifest(f"{kind}-{n}", args.steps, slow if kind == "straggler" else None),
@@ -152,6 +157,9 @@ def main() -> int:
             row["healthy_slow_steps"] = rate(healthy, args.slow_at + 5, evicted_step, full)
             if row["healthy_same_steps"] and row["mitigated"]:
                 row["mitigated_x_healthy"] = row["mitigated"] / row["healthy_same_steps"]
+            if "control" in pair and row["healthy_same_steps"]:
+                control = rate([tuple(r) for r in pair["control"]["records"]], start, args.steps, full)
+                row["control_x_healthy"] = control / row["healthy_same_steps"] if control else None
             if row["healthy_slow_steps"] and row["slow"]:
                 row["slow_x_healthy"] = row["slow"] / row["healthy_slow_steps"]
         rows.append(row)
@@ -167,7 +175,8 @@ def main() -> int:
         print(f"pair {n}: evicted at step {r['evicted_at']}, 3 workers again from step {r['rejoined_at']}; "
               f"slow {r['slow']:.2f} vs healthy {r['healthy_slow_steps'] or float('nan'):.2f} steps/s "
               f"({r.get('slow_x_healthy', float('nan')):.3f}x); after mitigation {r['mitigated']:.2f} vs "
-              f"{r['healthy_same_steps'] or float('nan'):.2f} ({r.get('mitigated_x_healthy', float('nan')):.3f}x)")
+              f"{r['healthy_same_steps'] or float('nan'):.2f} ({r.get('mitigated_x_healthy', float('nan')):.3f}x)"
+              + (f"; a second healthy run {r['control_x_healthy']:.3f}x" if r.get("control_x_healthy") else ""))
     return 0
 
 
