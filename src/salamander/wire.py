@@ -10,9 +10,13 @@ never loses membership or progress.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
+
+log = logging.getLogger(__name__)
 
 GROUP = "salamander.dev"
 
@@ -75,6 +79,20 @@ def trace_rank_key(run_id: str, request: str, rank: int) -> str:
 def fault_fired_key(run_id: str, fault_index: int) -> str:
     """Where the firing process writes the wall-clock time (seconds, as text) it fired at."""
     return f"salamander/{run_id}/fault/{fault_index}/at"
+
+
+def claim_fault(store: Any, run_id: str, fault_index: int) -> bool:
+    """Claim fault ``fault_index`` of a run on its rendezvous store: True for the one caller, of
+    all that ever try (training processes, restarted ones, the operator), that is to fire it.
+    The winner records when it fired; failing to record that does not undo the claim (it is
+    logged). Raises whatever the store raises on the claim itself."""
+    if store.add(fault_key(run_id, fault_index), 1) != 1:
+        return False
+    try:
+        store.set(fault_fired_key(run_id, fault_index), str(time.time()))
+    except Exception as exc:  # noqa: BLE001 - claimed: fire anyway, only the timestamp is lost
+        log.warning("fault %d of run %s: recording when it fired failed: %s", fault_index, run_id, exc)
+    return True
 
 
 def read_progress(store: Any, run_id: str) -> Progress | None:

@@ -68,15 +68,6 @@ class RendezvousStore(Protocol):
     def claim_fault(self, run_id: str, fault_index: int) -> bool: ...
 
 
-def _claim_fault(store: Any, run_id: str, fault_index: int) -> bool:
-    """Fault ``fault_index`` of a run fires once, whoever fires it (operator or training
-    process): the first ``add`` of its key wins, and the winner records the time it fired."""
-    if store.add(wire.fault_key(run_id, fault_index), 1) != 1:
-        return False
-    store.set(wire.fault_fired_key(run_id, fault_index), repr(time.time()))
-    return True
-
-
 def parse_endpoint(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPV6]:PORT`` as (host, port), host without brackets. Raises ValueError."""
     host, sep, port = text.strip().rpartition(":")
@@ -151,7 +142,7 @@ class RendezvousHost:
         wins, so it fires once per run, whoever fires it), and record when; False if it was
         claimed before or the store cannot be reached."""
         try:
-            return _claim_fault(self._live(), run_id, fault_index)
+            return wire.claim_fault(self._live(), run_id, fault_index)
         except (RuntimeError, RendezvousError) as exc:
             log.warning("fault %d of run %s not injected: claiming it failed: %s", fault_index, run_id, exc)
             return False
@@ -254,7 +245,7 @@ class RendezvousClient:
     def claim_fault(self, run_id: str, fault_index: int) -> bool:
         """Claim a fault to fire (see :class:`RendezvousStore`); False if claimed or unreachable."""
         try:
-            return self._call("claim fault", lambda store: _claim_fault(store, run_id, fault_index))
+            return self._call("claim fault", lambda store: wire.claim_fault(store, run_id, fault_index))
         except RendezvousError as exc:
             log.warning("fault %d of run %s not injected: %s", fault_index, run_id, exc)
             return False

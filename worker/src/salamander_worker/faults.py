@@ -162,16 +162,10 @@ class FaultInjector:
                         "be claimed once for the run", index, fault.kind.value)
             return False
         try:
-            if store.add(wire.fault_key(self._run_id, index), 1) != 1:
-                return False  # fired before, by this rank's previous process or another one
+            return wire.claim_fault(store, self._run_id, index)   # False: fired before, by any process
         except Exception as exc:  # noqa: BLE001 - injection must not fail training by accident
             log.warning("fault %d (%s) not injected: claiming it failed: %s", index, fault.kind.value, exc)
             return False
-        try:
-            store.set(wire.fault_fired_key(self._run_id, index), str(time.time()))
-        except Exception as exc:  # noqa: BLE001 - claimed: fire anyway, only the timestamp is lost
-            log.warning("fault %d (%s): recording when it fired failed: %s", index, fault.kind.value, exc)
-        return True
 
     def _fire(self, index: int, fault: Fault, step: int) -> None:
         kind = fault.kind

@@ -22,8 +22,8 @@ from typing import Any
 import kopf
 
 from salamander import wire
-from salamander.api import (GROUP, PLURAL, VERSION, FaultKind, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus,
-                            check_name, parse_spec)
+from salamander.api import (GROUP, PLURAL, VERSION, InvalidSpec, Reason, TrainingJobSpec, TrainingJobStatus, check_name,
+                            parse_spec)
 from salamander.controlplane.v1 import controlplane_pb2 as pb
 from salamander_operator.allocations import ClusterAllocations, ThroughputMeter, transition_seconds
 from salamander_operator.controlplane import ControlPlaneServer, JobCredentials
@@ -43,6 +43,7 @@ from salamander_operator.reconcile import Plan, reconcile
 from salamander_operator.rendezvous import RendezvousStore
 from salamander_operator.straggler_watch import StragglerWatch, placement
 from salamander_operator.telemetry import OperatorTelemetry
+from salamander_operator import worker_faults
 
 #: Set (to a fresh value) to ask for a trace of every rank; the trace ConfigMap carries the same value.
 TRACE_REQUEST_ANNOTATION = "trace.salamander.dev/request"
@@ -233,16 +234,14 @@ class JobSupervisor:
         plane, store = self.ctx.control_plane, self.ctx.rendezvous
         if plane is None or store is None or progress is None:
             return
-        for n, fault in enumerate(spec.faults):
-            if fault.kind is not FaultKind.KILL_WORKER or progress.step < fault.at_step or n in self.faults_claimed:
-                continue
+        for n, fault in worker_faults.due(spec.faults, progress.step, self.faults_claimed):
             pod = worker_name(ref, fault.worker)
             if not any(s.connected and s.identity.pod == pod for s in plane.job_sessions(ref.namespace, ref.name)):
                 continue   # its agent is not up (yet): a later pass fires it
             self.faults_claimed.add(n)
             if not await asyncio.to_thread(store.claim_fault, ref.uid, n):
                 continue   # fired before (by an earlier operator), or the store cannot say
-            message = f"killed worker {fault.worker} at step {progress.step} (fault {n + 1})"
+            message = worker_faults.message(n, fault, progress.step)
             plane.kill_worker(ref.namespace, ref.name, pod, message)
             kopf.event(body, type="Warning", reason=Reason.FAULT_INJECTED, message=message)
 

@@ -35,6 +35,7 @@ from salamander_operator.reconcile import Event, Plan, reconcile
 from salamander_operator.rendezvous import RendezvousHost
 from salamander_operator.straggler_watch import StragglerWatch, placement
 from salamander_operator.telemetry import OperatorTelemetry
+from salamander_operator import worker_faults
 from salamander_worker.telemetry import ENV_MULTIPROC_DIR, PodCollector
 
 log = logging.getLogger(__name__)
@@ -193,13 +194,12 @@ class LocalRun:
 
     def _inject_worker_faults(self, progress: wire.Progress | None) -> None:
         """KillWorker faults are the runtime's to inject (the others fire inside the processes)."""
-        for n, fault in enumerate(self.job.spec.faults):
-            if (fault.kind is FaultKind.KILL_WORKER and n not in self._fired and progress is not None
-                    and progress.step >= fault.at_step):
-                self._fired[n] = time.time()
-                self.workers.kill(fault.worker)
-                self.view.event(Event("Warning", Reason.FAULT_INJECTED,
-                                      f"killed worker {fault.worker} at step {progress.step} (fault {n + 1})"))
+        if progress is None:
+            return
+        for n, fault in worker_faults.due(self.job.spec.faults, progress.step, self._fired):
+            self._fired[n] = time.time()
+            self.workers.kill(fault.worker)
+            self.view.event(Event("Warning", Reason.FAULT_INJECTED, worker_faults.message(n, fault, progress.step)))
 
     def _journal(self, plan: Plan) -> None:
         """Append this pass's incidents, newly fired faults, recoveries and restores to ``incidents.jsonl``."""
