@@ -14,7 +14,7 @@ parameters and both Adam moments, ~1.5 GB. One process, one GPU.
 * **Throughput.** For the state's bytes: a plain device-to-host ``copy_`` of one contiguous
   tensor into page-locked memory, and a host ``memcpy`` (``np.copyto``) between pre-faulted
   buffers, beside the snapshot (DMA of the live tensors into the shared-memory slot), the
-  snapshot committed (plus its crc32c), and this node's share of XOR parity for a group of k=4.
+  snapshot committed (plus its crc32), and this node's share of XOR parity for a group of k=4.
 * **Restore.** A fresh model and optimizer (as after a process restart) restore from shared
   memory, beside ``dcp.load`` of the same state saved to local disk, with the page cache
   dropped first (``/proc/sys/vm/drop_caches`` as root, else ``posix_fadvise``).

@@ -7,10 +7,13 @@ with the next forward/backward, the default), and with one every step copied in 
 (``overlap=False``). Modes are interleaved in rounds, so machine noise hits all of them alike;
 medians and spread of per-step times are reported, and overhead as a ratio to "none".
 
-Throughput: the copy of the state into its pre-faulted shared-memory slot, with the crc32c fused
-into it (1 MiB pieces checksummed while in cache), plus this node's share of XOR parity for a
-group of k=4 (a quarter of encoding the whole group locally), beside ``np.copyto`` of the same
-number of bytes between pre-faulted buffers.
+Throughput: the copy of the state into its pre-faulted shared-memory slot, with the crc32 fused
+into it (1 MiB pieces checksummed while in cache; also with the CRC-32C used before), plus this
+node's XOR work in the point-to-point parity exchange for a group of k=4 (:func:`share`), one
+after the other and pipelined (the share on a second thread trailing the copy, as the
+Snapshotter's exchange thread does), beside ``np.copyto`` of the same number of bytes between
+pre-faulted buffers. Every figure is the median of ``--rounds`` repeats, taken in alternating
+order.
 
     python benchmarks/snapshot_overhead.py --rounds 5 --steps 12
 """
@@ -23,9 +26,14 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
+import crc32c
 import numpy as np
 import torch
 
@@ -35,8 +43,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_stats import machine, spread  # noqa: E402
 from salamander import wire  # noqa: E402
-from salamander_worker.snapshot import erasure, payload  # noqa: E402
-from salamander_worker.snapshot.capture import capture  # noqa: E402
+from salamander_worker.snapshot import erasure, exchange, payload  # noqa: E402
+from salamander_worker.snapshot import region as region_mod  # noqa: E402
+from salamander_worker.snapshot.capture import Trainee, capture  # noqa: E402
 from salamander_worker.snapshot.region import SlotFile, checksum  # noqa: E402
 from salamander_worker.snapshot.snapshotter import Snapshotter  # noqa: E402
 
@@ -128,50 +137,82 @@ def main() -> int:
 
 def throughput(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
                repeats: int) -> dict[str, float]:
-    """Blocking copy + crc32c + this node's parity share (k=4) vs memcpy of the same bytes."""
+    """The snapshot's copy of ``model``/``optimizer`` into a shared-memory slot, with its crc32
+    and with this node's parity share (k=4), beside memcpy of the same bytes; see :func:`share`."""
     directory.mkdir(parents=True)
-    tree = capture(type("T", (), {"model": model, "optimizer": optimizer, "scheduler": None})(), 0)
+    tree = capture(Trainee(model, optimizer), 0)
     layout = payload.plan(tree)
-    region = SlotFile.open(directory / "x.data", layout.length)
-    source = np.ones(layout.length, dtype=np.uint8)
-    target = np.zeros(layout.length, dtype=np.uint8)
+    length = layout.length
+    region = SlotFile.open(directory / "x.data", length)
+    slot = np.frombuffer(region.payload(0), dtype=np.uint8, count=length)
+    source = np.ones(length, dtype=np.uint8)
+    target = np.zeros(length, dtype=np.uint8)
     k = 4
-    block = erasure.block_length([layout.length] * k, k, 1)
-    group = [np.frombuffer(region.payload(0), dtype=np.uint8, count=layout.length)] + \
-        [source] * (k - 1)   # content does not matter for timing; saves memory
-    parity_out = [[np.zeros(block, dtype=np.uint8)] for _ in range(k)]
-    shm_target = np.frombuffer(region.payload(1), dtype=np.uint8, count=layout.length)
-    copy_s, crc_s, parity_s, memcpy_s, shm_s = [], [], [], [], []
-    for attempt in range(repeats + 1):   # the first pass faults every buffer in; not counted
-        if attempt == 1:
-            copy_s, crc_s, parity_s, memcpy_s, shm_s = [], [], [], [], []
-        started = time.perf_counter()
-        np.copyto(shm_target, source)
-        shm_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        payload.copy_tensors(payload.write_skeleton(tree, layout, region.payload(0)), region.payload(0))
-        copy_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
+    block = erasure.block_length([length] * k, k, 1)
+    received = [np.ones(block, dtype=np.uint8) for _ in range(k - 2)]   # what the others send
+    shm_target = np.frombuffer(region.payload(1), dtype=np.uint8, count=length)
+
+    def copy(crc: bool, landed: Any = None) -> int | None:
         pending = payload.write_skeleton(tree, layout, region.payload(0))
-        crc = payload.copy_tensors(pending, region.payload(0), layout.length)   # what snapshots do
-        crc_s.append(time.perf_counter() - started)
-        assert crc == checksum(region.payload(0)[:layout.length])
-        started = time.perf_counter()
-        erasure.encode(group, 1, block, out=parity_out)
-        parity_s.append((time.perf_counter() - started) / k)   # one node's share of the group's work
-        started = time.perf_counter()
-        np.copyto(target, source)
-        memcpy_s.append(time.perf_counter() - started)
-    del group, shm_target
+        return payload.copy_tensors(pending, region.payload(0), length if crc else None, landed=landed)
+
+    def copy_crc32c() -> None:   # the checksum before this one: the crc32c package's CRC-32C
+        with mock.patch.object(region_mod, "checksum_update", lambda data, crc: crc32c.crc32c(data, crc)):
+            copy(True)
+
+    def pipelined() -> None:     # the Snapshotter's way: the exchange thread trails the copy
+        landing = exchange.Landing(length)
+        worker = threading.Thread(target=share, args=(slot, block, k, received, landing.wait_for))
+        worker.start()
+        landing.finish(copy(True, landed=landing.advance))
+        worker.join()
+
+    runs = {"memcpy": lambda: np.copyto(target, source), "memcpy_into_shm": lambda: np.copyto(shm_target, source),
+            "copy": lambda: copy(False), "copy_with_crc": lambda: copy(True), "copy_with_crc32c": copy_crc32c,
+            "parity_share": lambda: share(slot, block, k, received), "pipelined": pipelined}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for attempt in range(repeats + 1):   # the first pass faults every buffer in; not counted
+        for name, run in (runs.items() if attempt % 2 else reversed(runs.items())):
+            started = time.perf_counter()
+            run()
+            if attempt:
+                times[name].append(time.perf_counter() - started)
+    assert copy(True) == checksum(region.payload(0)[:length])
     region.close()
-    gb = layout.length / 1e9
-    copy, fused, parity, memcpy, shm = (statistics.median(v) for v in (copy_s, crc_s, parity_s, memcpy_s, shm_s))
-    return {"GB": gb, "memcpy_GBps": gb / memcpy, "memcpy_into_shm_GBps": gb / shm,
-            "copy_x_memcpy_into_shm": shm / copy, "snapshot_with_crc_and_parity_x_memcpy_into_shm":
-            shm / (fused + parity), "copy_GBps": gb / copy, "copy_x_memcpy": memcpy / copy,
-            "copy_with_crc_x_memcpy": memcpy / fused,
-            "snapshot_with_crc_and_parity_x_memcpy": memcpy / (fused + parity),
-            "copy_s": copy, "copy_with_crc_s": fused, "parity_share_s": parity, "memcpy_s": memcpy}
+    gb = length / 1e9
+    t = {name: statistics.median(values) for name, values in times.items()}
+    return {"GB": gb, "memcpy_GBps": gb / t["memcpy"], "memcpy_into_shm_GBps": gb / t["memcpy_into_shm"],
+            "copy_x_memcpy_into_shm": t["memcpy_into_shm"] / t["copy"],
+            "snapshot_with_crc_and_parity_x_memcpy_into_shm": t["memcpy_into_shm"] / (t["copy_with_crc"] + t["parity_share"]),
+            "copy_GBps": gb / t["copy"], "copy_x_memcpy": t["memcpy"] / t["copy"],
+            "copy_with_crc_x_memcpy": t["memcpy"] / t["copy_with_crc"],
+            "copy_with_crc32c_x_memcpy": t["memcpy"] / t["copy_with_crc32c"],
+            "snapshot_with_crc_and_parity_x_memcpy": t["memcpy"] / (t["copy_with_crc"] + t["parity_share"]),
+            "snapshot_pipelined_x_memcpy": t["memcpy"] / t["pipelined"],
+            **{f"{name}_s": value for name, value in t.items()},
+            "spread_s": {name: spread(values) for name, values in times.items()}}
+
+
+def share(slot: np.ndarray, block: int, k: int, received: list[np.ndarray],
+          wait: Callable[[int], None] | None = None) -> None:
+    """This node's XOR work in the point-to-point parity exchange (:func:`exchange.xor_reduce`)
+    of a group of ``k`` with m=1: in each of the ``k - 1`` stripes its payload's blocks belong
+    to, it XORs its share (1/(k-1)) of its block with the same share of the ``k - 2`` other
+    members' blocks, received into memory (stand-ins here; the network's part is not in this
+    figure), in ``REDUCE_CHUNK`` pieces as the exchange does. With ``wait``, each piece first
+    waits until the copy has landed the bytes it reads (``Landing.wait_for``)."""
+    for b, (a, e) in enumerate(exchange._shares(block, k - 1)):   # noqa: SLF001 - the real cut
+        for x in range(a, e, exchange.REDUCE_CHUNK):
+            y = min(x + exchange.REDUCE_CHUNK, e)
+            lo, hi = b * block + x, min(b * block + y, slot.size)
+            if hi <= lo:
+                break
+            if wait is not None:
+                wait(hi)
+            target = received[0][x:x + hi - lo]
+            np.bitwise_xor(target, slot[lo:hi], out=target)
+            for extra in received[1:]:
+                erasure.xor_into(target, extra[x:x + hi - lo])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ training processes (:mod:`salamander_worker.memcopy`) and one without, in altern
 machine noise hits both alike. Each process builds the ~102M-parameter model of
 ``snapshot_overhead.py`` (10 x Linear(3200, 3200), AdamW, 1.23 GB of state) and measures:
 
-* throughput: the snapshot's copy of the live tensors, with its crc32c, and with this node's XOR
+* throughput: the snapshot's copy of the live tensors, with its crc32, and with this node's XOR
   parity share (k=4), each beside ``np.copyto`` of the same bytes (``snapshot_overhead.throughput``);
 * training: the step time without snapshots, so a cost of streaming stores to the rest of
   training would show, and with a snapshot every step (the copy overlapped with the next step).
@@ -130,7 +130,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'':34}{'ordinary':>12}{'streaming':>12}")
-    for key, label in (("copy_x_memcpy", "copy, x memcpy"), ("copy_with_crc_x_memcpy", "copy + crc32c, x memcpy"),
+    for key, label in (("copy_x_memcpy", "copy, x memcpy"), ("copy_with_crc_x_memcpy", "copy + crc32, x memcpy"),
                        ("snapshot_with_crc_and_parity_x_memcpy", "+ parity share (k=4), x memcpy"),
                        ("memcpy_GBps", "memcpy GB/s"), ("step_none_s", "step, no snapshot (s)"),
                        ("step_every-step_s", "step, snapshot every step (s)")):

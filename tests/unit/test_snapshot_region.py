@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import crc32c
+import zlib
 import numpy as np
 import pytest
 from hypothesis import given
@@ -363,7 +363,7 @@ def test_two_mappings_of_one_file_see_each_others_commits(path: Path) -> None:
         writer.close()
 
 
-# -- the parallel crc32c --------------------------------------------------------------------------
+# -- the parallel crc32 ---------------------------------------------------------------------------
 
 
 def _small_pieces(piece: int):  # noqa: ANN202 - a context manager
@@ -380,20 +380,20 @@ def _small_pieces(piece: int):  # noqa: ANN202 - a context manager
 
 @QUICK
 @given(st.binary(max_size=3000), st.binary(max_size=3000))
-def test_crc32c_combine_joins_two_crcs(a: bytes, b: bytes) -> None:
-    assert region_mod.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+def test_crc32_combine_joins_two_crcs(a: bytes, b: bytes) -> None:
+    assert region_mod.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 @QUICK
 @given(st.data())
-def test_the_parallel_checksum_equals_crc32c(data: st.DataObject) -> None:
+def test_the_parallel_checksum_equals_zlibs_crc32(data: st.DataObject) -> None:
     """Lengths 0, 1, around every piece boundary and anywhere else; bytes, memoryviews and
     numpy arrays of any item size and shape."""
     piece = data.draw(st.sampled_from([64, 100, 4096]))
     near = [n * piece + d for n in range(4) for d in (-1, 0, 1) if n * piece + d >= 0]
     length = data.draw(st.one_of(st.sampled_from([0, 1, *near]), st.integers(0, 5 * piece)))
     raw = data.draw(st.binary(min_size=length, max_size=length))
-    expected = crc32c.crc32c(raw)
+    expected = zlib.crc32(raw)
     as_array = np.frombuffer(raw, dtype=np.uint8)
     forms: list[Any] = [raw, memoryview(raw), bytearray(raw), as_array]
     if length % 4 == 0:
@@ -411,31 +411,31 @@ def test_combining_any_split_gives_the_whole_crc(raw: bytes, cuts: list[int]) ->
     points = sorted({0, len(raw), *(c for c in cuts if c <= len(raw))})
     crc = 0
     for a, e in zip(points, points[1:]):
-        crc = region_mod.crc32c_combine(crc, crc32c.crc32c(raw[a:e]), e - a)
-    assert crc == crc32c.crc32c(raw)
+        crc = region_mod.crc32_combine(crc, zlib.crc32(raw[a:e]), e - a)
+    assert crc == zlib.crc32(raw)
 
 
-def test_a_large_buffer_takes_the_parallel_path_and_gives_crc32c() -> None:
+def test_a_large_buffer_takes_the_parallel_path_and_gives_zlibs_crc32() -> None:
     data = np.random.default_rng(5).integers(0, 256, size=3 * region_mod.PIECE + 12345, dtype=np.uint8)
     assert data.nbytes >= region_mod.PARALLEL_MIN
-    assert checksum(data) == crc32c.crc32c(data)
-    assert checksum(memoryview(data)[1:]) == crc32c.crc32c(data[1:])
-    assert checksum_update(data, 77) == crc32c.crc32c(data, 77)
+    assert checksum(data) == zlib.crc32(data)
+    assert checksum(memoryview(data)[1:]) == zlib.crc32(data[1:])
+    assert checksum_update(data, 77) == zlib.crc32(data, 77)
 
 
-def test_a_strided_array_is_left_to_crc32c() -> None:
-    """Not one contiguous buffer: the crc32c package decides (it refuses it), as before."""
+def test_a_strided_array_is_left_to_the_crc_function() -> None:
+    """Not one contiguous buffer: the crc function decides (it refuses it), as zlib does."""
     strided = np.arange(4 * region_mod.PARALLEL_MIN // 8, dtype=np.uint8)[::2]
     with pytest.raises((BufferError, TypeError, ValueError)):
-        crc32c.crc32c(strided)
+        zlib.crc32(strided)
     with pytest.raises((BufferError, TypeError, ValueError)):
         checksum(strided)
 
 
 @pytest.mark.parametrize("length", [-1, 1 << 64])
-def test_crc32c_combine_refuses_an_impossible_length(length: int) -> None:
+def test_crc32_combine_refuses_an_impossible_length(length: int) -> None:
     with pytest.raises(ValueError, match="length2"):
-        region_mod.crc32c_combine(1, 2, length)
+        region_mod.crc32_combine(1, 2, length)
 
 
 # -- allocating slot 1 in the background ---------------------------------------------------------

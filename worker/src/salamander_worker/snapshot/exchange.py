@@ -42,7 +42,7 @@ class ExchangeError(RuntimeError):
 class Landing:
     """How far a snapshot's copy into its slot has got. Every byte below :attr:`reached` is
     final. One writer (the copy) calls :meth:`advance` with growing offsets, then
-    :meth:`finish` with the payload's crc32c or :meth:`fail`; readers block in
+    :meth:`finish` with the payload's crc32 or :meth:`fail`; readers block in
     :meth:`wait_for` or :meth:`checksum` until what they need has landed, and get an
     :class:`ExchangeError` if the copy failed instead."""
 
@@ -85,7 +85,7 @@ class Landing:
                 raise ExchangeError(f"the snapshot's copy failed at byte {self.reached}: {self._failure}")
 
     def checksum(self) -> int:
-        """The payload's crc32c, once the copy has finished."""
+        """The payload's crc32, once the copy has finished."""
         with self._changed:
             self._changed.wait_for(lambda: self._crc is not None or self._failure is not None)
             if self._crc is None:

@@ -159,7 +159,7 @@ def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:
     return [(tensor.detach(), ref) for tensor, ref in zip(tensors, layout.refs) if ref.nbytes]
 
 
-#: A tensor is checksummed and copied in pieces of this size: the crc32c reads a piece from the
+#: A tensor is checksummed and copied in pieces of this size: the crc32 reads a piece from the
 #: source, and the copy then reads it again from cache. At this size glibc copies with streaming
 #: stores when the agent has set its threshold (:mod:`salamander_worker.memcopy`).
 CHUNK = 1 << 20
@@ -169,7 +169,7 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
                  landed: Callable[[int], None] | None = None) -> int | None:
     """Copy each pending tensor's bytes to its place in ``buffer`` (single-threaded memcpy,
     GIL released; device tensors come to the host here). With ``length`` (the payload's), also
-    return the crc32c of ``buffer[:length]``, computed piece by piece just before each piece's
+    return the crc32 of ``buffer[:length]``, computed piece by piece just before each piece's
     copy, from the source, so the checksum costs no extra pass over memory: the copy reads the
     piece from cache, and its destination need never be read back (streaming stores leave it
     out of cache). Invariant: no pending tensor changes while this runs (the caller copies

@@ -4,12 +4,14 @@ Every rank writes its own snapshot payload, independently (no collective, so a r
 being evicted can flush alone)::
 
     <directory>/snapshots/step-0000000040/rank-00003/   a DCP checkpoint: .metadata, *.distcp
-        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "checksum"}}
+        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "checksum", "algorithm"}}
 
 A rank directory is complete once DCP has written its ``.metadata`` (DCP writes it last); a
 step is usable when every rank of its world has a complete directory. Each rank keeps its two
 newest complete steps and deletes its older directories (and any step directory left empty).
-:meth:`Persister.load` checks the payload's crc32c before returning it.
+:meth:`Persister.load` checks the payload's checksum before returning it: ``algorithm`` names it
+(``"crc32"``, :data:`.region.ALGORITHM`); copies written before it was recorded carry a CRC-32C
+and are checked with the ``crc32c`` package, so they stay readable.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from salamander_worker.snapshot.region import checksum
+from salamander_worker.snapshot.region import ALGORITHM, checksum
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ class Persister:
             path.mkdir(parents=True, exist_ok=True)
             state = {"payload": torch.frombuffer(view, dtype=torch.uint8) if len(view) else
                      torch.empty(0, dtype=torch.uint8),
-                     "meta": {"step": step, "rank": rank, "world": world, "checksum": crc}}
+                     "meta": {"step": step, "rank": rank, "world": world, "checksum": crc,
+                              "algorithm": ALGORITHM}}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dcp.save(state, checkpoint_id=path, no_dist=True)
@@ -116,22 +119,40 @@ class Persister:
             return None
 
     def load(self, step: int, rank: int) -> np.ndarray:
-        """The payload old rank ``rank`` persisted at ``step``, checked against its crc32c."""
+        """The payload old rank ``rank`` persisted at ``step``, checked against its checksum."""
         path = self.path(step, rank)
         try:
             reader = dcp.FileSystemReader(path)
-            size = reader.read_metadata().state_dict_metadata["payload"].size
-            state: dict[str, Any] = {"payload": torch.empty(size, dtype=torch.uint8),
+            keys = reader.read_metadata().state_dict_metadata
+            state: dict[str, Any] = {"payload": torch.empty(keys["payload"].size, dtype=torch.uint8),
                                      "meta": {"step": 0, "rank": 0, "world": 0, "checksum": 0}}
+            if "meta.algorithm" in keys:
+                state["meta"]["algorithm"] = ""
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dcp.load(state, checkpoint_id=path, no_dist=True)
         except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
             raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
         data = state["payload"].numpy()
-        if checksum(data) != state["meta"]["checksum"] or state["meta"]["step"] != step:
-            raise PersistError(f"persistent snapshot {path} fails its checksum or names another step")
+        algorithm = state["meta"].get("algorithm", _LEGACY)
+        if _checksum(algorithm, path)(data) != state["meta"]["checksum"] or state["meta"]["step"] != step:
+            raise PersistError(f"persistent snapshot {path} fails its {algorithm} checksum or names another step")
         return data
+
+
+#: What copies written before the checksum's name was recorded were checked with.
+_LEGACY = "crc32c"
+
+
+def _checksum(algorithm: object, path: Path) -> Callable[[np.ndarray], int]:
+    """The function that computes checksum ``algorithm`` (a name read from ``path``)."""
+    if algorithm == ALGORITHM:
+        return checksum
+    if algorithm == _LEGACY:
+        import crc32c
+
+        return crc32c.crc32c
+    raise PersistError(f"persistent snapshot {path} has an unknown checksum {algorithm!r}")
 
 
 _keep_alive: list[socket.socket] = []

@@ -1,4 +1,4 @@
-"""One small, process-wide thread pool for bulk memory work that releases the GIL (crc32c of
+"""One small, process-wide thread pool for bulk memory work that releases the GIL (crc32 of
 large buffers, tensor copies).
 
 Invariants: at most ``min(8, os.cpu_count())`` threads; the pool is created on first use and

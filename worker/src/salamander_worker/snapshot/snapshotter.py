@@ -17,7 +17,7 @@ What happens at a snapshot (every ``interval`` steps):
   (a step pre-hook): parameters and optimizer state must change only in ``optimizer.step()``.
   On a GPU the copy is DMA into the page-locked slot on a copy stream (:mod:`.device`), and
   the hook is a GPU-side wait: the host thread does not block at all.
-* **Background** (overlapping the next steps): crc32c of the payload as it lands, the atomic
+* **Background** (overlapping the next steps): crc32 of the payload as it lands, the atomic
   commit, and every ``persist_every`` snapshots a torch.distributed.checkpoint of the payload.
   Beside the copy, on a second thread, the erasure-coding exchange within the rank's group
   (point to point on a dedicated gloo group; rotating parity, :mod:`.erasure`) runs window by
@@ -29,15 +29,15 @@ What happens at a snapshot (every ``interval`` steps):
 Restore (collective, every rank): each rank lists what its own files hold (from the records),
 the holdings are all-gathered, and :func:`.plan.plan_restore` picks the newest step every rank
 can reach and the nearest source per rank: own memory, a peer's copy, a rebuild from the group's
-parity, or the persistent checkpoint. Each rank then checks the crc32c of only the slots the plan
+parity, or the persistent checkpoint. Each rank then checks the crc32 of only the slots the plan
 reads; if any is corrupt, every rank plans again without it. A rebuild runs point to point (each
 surviving member reduces a share of every lost block) straight into a slot of the receiver's data
-file, where it is committed once its crc32c matches. If a transfer or a checksum fails, every
+file, where it is committed once its crc32 matches. If a transfer or a checksum fails, every
 rank falls to the next tier together. After a restore from anything but local memory a snapshot
 is taken at once, so the restored state is protected again.
 
 Invariants: step ``N`` means ``N`` completed optimizer steps (resume by running step ``N``);
-every rank calls :meth:`step` with the same ``N``; a payload is checked against its crc32c
+every rank calls :meth:`step` with the same ``N``; a payload is checked against its crc32
 before it is read; nothing in this module lets a malformed file or peer message crash training
 without a :class:`SnapshotError` naming it.
 """
@@ -377,7 +377,7 @@ class Snapshotter:
                 self._idle.set()
 
     def _checksum_as_landed(self, buffer: memoryview, length: int, landing: exchange.Landing) -> int:
-        """The crc32c of ``buffer[:length]`` while a device copy into it is in flight: each
+        """The crc32 of ``buffer[:length]`` while a device copy into it is in flight: each
         stretch is checksummed (and announced to ``landing``) as soon as the copy engines have
         written it."""
         assert self._copier is not None
@@ -418,7 +418,7 @@ class Snapshotter:
     def _encode(self, step: int, slot: int, landing: exchange.Landing) -> None:
         """Exchange blocks with the group as this member's copy lands (:func:`.exchange.encode_parity`)
         and commit this member's parity for the snapshot, recording every member's length and
-        crc32c (gathered once all copies are done)."""
+        crc32 (gathered once all copies are done)."""
         assert self._ec_group is not None and self._data is not None
         group, pg, m = self._ec_group, self._ec_pg, self.config.parity
         k, j = len(group), self._ec_group.index(self.rank)
@@ -477,7 +477,7 @@ class Snapshotter:
         training.
 
         Holdings come from the slot records alone; only the slots the plan reads are checked
-        against their crc32c, and if any rank finds one corrupt, every rank drops those slots
+        against their crc32, and if any rank finds one corrupt, every rank drops those slots
         and plans again (:meth:`_verify_plan`): no unverified byte is ever read."""
         started = last = time.perf_counter()
         phases = self.stats.restore_phases
@@ -585,7 +585,7 @@ class Snapshotter:
 
     def _verify_plan(self, plan: RestorePlan, everyone: list[Holdings],
                      persistent: dict[int, tuple[int, frozenset[int]]] | None) -> RestorePlan:
-        """Check the slots ``plan`` reads on every rank against their crc32c; while any rank
+        """Check the slots ``plan`` reads on every rank against their crc32; while any rank
         finds a corrupt one, every rank drops the corrupt slots from the holdings and plans
         again (collective; every rank gets the same plan). Returns a plan whose in-memory
         reads all passed, or a persistent or empty one. Each round removes at least one
@@ -605,7 +605,7 @@ class Snapshotter:
         return plan
 
     def _check(self, kind: str, slot: int) -> bool:
-        """Whether slot ``slot`` of this rank's ``kind`` file still matches its record's crc32c
+        """Whether slot ``slot`` of this rank's ``kind`` file still matches its record's crc32
         (computed once per restore)."""
         key = (kind, slot)
         if key not in self._checked:
@@ -734,7 +734,7 @@ class Snapshotter:
         With one lost data block and row 0 (always so for m=1) the syndrome *is* the block, and
         it is reduced straight into the destination's buffer (a slot of its data file, see
         :meth:`_receive_into`); otherwise the solver solves the stripe and sends each block to
-        its destination. The destination checks the whole payload's crc32c before using it."""
+        its destination. The destination checks the whole payload's crc32 before using it."""
         k, m, block_len = len(rb.group), rb.m, rb.block_len
         roles = erasure.roles(k, m)
         lost = sorted(rb.dests)

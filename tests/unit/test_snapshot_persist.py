@@ -1,0 +1,66 @@
+"""Persistent copies of snapshots: the checksum they carry, and copies from before it was named."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from salamander_worker.snapshot import region
+from salamander_worker.snapshot.persist import Persister, PersistError
+
+PAYLOAD = np.random.default_rng(3).integers(0, 256, size=10_000, dtype=np.uint8)
+
+
+def _write_raw(persister: Persister, step: int, meta: dict) -> Path:
+    """A copy written as an older Salamander did: ``meta`` exactly as given."""
+    path = persister.path(step, 0)
+    path.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"payload": torch.from_numpy(PAYLOAD.copy()), "meta": meta}, checkpoint_id=path, no_dist=True)
+    return path
+
+
+def test_a_copy_names_its_checksum_and_loads_back(tmp_path: Path) -> None:
+    persister = Persister(tmp_path)
+    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD))
+    assert np.array_equal(persister.load(40, 0), PAYLOAD)
+    assert region.ALGORITHM == "crc32"
+
+
+def test_a_copy_whose_bytes_changed_is_refused(tmp_path: Path) -> None:
+    persister = Persister(tmp_path)
+    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD) ^ 1)
+    with pytest.raises(PersistError, match="fails its crc32 checksum"):
+        persister.load(40, 0)
+
+
+def test_a_copy_from_before_the_checksum_was_named_is_checked_with_crc32c(tmp_path: Path) -> None:
+    """Copies written before the switch to CRC-32 carry a CRC-32C and no ``algorithm``: they
+    stay readable, and a changed byte in one is still caught."""
+    persister = Persister(tmp_path)
+    _write_raw(persister, 40, {"step": 40, "rank": 0, "world": 2, "checksum": crc32c.crc32c(PAYLOAD)})
+    assert np.array_equal(persister.load(40, 0), PAYLOAD)
+    assert persister.listing() == {40: (2, frozenset({0}))}
+
+    _write_raw(persister, 50, {"step": 50, "rank": 0, "world": 2, "checksum": region.checksum(PAYLOAD)})
+    with pytest.raises(PersistError, match="fails its crc32c checksum"):
+        persister.load(50, 0)
+
+
+def test_a_copy_with_an_unknown_checksum_is_refused_by_name(tmp_path: Path) -> None:
+    persister = Persister(tmp_path)
+    _write_raw(persister, 40, {"step": 40, "rank": 0, "world": 2, "checksum": 0, "algorithm": "md5"})
+    with pytest.raises(PersistError, match="unknown checksum 'md5'"):
+        persister.load(40, 0)
+
+
+def test_the_checksum_is_isa_l_when_it_is_installed() -> None:
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    assert region._crc32 is isal_zlib.crc32
