@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 from salamander_worker.snapshot import region
 from salamander_worker.snapshot.persist import Persister, PersistError
+from salamander_worker.snapshot.plan import PersistentStep
 
 PAYLOAD = np.random.default_rng(3).integers(0, 256, size=10_000, dtype=np.uint8)
 
@@ -29,25 +30,35 @@ def _write_raw(persister: Persister, step: int, meta: dict) -> Path:
 
 def test_a_copy_names_its_checksum_and_loads_back(tmp_path: Path) -> None:
     persister = Persister(tmp_path)
-    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD))
+    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=False)
     assert np.array_equal(persister.load(40, 0), PAYLOAD)
     assert region.ALGORITHM == "crc32"
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_listing_says_whether_a_step_is_sharded(tmp_path: Path, sharded: bool) -> None:
+    persister = Persister(tmp_path)
+    for rank in (0, 1):
+        persister.save(40, rank, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=sharded)
+    persister.save(50, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=sharded)
+    assert persister.listing() == {40: PersistentStep(2, frozenset({0, 1}), sharded),
+                                   50: PersistentStep(2, frozenset({0}), sharded)}
+
+
 def test_a_copy_whose_bytes_changed_is_refused(tmp_path: Path) -> None:
     persister = Persister(tmp_path)
-    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD) ^ 1)
+    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD) ^ 1, sharded=False)
     with pytest.raises(PersistError, match="fails its crc32 checksum"):
         persister.load(40, 0)
 
 
 def test_a_copy_from_before_the_checksum_was_named_is_checked_with_crc32c(tmp_path: Path) -> None:
-    """Copies written before the switch to CRC-32 carry a CRC-32C and no ``algorithm``: they
-    stay readable, and a changed byte in one is still caught."""
+    """Copies written before the switch to CRC-32 carry a CRC-32C and no ``algorithm`` (nor
+    ``sharded``): they stay readable, count as sharded, and a changed byte in one is caught."""
     persister = Persister(tmp_path)
     _write_raw(persister, 40, {"step": 40, "rank": 0, "world": 2, "checksum": crc32c.crc32c(PAYLOAD)})
     assert np.array_equal(persister.load(40, 0), PAYLOAD)
-    assert persister.listing() == {40: (2, frozenset({0}))}
+    assert persister.listing() == {40: PersistentStep(2, frozenset({0}), sharded=True)}
 
     _write_raw(persister, 50, {"step": 50, "rank": 0, "world": 2, "checksum": region.checksum(PAYLOAD)})
     with pytest.raises(PersistError, match="fails its crc32c checksum"):

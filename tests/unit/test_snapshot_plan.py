@@ -16,6 +16,7 @@ from salamander_worker.snapshot.plan import (
     DataHolding,
     Holdings,
     ParityHolding,
+    PersistentStep,
     PlanError,
     Rebuild,
     RestorePlan,
@@ -226,9 +227,22 @@ def test_a_newer_persistent_step_wins_over_memory_and_an_equal_one_does_not() ->
     assert plan_restore(holdings, {15: (4, everyone)}).step == 15
 
 
-def test_a_persistent_checkpoint_of_another_world_size_is_not_used() -> None:
-    assert plan_restore(world_of([0, 1, 2, 3]), {30: (2, frozenset({0, 1}))}).tier == "memory"
-    assert plan_restore([Holdings()] * 4, {30: (2, frozenset({0, 1}))}).tier == "none"
+def test_a_sharded_persistent_checkpoint_of_another_world_size_is_not_used() -> None:
+    """Unmarked copies (written before copies said whether they are sharded) count as sharded."""
+    for copies in ((2, frozenset({0, 1})), PersistentStep(2, frozenset({0, 1}), sharded=True)):
+        assert plan_restore(world_of([0, 1, 2, 3]), {30: copies}).tier == "memory"
+        assert plan_restore([Holdings()] * 4, {30: copies}).tier == "none"
+
+
+def test_a_replicated_persistent_checkpoint_loads_into_a_world_of_another_size() -> None:
+    """Every replicated copy holds the whole state: new rank r loads old rank r % old world's."""
+    grown = plan_restore([Holdings()] * 4, {30: PersistentStep(2, frozenset({0, 1}), sharded=False)})
+    assert grown == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 0, 3: 1}, persistent_step=30)
+    shrunk = plan_restore([Holdings()] * 2, {30: PersistentStep(3, frozenset({0, 1, 2}), sharded=False)})
+    assert shrunk.tier == "persistent" and shrunk.want == {0: 0, 1: 1}
+    # Still only a complete step, and still only when no in-memory step is as new.
+    assert plan_restore([Holdings()] * 2, {30: PersistentStep(3, frozenset({0, 1}), sharded=False)}).tier == "none"
+    assert plan_restore(world_of([0, 1, 2, 3]), {10: PersistentStep(2, frozenset({0, 1}), False)}).tier == "memory"
 
 
 def test_a_sharded_snapshot_of_another_world_size_is_not_used_in_memory() -> None:
@@ -340,7 +354,7 @@ def _trivially_restorable(holdings: list[Holdings], step: int) -> bool:
 
 
 def check(plan: RestorePlan, holdings: list[Holdings],
-          persistent: dict[int, tuple[int, frozenset[int]]] | None = None) -> None:
+          persistent: dict[int, PersistentStep] | None = None) -> None:
     """What every plan must satisfy, whatever the holdings."""
     world = len(holdings)
     steps = {d.step for h in holdings for d in h.data}
@@ -351,15 +365,18 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         return
     assert set(plan.want) == set(range(world))
     if plan.tier == "persistent":
-        old_world, ranks = (persistent or {})[plan.step]
-        assert plan.persistent_step == plan.step and set(range(old_world)) <= set(ranks)
+        copies = PersistentStep(*(persistent or {})[plan.step])
+        assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
+        assert plan.want == {r: r % copies.world for r in range(world)}
+        assert copies.world == world or not copies.sharded
         assert not any(_trivially_restorable(holdings, s) for s in steps if s >= plan.step)
         return
     step = plan.step
     assert step in steps
     assert not any(_trivially_restorable(holdings, s) for s in steps if s > step)
-    assert all(p <= step for p in (persistent or {}) if set(range(persistent[p][0])) <= persistent[p][1]
-               and persistent[p][0] == world)
+    usable = [p for p, c in (persistent or {}).items()
+              if set(range(c[0])) <= c[1] and (c[0] == world or not PersistentStep(*c).sharded)]
+    assert all(p <= step for p in usable)
     sources: Counter[int] = Counter()
     for r, slot in plan.local.items():
         assert any(d.step == step and d.rank == plan.want[r] and d.slot == slot for d in holdings[r].data)
@@ -384,7 +401,7 @@ def check(plan: RestorePlan, holdings: list[Holdings],
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, tuple[int, frozenset[int]]]]:
+def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, PersistentStep]]:
     m = draw(st.sampled_from([1, 2]))
     old_world = draw(st.integers(1, 7))
     k = draw(st.integers(m + 1, 4))
@@ -408,9 +425,9 @@ def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, tuple[int, frozen
                        for i, s in enumerate(steps) if s in kept_data),
             parity=tuple(parity(mine, mine.index(old), s, i % 2, m=m)
                          for i, s in enumerate(steps) if s in kept_parity) if mine else ()))
-    persistent = draw(st.dictionaries(st.sampled_from([5, 15, 25]), st.tuples(
-        st.sampled_from([old_world, new_world]), st.sampled_from([frozenset(range(old_world)), frozenset({0})])),
-        max_size=2))
+    persistent = draw(st.dictionaries(st.sampled_from([5, 15, 25]), st.builds(
+        PersistentStep, st.sampled_from([old_world, new_world]),
+        st.sampled_from([frozenset(range(old_world)), frozenset({0})]), st.booleans()), max_size=2))
     return holdings, persistent
 
 

@@ -252,3 +252,24 @@ def test_sigterm_flushes_the_newest_snapshot_to_the_persistent_location(nodes: l
         assert p.returncode == 128 + signal.SIGTERM
     for rank in range(2):
         assert (persist / "snapshots" / "step-0000000006" / f"rank-{rank:05d}" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_a_persistent_copy_restores_into_a_world_of_another_size_only_when_replicated(
+        nodes: list[Path], tmp_path: Path, zero: bool) -> None:
+    """Every node is lost (the job comes back on 3 new nodes instead of 2): replicated copies
+    load into the bigger world, new rank r taking old rank r % 2's; ZeRO shards cannot."""
+    persist = tmp_path / "persist"
+    sharding = ["--zero"] if zero else []
+    _launch("train", 2, nodes, tmp_path, *sharding, "--k", "2", "--steps", "6", "--persist", str(persist),
+            "--persist-every", "1")
+    for node in nodes:
+        shutil.rmtree(node)
+        node.mkdir()
+    _launch("restore", 3, nodes, tmp_path, *sharding, "--k", "2", "--persist", str(persist), "--persist-every", "1")
+    if zero:
+        for rank in range(3):
+            restored = torch.load(tmp_path / f"restored-{rank}.pt", weights_only=False)
+            assert (restored["tier"], restored["step"]) == ("none", 0)
+    else:
+        _check_restored(tmp_path, 3, "persistent", want={0: 0, 1: 1, 2: 0})

@@ -4,14 +4,16 @@ Every rank writes its own snapshot payload, independently (no collective, so a r
 being evicted can flush alone)::
 
     <directory>/snapshots/step-0000000040/rank-00003/   a DCP checkpoint: .metadata, *.distcp
-        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "checksum", "algorithm"}}
+        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "sharded", "checksum", "algorithm"}}
 
 A rank directory is complete once DCP has written its ``.metadata`` (DCP writes it last); a
 step is usable when every rank of its world has a complete directory. Each rank keeps its two
 newest complete steps and deletes its older directories (and any step directory left empty).
 :meth:`Persister.load` checks the payload's checksum before returning it: ``algorithm`` names it
 (``"crc32"``, :data:`.region.ALGORITHM`); copies written before it was recorded carry a CRC-32C
-and are checked with the ``crc32c`` package, so they stay readable.
+and are checked with the ``crc32c`` package, so they stay readable. ``sharded`` says whether each
+rank's payload holds only its shard of the state (ZeRO, FSDP); copies without it count as sharded,
+so the planner never loads them into a world of another size.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
+from salamander_worker.snapshot.plan import PersistentStep
 from salamander_worker.snapshot.region import ALGORITHM, checksum
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,9 @@ class Persister:
     def path(self, step: int, rank: int) -> Path:
         return self.root / f"step-{step:010d}" / f"rank-{rank:05d}"
 
-    def save(self, step: int, rank: int, world: int, view: memoryview, crc: int) -> Path:
-        """Write ``view`` (the payload of old rank ``rank`` at ``step``) and prune old copies."""
+    def save(self, step: int, rank: int, world: int, view: memoryview, crc: int, *, sharded: bool) -> Path:
+        """Write ``view`` (the payload of old rank ``rank`` at ``step``, of a world of ``world``
+        ranks; ``sharded`` when it holds only this rank's shard) and prune old copies."""
         path = self.path(step, rank)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
@@ -65,7 +69,7 @@ class Persister:
             path.mkdir(parents=True, exist_ok=True)
             state = {"payload": torch.frombuffer(view, dtype=torch.uint8) if len(view) else
                      torch.empty(0, dtype=torch.uint8),
-                     "meta": {"step": step, "rank": rank, "world": world, "checksum": crc,
+                     "meta": {"step": step, "rank": rank, "world": world, "sharded": sharded, "checksum": crc,
                               "algorithm": ALGORITHM}}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -99,38 +103,23 @@ class Persister:
             except OSError:
                 pass
 
-    def listing(self) -> dict[int, tuple[int, frozenset[int]]]:
-        """step -> (world size, old ranks with a complete copy), for the restore planner."""
-        result: dict[int, tuple[int, frozenset[int]]] = {}
+    def listing(self) -> dict[int, PersistentStep]:
+        """step -> its world size, the old ranks with a complete copy and whether the copies
+        are sharded, for the restore planner. A step whose first copy is unreadable is left out."""
+        result: dict[int, PersistentStep] = {}
         for step, ranks in self._complete().items():
-            world = self._world(ranks[min(ranks)])
-            if world is not None:
-                result[step] = (world, frozenset(ranks))
+            try:
+                meta = _read_meta(ranks[min(ranks)])
+            except Exception:  # noqa: BLE001 - an unreadable copy is not offered
+                continue
+            result[step] = PersistentStep(int(meta["world"]), frozenset(ranks), bool(meta.get("sharded", True)))
         return result
-
-    def _world(self, path: Path) -> int | None:
-        try:
-            meta = {"meta": {"step": 0, "rank": 0, "world": 0, "checksum": 0}}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load(meta, checkpoint_id=path, no_dist=True)
-            return int(meta["meta"]["world"])
-        except Exception:  # noqa: BLE001 - an unreadable copy is not offered
-            return None
 
     def load(self, step: int, rank: int) -> np.ndarray:
         """The payload old rank ``rank`` persisted at ``step``, checked against its checksum."""
         path = self.path(step, rank)
         try:
-            reader = dcp.FileSystemReader(path)
-            keys = reader.read_metadata().state_dict_metadata
-            state: dict[str, Any] = {"payload": torch.empty(keys["payload"].size, dtype=torch.uint8),
-                                     "meta": {"step": 0, "rank": 0, "world": 0, "checksum": 0}}
-            if "meta.algorithm" in keys:
-                state["meta"]["algorithm"] = ""
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load(state, checkpoint_id=path, no_dist=True)
+            state = _read(path, payload=True)
         except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
             raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
         data = state["payload"].numpy()
@@ -142,6 +131,27 @@ class Persister:
 
 #: What copies written before the checksum's name was recorded were checked with.
 _LEGACY = "crc32c"
+
+#: The meta fields every copy has; others (``sharded``, ``algorithm``) came later.
+_META = {"step": 0, "rank": 0, "world": 0, "checksum": 0}
+_LATER = {"sharded": True, "algorithm": ""}
+
+
+def _read(path: Path, *, payload: bool) -> dict[str, Any]:
+    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, and with
+    ``payload`` its bytes as ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state: dict[str, Any] = {"meta": {**_META, **{k: v for k, v in _LATER.items() if f"meta.{k}" in keys}}}
+    if payload:
+        state["payload"] = torch.empty(keys["payload"].size, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    return _read(path, payload=False)["meta"]
 
 
 def _checksum(algorithm: object, path: Path) -> Callable[[np.ndarray], int]:

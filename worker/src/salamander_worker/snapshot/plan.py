@@ -21,7 +21,7 @@ Restore invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 TIERS = ("memory", "peers", "persistent", "none")
 
@@ -194,10 +194,19 @@ def _want(new_world: int, old_world: int, sharded: bool) -> dict[int, int] | Non
     return {r: r % old_world for r in range(new_world)}
 
 
-def plan_restore(holdings: list[Holdings], persistent: dict[int, tuple[int, frozenset[int]]] | None = None
-                 ) -> RestorePlan:
+class PersistentStep(NamedTuple):
+    """A step's persistent copies: the world that wrote them, the old ranks whose copy is
+    complete, and whether each holds only its rank's shard (unknown counts as sharded)."""
+
+    world: int
+    ranks: frozenset[int]
+    sharded: bool = True
+
+
+def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None) -> RestorePlan:
     """The plan for a world of ``len(holdings)`` ranks; ``holdings[q]`` is what new rank ``q``
-    holds. ``persistent`` maps each persistent step to (its world size, the old ranks saved)."""
+    holds. ``persistent`` maps each persistent step to its :class:`PersistentStep` (a plain
+    ``(world, ranks)`` or ``(world, ranks, sharded)`` tuple is taken as one)."""
     world = len(holdings)
     steps = sorted({d.step for h in holdings for d in h.data}, reverse=True)
     best_persistent = _best_persistent(world, persistent or {})
@@ -213,13 +222,12 @@ def plan_restore(holdings: list[Holdings], persistent: dict[int, tuple[int, froz
     return RestorePlan(step=None, tier="none", want={})
 
 
-def _best_persistent(world: int, persistent: dict[int, tuple[int, frozenset[int]]]
-                     ) -> tuple[int, dict[int, int]] | None:
+def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> tuple[int, dict[int, int]] | None:
     for step in sorted(persistent, reverse=True):
-        old_world, ranks = persistent[step]
-        if set(range(old_world)) - set(ranks):
+        copies = PersistentStep(*persistent[step])
+        if set(range(copies.world)) - set(copies.ranks):
             continue
-        want = _want(world, old_world, sharded=world != old_world)
+        want = _want(world, copies.world, sharded=copies.sharded)
         if want is not None:
             return step, want
     return None

@@ -451,7 +451,8 @@ class Snapshotter:
         assert self._persister is not None and self._data is not None
         record = committed.record
         view = self._data.payload(committed.slot)[:record["length"]]
-        self._persister.save(record["step"], self.rank, self.world, view, record["checksum"])
+        self._persister.save(record["step"], self.rank, self.world, view, record["checksum"],
+                             sharded=bool(record.get("sharded", True)))
         self.stats.persisted_step = record["step"]
 
     def _flush_for_termination(self) -> None:
