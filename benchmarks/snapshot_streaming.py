@@ -5,8 +5,10 @@ training processes (:mod:`salamander_worker.memcopy`) and one without, in altern
 machine noise hits both alike. Each process builds the ~102M-parameter model of
 ``snapshot_overhead.py`` (10 x Linear(3200, 3200), AdamW, 1.23 GB of state) and measures:
 
-* throughput: the snapshot's copy of the live tensors, with its crc32, and with this node's XOR
-  parity share (k=4), each beside ``np.copyto`` of the same bytes (``snapshot_overhead.throughput``);
+* throughput: the snapshot's copy of the live tensors, with its crc32 (and with the crc32c used
+  before), and with this node's XOR share of the parity exchange (k=4), one after the other and
+  pipelined on two threads, each beside ``np.copyto`` of the same bytes
+  (``snapshot_overhead.throughput``);
 * training: the step time without snapshots, so a cost of streaming stores to the rest of
   training would show, and with a snapshot every step (the copy overlapped with the next step).
 
@@ -88,6 +90,23 @@ def run_child(mode: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+KEYS = ("memcpy_GBps", "copy_GBps", "copy_x_memcpy", "copy_with_crc_x_memcpy", "copy_with_crc32c_x_memcpy",
+        "snapshot_with_crc_and_parity_x_memcpy", "snapshot_pipelined_x_memcpy", "copy_s", "copy_with_crc_s",
+        "copy_with_crc32c_s", "parity_share_s", "pipelined_s", "memcpy_s")
+
+
+def summarize(runs: dict[str, list[dict]]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Median and spread of every figure per mode, and streaming's time over ordinary's."""
+    summary: dict[str, dict] = {}
+    for mode in MODES:
+        summary[mode] = {key: spread([r["throughput"][key] for r in runs[mode]]) for key in KEYS}
+        for kind in ("none", "every-step"):
+            summary[mode][f"step_{kind}_s"] = spread([s for r in runs[mode] for s in r["step_s"][kind]])
+    ratio = {key: summary["streaming"][key]["median"] / summary["ordinary"][key]["median"]
+             for key in ("copy_s", "copy_with_crc_s", "memcpy_s", "step_none_s", "step_every-step_s")}
+    return summary, ratio
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4)
@@ -112,18 +131,11 @@ def main() -> int:
             t = result["throughput"]
             print(f"[{time.perf_counter() - started:5.0f} s] round {rnd + 1}/{args.rounds} {mode:>9}: "
                   f"copy {t['copy_x_memcpy']:.2f}x, +crc {t['copy_with_crc_x_memcpy']:.2f}x, "
-                  f"+parity {t['snapshot_with_crc_and_parity_x_memcpy']:.2f}x memcpy; step "
+                  f"+parity {t['snapshot_with_crc_and_parity_x_memcpy']:.2f}x, pipelined "
+                  f"{t['snapshot_pipelined_x_memcpy']:.2f}x memcpy; step "
                   f"{statistics.median(result['step_s']['none']):.3f} s", flush=True)
 
-    keys = ("memcpy_GBps", "copy_GBps", "copy_x_memcpy", "copy_with_crc_x_memcpy",
-            "snapshot_with_crc_and_parity_x_memcpy", "copy_s", "copy_with_crc_s", "parity_share_s", "memcpy_s")
-    summary: dict[str, dict] = {}
-    for mode in MODES:
-        summary[mode] = {key: spread([r["throughput"][key] for r in runs[mode]]) for key in keys}
-        for kind in ("none", "every-step"):
-            summary[mode][f"step_{kind}_s"] = spread([s for r in runs[mode] for s in r["step_s"][kind]])
-    ratio = {key: summary["streaming"][key]["median"] / summary["ordinary"][key]["median"]
-             for key in ("copy_s", "copy_with_crc_s", "memcpy_s", "step_none_s", "step_every-step_s")}
+    summary, ratio = summarize(runs)
     result = {"machine": machine(), "command": " ".join(sys.argv), "rounds": args.rounds,
               "tunables": runs["streaming"][0]["tunables"], "summary": summary,
               "streaming_over_ordinary": ratio, "runs": runs}
@@ -131,7 +143,9 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'':34}{'ordinary':>12}{'streaming':>12}")
     for key, label in (("copy_x_memcpy", "copy, x memcpy"), ("copy_with_crc_x_memcpy", "copy + crc32, x memcpy"),
+                       ("copy_with_crc32c_x_memcpy", "copy + crc32c (before), x memcpy"),
                        ("snapshot_with_crc_and_parity_x_memcpy", "+ parity share (k=4), x memcpy"),
+                       ("snapshot_pipelined_x_memcpy", "the same, pipelined, x memcpy"),
                        ("memcpy_GBps", "memcpy GB/s"), ("step_none_s", "step, no snapshot (s)"),
                        ("step_every-step_s", "step, snapshot every step (s)")):
         a, b = summary["ordinary"][key], summary["streaming"][key]
