@@ -159,7 +159,7 @@ def write_skeleton(tree: Any, layout: Layout, buffer: memoryview) -> Pending:
     return [(tensor.detach(), ref) for tensor, ref in zip(tensors, layout.refs) if ref.nbytes]
 
 
-#: A tensor is checksummed and copied in pieces of this size: the crc32 reads a piece from the
+#: A tensor is checksummed and copied in pieces of this size: the crc reads a piece from the
 #: source, and the copy then reads it again from cache. At this size glibc copies with streaming
 #: stores when the agent has set its threshold (:mod:`salamander_worker.memcopy`).
 CHUNK = 1 << 20
@@ -167,27 +167,45 @@ CHUNK = 1 << 20
 
 def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None, *,
                  landed: Callable[[int], None] | None = None) -> int | None:
-    """Copy each pending tensor's bytes to its place in ``buffer`` (single-threaded memcpy,
+    """Copy each pending tensor's bytes to its place in ``buffer`` (memcpy in ``CHUNK`` pieces,
     GIL released; device tensors come to the host here). With ``length`` (the payload's), also
-    return the crc32 of ``buffer[:length]``, computed piece by piece just before each piece's
-    copy, from the source, so the checksum costs no extra pass over memory: the copy reads the
-    piece from cache, and its destination need never be read back (streaming stores leave it
-    out of cache). Invariant: no pending tensor changes while this runs (the caller copies
-    anything the forward pass might change in the foreground, before training goes on), so the source's bytes and
-    the copy's are the same bytes. ``landed``, when given, is called after each piece with an
-    offset below which the pending tensors' bytes are all copied (growing; the bytes that are
-    not pending must already be in place)."""
-    from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
+    return the crc of ``buffer[:length]``, taken from the source piece by piece just before each
+    piece's copy, so the checksum costs no extra pass over memory: the copy reads the piece from
+    cache, and its destination need never be read back (streaming stores leave it out of cache).
+    With more than one core and only host tensors, the crc runs on a thread of its own a few
+    pieces ahead of the copy (:mod:`.running_crc`). Invariant: no pending tensor changes while
+    this runs (the caller copies anything the forward pass might change in the foreground,
+    before training goes on), so the source's bytes and the copy's are the same bytes.
+    ``landed``, when given, is called after each piece with an offset below which the pending
+    tensors' bytes are all copied (growing; the bytes that are not pending must already be in
+    place)."""
+    from salamander_worker.snapshot import pool
 
     target = np.frombuffer(buffer, dtype=np.uint8)
+    ordered = sorted(pending, key=lambda item: item[1].offset)
+    if length is not None and pool.threads() > 1 and all(
+            t.device.type == "cpu" and t.is_contiguous() for t, _ in ordered):
+        return _copy_with_crc_ahead(ordered, target, length, landed)
+    return _copy(ordered, target, length, landed)
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray:
+    source = tensor
+    if source.device.type != "cpu":
+        source = source.cpu()
+    if not source.is_contiguous():
+        source = source.contiguous()
+    return source.reshape(-1).view(torch.uint8).numpy()
+
+
+def _copy(ordered: Pending, target: np.ndarray, length: int | None,
+          landed: Callable[[int], None] | None) -> int | None:
+    """:func:`copy_tensors` on the calling thread alone."""
+    from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
+
     crc, done = 0, 0
-    for tensor, ref in sorted(pending, key=lambda item: item[1].offset):
-        source = tensor
-        if source.device.type != "cpu":
-            source = source.cpu()
-        if not source.is_contiguous():
-            source = source.contiguous()
-        raw = source.reshape(-1).view(torch.uint8).numpy()
+    for tensor, ref in ordered:
+        raw = _raw(tensor)
         if length is not None and ref.offset > done:
             crc = checksum_update(target[done:ref.offset], crc)
         for start in range(0, ref.nbytes, CHUNK):
@@ -203,6 +221,41 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
     if length > done:
         crc = checksum_update(target[done:length], crc)
     return crc
+
+
+def _copy_with_crc_ahead(ordered: Pending, target: np.ndarray, length: int,
+                         landed: Callable[[int], None] | None) -> int:
+    """:func:`copy_tensors` with the crc on a :class:`.running_crc.RunningChecksum`: the parts
+    it checksums are the payload's bytes in order (the bytes already in place from ``target``,
+    the tensors' from their source pieces), and the copy of each piece waits until the crc has
+    read it."""
+    from salamander_worker.snapshot.running_crc import RunningChecksum
+
+    parts: list[np.ndarray] = []
+    copies: list[tuple[int, np.ndarray, int]] = []    # (index in parts, source piece, where it goes)
+    done = 0
+    for tensor, ref in ordered:
+        raw = _raw(tensor)
+        if ref.offset > done:
+            parts.append(target[done:ref.offset])
+        for start in range(0, ref.nbytes, CHUNK):
+            copies.append((len(parts), raw[start:start + CHUNK], ref.offset + start))
+            parts.append(copies[-1][1])
+        done = ref.offset + ref.nbytes
+    if length > done:
+        parts.append(target[done:length])
+    crc = RunningChecksum(parts)
+    try:
+        for index, piece, at in copies:
+            crc.wait_for(index)
+            np.copyto(target[at:at + len(piece)], piece)
+            crc.consumed(index + 1)
+            if landed is not None:
+                landed(at + len(piece))
+    except BaseException:
+        crc.close()
+        raise
+    return crc.result()
 
 
 def read(payload: memoryview | bytes | np.ndarray, *, copy: bool = True) -> Any:
