@@ -8,7 +8,8 @@ with the next forward/backward, the default), and with one every step copied in 
 medians and spread of per-step times are reported, and overhead as a ratio to "none".
 
 Throughput: the copy of the state into its pre-faulted shared-memory slot, with the crc32 fused
-into it (1 MiB pieces checksummed while in cache; also with the CRC-32C used before), plus this
+into it (1 MiB pieces checksummed just before their copy, on a thread of their own; also on
+the copying thread, and on it with the CRC-32C used before), plus this
 node's XOR work in the point-to-point parity exchange for a group of k=4 (:func:`share`), one
 after the other and pipelined (the share on a second thread trailing the copy, as the
 Snapshotter's exchange thread does), beside ``np.copyto`` of the same number of bytes between
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_stats import machine, spread  # noqa: E402
 from salamander import wire  # noqa: E402
-from salamander_worker.snapshot import erasure, exchange, payload  # noqa: E402
+from salamander_worker.snapshot import erasure, exchange, payload, pool  # noqa: E402
 from salamander_worker.snapshot import region as region_mod  # noqa: E402
 from salamander_worker.snapshot.capture import Trainee, capture  # noqa: E402
 from salamander_worker.snapshot.region import SlotFile, checksum  # noqa: E402
@@ -156,9 +157,13 @@ def throughput(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directo
         pending = payload.write_skeleton(tree, layout, region.payload(0))
         return payload.copy_tensors(pending, region.payload(0), length if crc else None, landed=landed)
 
-    def copy_crc32c() -> None:   # the checksum before this one: the crc32c package's CRC-32C
-        with mock.patch.object(region_mod, "checksum_update", lambda data, crc: crc32c.crc32c(data, crc)):
+    def copy_one_thread() -> None:   # the crc on the copying thread, as before the running crc
+        with mock.patch.object(pool, "threads", lambda: 1):
             copy(True)
+
+    def copy_crc32c() -> None:   # and with the checksum before this one, the crc32c package's CRC-32C
+        with mock.patch.object(region_mod, "checksum_update", lambda data, crc: crc32c.crc32c(data, crc)):
+            copy_one_thread()
 
     def pipelined() -> None:     # the Snapshotter's way: the exchange thread trails the copy
         landing = exchange.Landing(length)
@@ -168,7 +173,8 @@ def throughput(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directo
         worker.join()
 
     runs = {"memcpy": lambda: np.copyto(target, source), "memcpy_into_shm": lambda: np.copyto(shm_target, source),
-            "copy": lambda: copy(False), "copy_with_crc": lambda: copy(True), "copy_with_crc32c": copy_crc32c,
+            "copy": lambda: copy(False), "copy_with_crc": lambda: copy(True), "copy_with_crc_one_thread": copy_one_thread,
+            "copy_with_crc32c": copy_crc32c,
             "parity_share": lambda: share(slot, block, k, received), "pipelined": pipelined}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for attempt in range(repeats + 1):   # the first pass faults every buffer in; not counted
@@ -186,6 +192,7 @@ def throughput(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directo
             "snapshot_with_crc_and_parity_x_memcpy_into_shm": t["memcpy_into_shm"] / (t["copy_with_crc"] + t["parity_share"]),
             "copy_GBps": gb / t["copy"], "copy_x_memcpy": t["memcpy"] / t["copy"],
             "copy_with_crc_x_memcpy": t["memcpy"] / t["copy_with_crc"],
+            "copy_with_crc_one_thread_x_memcpy": t["memcpy"] / t["copy_with_crc_one_thread"],
             "copy_with_crc32c_x_memcpy": t["memcpy"] / t["copy_with_crc32c"],
             "snapshot_with_crc_and_parity_x_memcpy": t["memcpy"] / (t["copy_with_crc"] + t["parity_share"]),
             "snapshot_pipelined_x_memcpy": t["memcpy"] / t["pipelined"],

@@ -5,14 +5,14 @@ training processes (:mod:`salamander_worker.memcopy`) and one without, in altern
 machine noise hits both alike. Each process builds the ~102M-parameter model of
 ``snapshot_overhead.py`` (10 x Linear(3200, 3200), AdamW, 1.23 GB of state) and measures:
 
-* throughput: the snapshot's copy of the live tensors, with its crc32 (and with the crc32c used
-  before), and with this node's XOR share of the parity exchange (k=4), one after the other and
-  pipelined on two threads, each beside ``np.copyto`` of the same bytes
-  (``snapshot_overhead.throughput``);
+* throughput: the snapshot's copy of the live tensors; with its crc32 on a thread of its own (as
+  now), on the copy's thread, and on the copy's thread with the crc32c used before; and with
+  this node's XOR share of the parity exchange (k=4), one after the other and pipelined on one
+  more thread; each beside ``np.copyto`` of the same bytes (``snapshot_overhead.throughput``);
 * training: the step time without snapshots, so a cost of streaming stores to the rest of
   training would show, and with a snapshot every step (the copy overlapped with the next step).
 
-    python benchmarks/snapshot_streaming.py --rounds 4        # ~6 min on 2 cores
+    python benchmarks/snapshot_streaming.py --rounds 4        # ~9 min on 2 cores
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def run_child(mode: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-KEYS = ("memcpy_GBps", "copy_GBps", "copy_x_memcpy", "copy_with_crc_x_memcpy", "copy_with_crc32c_x_memcpy",
+KEYS = ("memcpy_GBps", "copy_GBps", "copy_x_memcpy", "copy_with_crc_x_memcpy", "copy_with_crc_one_thread_x_memcpy",
+        "copy_with_crc32c_x_memcpy", "copy_with_crc_one_thread_s",
         "snapshot_with_crc_and_parity_x_memcpy", "snapshot_pipelined_x_memcpy", "copy_s", "copy_with_crc_s",
         "copy_with_crc32c_s", "parity_share_s", "pipelined_s", "memcpy_s")
 
@@ -143,6 +144,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'':34}{'ordinary':>12}{'streaming':>12}")
     for key, label in (("copy_x_memcpy", "copy, x memcpy"), ("copy_with_crc_x_memcpy", "copy + crc32, x memcpy"),
+                       ("copy_with_crc_one_thread_x_memcpy", "the same, crc on the copy's thread"),
                        ("copy_with_crc32c_x_memcpy", "copy + crc32c (before), x memcpy"),
                        ("snapshot_with_crc_and_parity_x_memcpy", "+ parity share (k=4), x memcpy"),
                        ("snapshot_pipelined_x_memcpy", "the same, pipelined, x memcpy"),

@@ -300,10 +300,10 @@ def _damage(path: Path, how: str) -> None:
     if how == "magic":
         with open(path, "r+b") as handle:
             handle.write(b"NOTASLOT")
-    elif how == "version":
+    elif how in ("version", "version-1"):   # version 1 files were checksummed with CRC-32C
         with open(path, "r+b") as handle:
             handle.seek(8)
-            handle.write(struct.pack("<I", 99))
+            handle.write(struct.pack("<I", 99 if how == "version" else 1))
     elif how == "capacity":
         with open(path, "r+b") as handle:
             handle.seek(16)
@@ -318,7 +318,7 @@ def _damage(path: Path, how: str) -> None:
         os.truncate(path, 0)
 
 
-@pytest.mark.parametrize("how", ["magic", "version", "capacity", "short", "long", "tiny", "empty"])
+@pytest.mark.parametrize("how", ["magic", "version", "version-1", "capacity", "short", "long", "tiny", "empty"])
 def test_a_damaged_file_is_refused_or_recreated(path: Path, how: str) -> None:
     region = SlotFile.open(path, PAGE)
     put(region, b"old", 1)

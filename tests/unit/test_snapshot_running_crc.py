@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
 from typing import Any
@@ -74,6 +73,26 @@ def test_close_stops_the_thread_early() -> None:
     assert not running._thread.is_alive()  # noqa: SLF001 - the thread it owns
 
 
+def test_after_close_nothing_waits_and_there_is_no_result() -> None:
+    running = RunningChecksum(_parts([64] * 50), ahead=1)
+    running.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        running.wait_for(49)
+    with pytest.raises(RuntimeError, match="closed"):
+        running.result()
+
+
+def test_a_reader_that_skips_parts_still_gets_the_ones_it_waits_for() -> None:
+    """The copy never waits on the parts it does not copy (the skeleton, gaps, the tail); it
+    declares them consumed before waiting on the next one, even with ``ahead=1``."""
+    parts = _parts([64, 100, 64, 64, 100, 64])
+    running = RunningChecksum(parts, ahead=1)
+    for i in (1, 4):
+        running.consumed(i)
+        running.wait_for(i)
+    assert running.result() == zlib.crc32(b"".join(p.tobytes() for p in parts))
+
+
 def test_ahead_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="ahead"):
         RunningChecksum([], ahead=0)
@@ -92,9 +111,17 @@ def test_the_copy_gives_the_same_bytes_and_crc_on_one_thread_and_with_the_crc_ah
         buffer = bytearray(layout.length)
         pending = payload.write_skeleton(tree, layout, memoryview(buffer))
         landed: list[int] = []
+        started: list[RunningChecksum] = []
+
+        def one_ahead(parts: Any) -> RunningChecksum:   # the tightest coupling: one part ahead
+            started.append(RunningChecksum(parts, ahead=1))
+            return started[-1]
+
         with mock.patch.object(pool, "threads", lambda threads=threads: threads), \
-                mock.patch.object(payload, "CHUNK", 256 << chunk_shift):
+                mock.patch.object(payload, "CHUNK", 256 << chunk_shift), \
+                mock.patch.object(running_crc, "RunningChecksum", one_ahead):
             crc = payload.copy_tensors(pending, memoryview(buffer), layout.length, landed=landed.append)
+        assert len(started) == (threads - 1)     # the crc thread only with a second core
         assert crc == zlib.crc32(bytes(buffer[:layout.length]))
         assert landed == sorted(landed) and landed[-1] == max(r.offset + r.nbytes for r in layout.refs)
         results.append((bytes(buffer), crc, landed))
@@ -110,8 +137,13 @@ def test_a_failing_copy_stops_the_crc_thread() -> None:
     def landed(_offset: int) -> None:
         raise RuntimeError("the exchange went away")
 
-    before = {t for t in threading.enumerate() if t.name == "salamander-crc"}
+    started: list[RunningChecksum] = []
+
+    def tracked(parts: Any) -> RunningChecksum:
+        started.append(RunningChecksum(parts))
+        return started[-1]
+
     with mock.patch.object(pool, "threads", lambda: 2), mock.patch.object(payload, "CHUNK", 256), \
-            pytest.raises(RuntimeError, match="went away"):
+            mock.patch.object(running_crc, "RunningChecksum", tracked), pytest.raises(RuntimeError, match="went away"):
         payload.copy_tensors(pending, memoryview(buffer), layout.length, landed=landed)
-    assert not [t for t in threading.enumerate() if t.name == "salamander-crc" and t not in before and t.is_alive()]
+    assert len(started) == 1 and not started[0]._thread.is_alive()  # noqa: SLF001 - the thread it owns

@@ -247,6 +247,7 @@ def _copy_with_crc_ahead(ordered: Pending, target: np.ndarray, length: int,
     crc = RunningChecksum(parts)
     try:
         for index, piece, at in copies:
+            crc.consumed(index)     # and the parts before it that are not copied (the gaps)
             crc.wait_for(index)
             np.copyto(target[at:at + len(piece)], piece)
             crc.consumed(index + 1)

@@ -159,8 +159,11 @@ def _checksum(algorithm: object, path: Path) -> Callable[[np.ndarray], int]:
     if algorithm == ALGORITHM:
         return checksum
     if algorithm == _LEGACY:
-        import crc32c
-
+        try:
+            import crc32c
+        except ImportError:
+            raise PersistError(f"persistent snapshot {path} has a CRC-32C checksum; checking it needs the "
+                               "crc32c package") from None
         return crc32c.crc32c
     raise PersistError(f"persistent snapshot {path} has an unknown checksum {algorithm!r}")
 

@@ -1,9 +1,10 @@
 """One small, process-wide thread pool for bulk memory work that releases the GIL (crc32 of
 large buffers, tensor copies).
 
-Invariants: at most ``min(8, os.cpu_count())`` threads; the pool is created on first use and
-re-created in a forked child (a pool inherited across ``fork`` has no threads and would hang);
-:func:`run` never nests (work submitted from a pool thread runs inline), so it cannot deadlock.
+Invariants: at most ``min(8, cores this process may run on)`` threads; the pool is created on
+first use and re-created in a forked child (a pool inherited across ``fork`` has no threads and
+would hang); :func:`run` never nests (work submitted from a pool thread runs inline), so it
+cannot deadlock.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ _local = threading.local()
 
 
 def threads() -> int:
-    """How many threads bulk work may use in this process (1 on a single core)."""
-    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    """How many threads bulk work may use in this process: the cores it may run on (its CPU
+    affinity, which a container's cpuset narrows; 1 on a single core), at most ``MAX_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
 
 
 def _executor() -> ThreadPoolExecutor:

@@ -5,8 +5,8 @@ A snapshot's copy reads each piece of the live tensors once for its checksum and
 copy. Taken on the copying thread, the checksum is the first to touch each piece, so it waits
 on DRAM and the copy waits for it. Taken here, a few pieces ahead, the checksum's reads bring
 the pieces into cache while the copy streams the previous ones out: on this project's 2-core
-VM, a 1.23 GB copy with its CRC-32 ran at 0.89x memcpy this way, against 0.69x on one thread
-(the copy alone: 0.88x).
+VM, a 1.23 GB copy with its CRC-32 ran at 0.84x memcpy this way, against 0.65x on one thread
+(the copy alone: 0.87x; ``benchmarks/snapshot_streaming.py``, BENCHMARKS.md).
 
 Invariants: the parts are checksummed in order, each exactly once, and the result is
 ``checksum_update`` over their concatenation; the thread never gets more than :data:`AHEAD`
@@ -66,12 +66,14 @@ class RunningChecksum:
                 self._changed.notify_all()
 
     def wait_for(self, i: int) -> None:
-        """Block until part ``i`` has been checksummed (so it is in cache)."""
+        """Block until part ``i`` has been checksummed (so it is in cache). The reader must
+        have called :meth:`consumed` with at least ``i - ahead + 1`` first, or the thread is
+        not allowed that far and this never returns: :func:`.payload.copy_tensors` calls
+        ``consumed(i)`` just before."""
         with self._changed:
-            self._changed.wait_for(lambda: self._done > i or self._error is not None)
+            self._changed.wait_for(lambda: self._done > i or self._error is not None or self._closed)
             if self._done <= i:
-                assert self._error is not None
-                raise self._error
+                raise self._error if self._error is not None else RuntimeError("the running checksum was closed")
 
     def consumed(self, count: int) -> None:
         """The reader is done with the first ``count`` parts: the thread may go on."""
@@ -85,6 +87,8 @@ class RunningChecksum:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        if self._done < len(self._parts):
+            raise RuntimeError("the running checksum was closed before it finished")
         return self._crc
 
     def close(self) -> None:

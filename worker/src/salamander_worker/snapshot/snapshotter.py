@@ -66,8 +66,8 @@ from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, exchange, payload, persist
 from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
-from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, Rebuild, RestorePlan,
-                                             ec_groups, plan_restore)
+from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, PersistentStep, Rebuild,
+                                             RestorePlan, ec_groups, plan_restore)
 from salamander_worker.snapshot.region import SLOTS, Committed, RegionError, SlotFile, checksum, checksum_update
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,10 @@ class Snapshotter:
         mark("plan")
         plan = self._verify_plan(plan, everyone, persistent)
         mark("verify")
+        if plan.tier == "none" and persistent and self.rank == 0:
+            log.warning("no snapshot to restore into a world of %s ranks; persistent copies not usable: %s",
+                        self.world, "; ".join(_unusable(step, PersistentStep(*c), self.world)
+                                              for step, c in sorted(persistent.items())))
         step, data, buffer = 0, None, None
         if plan.step is not None:
             try:
@@ -585,7 +589,7 @@ class Snapshotter:
                 if all(key in entry.record for key in fields)]
 
     def _verify_plan(self, plan: RestorePlan, everyone: list[Holdings],
-                     persistent: dict[int, tuple[int, frozenset[int]]] | None) -> RestorePlan:
+                     persistent: dict[int, PersistentStep] | None) -> RestorePlan:
         """Check the slots ``plan`` reads on every rank against their crc32; while any rank
         finds a corrupt one, every rank drops the corrupt slots from the holdings and plans
         again (collective; every rank gets the same plan). Returns a plan whose in-memory
@@ -812,3 +816,13 @@ class Snapshotter:
     def _load_persistent(self, plan: RestorePlan) -> np.ndarray | None:
         assert self._persister is not None and plan.step is not None
         return self._persister.load(plan.step, plan.want[self.rank])
+
+
+def _unusable(step: int, copies: PersistentStep, world: int) -> str:
+    """Why the persistent copies of ``step`` cannot be loaded into a world of ``world`` ranks."""
+    missing = sorted(set(range(copies.world)) - copies.ranks)
+    if missing:
+        return f"step {step}: ranks {missing} of its {copies.world} have no complete copy"
+    if copies.world != world and copies.sharded:
+        return f"step {step}: sharded over {copies.world} ranks (or written before copies said whether they are)"
+    return f"step {step}: failed its checks"
