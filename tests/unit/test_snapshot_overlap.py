@@ -73,3 +73,29 @@ def test_a_forward_during_the_background_copy_does_not_reach_the_snapshot(tmp_pa
     finally:
         held.set()
         snap.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("crc_thread", [True, False])
+def test_the_copy_s_crc_runs_on_a_thread_of_its_own_unless_told_not_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool, crc_thread: bool) -> None:
+    model, optimizer = build()
+    seen: list[bool] = []
+    real = payload.copy_tensors
+
+    def copy_tensors(pending, buffer, length=None, **options):  # type: ignore[no-untyped-def]
+        if length is not None:
+            seen.append(options["crc_thread"])
+        return real(pending, buffer, length, **options)
+
+    monkeypatch.setattr(snapshotter.payload, "copy_tensors", copy_tensors)
+    snap = Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1), memory_dir=tmp_path,
+                       overlap=overlap, **({} if crc_thread else {"crc_thread": False}))
+    try:
+        model(torch.randn(8, 16)).square().mean().backward()
+        optimizer.step()
+        snap.snapshot(1)
+        snap.wait()
+    finally:
+        snap.close()
+    assert seen == [crc_thread]

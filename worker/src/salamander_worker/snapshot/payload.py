@@ -166,14 +166,14 @@ CHUNK = 1 << 20
 
 
 def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None, *,
-                 landed: Callable[[int], None] | None = None) -> int | None:
+                 landed: Callable[[int], None] | None = None, crc_thread: bool = True) -> int | None:
     """Copy each pending tensor's bytes to its place in ``buffer`` (memcpy in ``CHUNK`` pieces,
     GIL released; device tensors come to the host here). With ``length`` (the payload's), also
     return the crc of ``buffer[:length]``, taken from the source piece by piece just before each
     piece's copy, so the checksum costs no extra pass over memory: the copy reads the piece from
     cache, and its destination need never be read back (streaming stores leave it out of cache).
-    With more than one core and only host tensors, the crc runs on a thread of its own a few
-    pieces ahead of the copy (:mod:`.running_crc`). Invariant: no pending tensor changes while
+    With ``crc_thread``, more than one core and only host tensors, the crc runs on a thread of
+    its own a few pieces ahead of the copy (:mod:`.running_crc`). Invariant: no pending tensor changes while
     this runs (the caller copies anything the forward pass might change in the foreground,
     before training goes on), so the source's bytes and the copy's are the same bytes.
     ``landed``, when given, is called after each piece with an offset below which the pending
@@ -183,7 +183,7 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
 
     target = np.frombuffer(buffer, dtype=np.uint8)
     ordered = sorted(pending, key=lambda item: item[1].offset)
-    if length is not None and pool.threads() > 1 and all(
+    if crc_thread and length is not None and pool.threads() > 1 and all(
             t.device.type == "cpu" and t.is_contiguous() for t, _ in ordered):
         return _copy_with_crc_ahead(ordered, target, length, landed)
     return _copy(ordered, target, length, landed)

@@ -142,7 +142,7 @@ class Snapshotter:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any = None, config: wire.SnapshotConfig | None = None,
                  memory_dir: str | os.PathLike[str] | None = None, overlap: bool = True,
-                 pipeline: bool = True) -> None:
+                 pipeline: bool = True, crc_thread: bool = True) -> None:
         if config is None:
             raw = os.environ.get(wire.ENV_SNAPSHOT)
             try:
@@ -180,6 +180,10 @@ class Snapshotter:
         self._copied.set()
         self._copier: DeviceCopier | None = None   # created at the first snapshot of CUDA tensors
         self.overlap = overlap and optimizer is not None
+        # With ``crc_thread`` (and a second core) a host copy's crc runs on a thread of its own,
+        # a few pieces ahead of the copy (:mod:`.running_crc`); it did not slow training down
+        # when the copy ran beside it on a 2-core node (BENCHMARKS.md).
+        self.crc_thread = crc_thread
         if self.overlap:
             # Parameters and optimizer state change only in optimizer.step(): the copy of a
             # snapshot runs during the next forward and backward, and the next step waits for it.
@@ -249,7 +253,8 @@ class Snapshotter:
         if by_dma:
             pending = []
         elif not self.overlap:
-            crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length)
+            crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length,
+                                       crc_thread=self.crc_thread)
             pending = []
         else:
             pending = self._copy_volatile(pending, self._data.payload(slot))
@@ -358,7 +363,8 @@ class Snapshotter:
                     self.stats.dma_s.append(self._copier.copy_seconds() or 0.0)
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 if pending:
-                    crc = payload.copy_tensors(pending, self._data.payload(slot), length, landed=landing.advance)
+                    crc = payload.copy_tensors(pending, self._data.payload(slot), length, landed=landing.advance,
+                                               crc_thread=self.crc_thread)
                     self._copied.set()
                     copied = time.perf_counter() - started
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
