@@ -3,9 +3,10 @@
 A ~102M-parameter model (10 x Linear(3200, 3200)) with AdamW: the snapshot holds parameters and
 both Adam moments, ~1.2 GB. One process; the step time (forward, backward, optimizer step) is
 measured without snapshots, with one every 10 steps and with one every step (the copy overlapped
-with the next forward/backward, the default; and the same with the copy's crc on the copy's
-thread, ``crc_thread=False``, instead of a thread of its own), and with one every step copied
-in the foreground (``overlap=False``). Run it with
+with the next forward/backward, the default; and the same with the copy's crc forced onto a
+thread of its own, ``crc_thread=True``, which by default it gets in the background only when
+torch's threads leave a core free), and with one every step copied in the foreground
+(``overlap=False``, where the crc gets its thread). Run it with
 ``GLIBC_TUNABLES`` as the agent sets it for training processes (:mod:`salamander_worker.memcopy`). Modes are interleaved in rounds, so machine noise hits all of them alike;
 medians and spread of per-step times are reported, and overhead as a ratio to "none".
 
@@ -51,7 +52,7 @@ from salamander_worker.snapshot.capture import Trainee, capture  # noqa: E402
 from salamander_worker.snapshot.region import SlotFile, checksum  # noqa: E402
 from salamander_worker.snapshot.snapshotter import Snapshotter  # noqa: E402
 
-MODES = ("none", "every-10", "every-step", "every-step-crc-on-copy-thread", "every-step-blocking")
+MODES = ("none", "every-10", "every-step", "every-step-crc-thread", "every-step-blocking")
 
 
 def build(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -88,8 +89,8 @@ def main() -> int:
                                 memory_dir=memory / "a"),
         "every-step": Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1),
                                   memory_dir=memory / "b"),
-        "every-step-crc-on-copy-thread": Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1),
-                                                     memory_dir=memory / "d", crc_thread=False),
+        "every-step-crc-thread": Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1),
+                                             memory_dir=memory / "d", crc_thread=True),
         "every-step-blocking": Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1),
                                            memory_dir=memory / "c", overlap=False),
     }

@@ -75,10 +75,16 @@ def test_a_forward_during_the_background_copy_does_not_reach_the_snapshot(tmp_pa
         snap.close()
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-@pytest.mark.parametrize("crc_thread", [True, False])
-def test_the_copy_s_crc_runs_on_a_thread_of_its_own_unless_told_not_to(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool, crc_thread: bool) -> None:
+@pytest.mark.parametrize(("overlap", "cores", "torch_threads", "forced", "expected"), [
+    (False, 2, 2, None, True),     # the copy blocks training: its crc gets a thread
+    (True, 2, 2, None, False),     # in the background, torch's threads take every core
+    (True, 8, 4, None, True),      # ... or leave one free
+    (True, 2, 2, True, True),      # the constructor decides when told
+    (False, 8, 1, False, False),
+])
+def test_the_copy_s_crc_gets_a_thread_of_its_own_only_when_it_costs_training_no_core(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool, cores: int, torch_threads: int,
+        forced: bool | None, expected: bool) -> None:
     model, optimizer = build()
     seen: list[bool] = []
     real = payload.copy_tensors
@@ -89,8 +95,10 @@ def test_the_copy_s_crc_runs_on_a_thread_of_its_own_unless_told_not_to(
         return real(pending, buffer, length, **options)
 
     monkeypatch.setattr(snapshotter.payload, "copy_tensors", copy_tensors)
+    monkeypatch.setattr(snapshotter.pool, "threads", lambda: cores)
+    monkeypatch.setattr(snapshotter.torch, "get_num_threads", lambda: torch_threads)
     snap = Snapshotter(model, optimizer, config=wire.SnapshotConfig(interval=1), memory_dir=tmp_path,
-                       overlap=overlap, **({} if crc_thread else {"crc_thread": False}))
+                       overlap=overlap, crc_thread=forced)
     try:
         model(torch.randn(8, 16)).square().mean().backward()
         optimizer.step()
@@ -98,4 +106,4 @@ def test_the_copy_s_crc_runs_on_a_thread_of_its_own_unless_told_not_to(
         snap.wait()
     finally:
         snap.close()
-    assert seen == [crc_thread]
+    assert seen == [expected]

@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 from salamander import wire
 from salamander_worker import progress, telemetry
-from salamander_worker.snapshot import erasure, exchange, payload, persist
+from salamander_worker.snapshot import erasure, exchange, payload, persist, pool
 from salamander_worker.snapshot.capture import Trainee, apply, capture
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, PersistentStep, Rebuild,
@@ -142,7 +142,7 @@ class Snapshotter:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any = None, config: wire.SnapshotConfig | None = None,
                  memory_dir: str | os.PathLike[str] | None = None, overlap: bool = True,
-                 pipeline: bool = True, crc_thread: bool = True) -> None:
+                 pipeline: bool = True, crc_thread: bool | None = None) -> None:
         if config is None:
             raw = os.environ.get(wire.ENV_SNAPSHOT)
             try:
@@ -180,9 +180,8 @@ class Snapshotter:
         self._copied.set()
         self._copier: DeviceCopier | None = None   # created at the first snapshot of CUDA tensors
         self.overlap = overlap and optimizer is not None
-        # With ``crc_thread`` (and a second core) a host copy's crc runs on a thread of its own,
-        # a few pieces ahead of the copy (:mod:`.running_crc`); it did not slow training down
-        # when the copy ran beside it on a 2-core node (BENCHMARKS.md).
+        # A host copy's crc may run on a thread of its own, a few pieces ahead of the copy
+        # (:mod:`.running_crc`); None: decided per copy (:meth:`_crc_on_its_own_thread`).
         self.crc_thread = crc_thread
         if self.overlap:
             # Parameters and optimizer state change only in optimizer.step(): the copy of a
@@ -254,7 +253,7 @@ class Snapshotter:
             pending = []
         elif not self.overlap:
             crc = payload.copy_tensors(pending, self._data.payload(slot), layout.length,
-                                       crc_thread=self.crc_thread)
+                                       crc_thread=self._crc_on_its_own_thread(foreground=True))
             pending = []
         else:
             pending = self._copy_volatile(pending, self._data.payload(slot))
@@ -268,6 +267,16 @@ class Snapshotter:
         if pending:
             self._copied.clear()
         self._jobs.put((step, slot, layout.length, pending, crc, by_dma))
+
+    def _crc_on_its_own_thread(self, foreground: bool) -> bool:
+        """Whether a host copy's crc runs on a thread of its own: as the constructor's
+        ``crc_thread`` says; by default always when the copy blocks training (training's
+        threads are idle then), and in the background only when torch's threads leave a core
+        free. With every core busy, that thread slowed the copy and training down
+        (BENCHMARKS.md)."""
+        if self.crc_thread is not None:
+            return self.crc_thread
+        return foreground or pool.threads() > torch.get_num_threads()
 
     def _open_data(self, length: int) -> None:
         """(Re)open this rank's data file with room for ``length`` bytes (plus headroom)."""
@@ -364,7 +373,7 @@ class Snapshotter:
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
                 if pending:
                     crc = payload.copy_tensors(pending, self._data.payload(slot), length, landed=landing.advance,
-                                               crc_thread=self.crc_thread)
+                                               crc_thread=self._crc_on_its_own_thread(foreground=False))
                     self._copied.set()
                     copied = time.perf_counter() - started
                     telemetry.guarded(lambda: telemetry.worker().snapshot_stage("copy", copied))
