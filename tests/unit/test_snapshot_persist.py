@@ -75,3 +75,17 @@ def test_a_copy_with_an_unknown_checksum_is_refused_by_name(tmp_path: Path) -> N
 def test_the_checksum_is_isa_l_when_it_is_installed() -> None:
     isal_zlib = pytest.importorskip("isal.isal_zlib")
     assert region._crc32 is isal_zlib.crc32
+
+
+def test_copies_left_by_a_larger_world_are_deleted_once_they_are_old(tmp_path: Path) -> None:
+    """A world of 4 persists steps 10 and 20, then the job shrinks to 3 and persists 30 and 40:
+    old rank 3's copies are then deleted by rank 0 with the rest of steps 10 and 20, and only
+    the newest two steps of the 3 ranks stay."""
+    persister = Persister(tmp_path)
+    crc = region.checksum(PAYLOAD)
+    for step, world in ((10, 4), (20, 4), (30, 3), (40, 3)):
+        for rank in range(world):
+            persister.save(step, rank, world, memoryview(PAYLOAD), crc, sharded=False)
+    assert persister.listing() == {30: PersistentStep(3, frozenset({0, 1, 2}), False),
+                                   40: PersistentStep(3, frozenset({0, 1, 2}), False)}
+    assert sorted(p.name for p in persister.root.iterdir()) == ["step-0000000030", "step-0000000040"]

@@ -76,7 +76,7 @@ class Persister:
                 dcp.save(state, checkpoint_id=path, no_dist=True)
         except Exception as exc:  # noqa: BLE001 - disk full, permissions...: name the path
             raise PersistError(f"cannot write persistent snapshot {path}: {exc}") from exc
-        self._prune(rank)
+        self._prune(rank, world)
         return path
 
     def _complete(self) -> dict[int, dict[int, Path]]:
@@ -94,14 +94,32 @@ class Persister:
                     found.setdefault(int(step_match.group(1)), {})[int(rank_match.group(1))] = rank_dir
         return found
 
-    def _prune(self, rank: int) -> None:
+    def _prune(self, rank: int, world: int) -> None:
+        """Delete this rank's copies but its ``KEEP`` newest complete ones. Rank 0 also deletes,
+        in the steps older than its own oldest kept one, the directories of ranks outside
+        ``world``: a larger world left them before the job shrank, and no rank would otherwise
+        ever delete them."""
         mine = sorted(step for step, ranks in self._complete().items() if rank in ranks)
         for step in mine[:-KEEP]:
-            shutil.rmtree(self.path(step, rank), ignore_errors=True)
-            try:
-                self.path(step, rank).parent.rmdir()   # only if empty
-            except OSError:
-                pass
+            self._remove(step, rank)
+        if rank != 0 or len(mine) < KEEP:
+            return
+        for step_dir in self.root.iterdir():
+            step_match = _STEP.match(step_dir.name)
+            if not step_match or int(step_match.group(1)) >= mine[-KEEP] or not step_dir.is_dir():
+                continue
+            for rank_dir in list(step_dir.iterdir()):
+                rank_match = _RANK.match(rank_dir.name)
+                if rank_match and int(rank_match.group(1)) >= world:
+                    self._remove(int(step_match.group(1)), int(rank_match.group(1)))
+
+    def _remove(self, step: int, rank: int) -> None:
+        """Delete old rank ``rank``'s copy of ``step``, and the step's directory once empty."""
+        shutil.rmtree(self.path(step, rank), ignore_errors=True)
+        try:
+            self.path(step, rank).parent.rmdir()   # only if empty
+        except OSError:
+            pass
 
     def listing(self) -> dict[int, PersistentStep]:
         """step -> its world size, the old ranks with a complete copy and whether the copies
