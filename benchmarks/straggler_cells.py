@@ -16,7 +16,9 @@ test beside them); the config column says which. ``--seq-var-suspect off@1e6,0.5
 the same for the sequential test's variance estimate, replaying the per-step runs once per
 setting: every rank counts (``off``, as before) or ranks whose statistic is above that fraction
 of ``h`` are left out (``SEQ_VAR_SUSPECT_FRACTION``), each with ``SEQ_ARL_STEPS`` after ``@``
-(without it, ``--seq-arl`` or the module's); without the option, the module's settings. Prints
+(without it, ``--seq-arl`` or the module's) and optionally ``SEQ_VAR_SUSPECT_MIN_STEPS``
+after a second ``@`` (``0.5@3e6@200``: suspects left out only once the estimate spans 200
+steps; without it, the module's); without the option, the module's settings. Prints
 the benchmark's table, and the per-flag detail with ``--json``.
 """
 
@@ -34,18 +36,23 @@ import straggler_detection as bd  # noqa: E402
 from salamander_operator import stragglers as sg  # noqa: E402
 
 
-Setting = tuple[float | None, float] | None   # (SEQ_VAR_SUSPECT_FRACTION, SEQ_ARL_STEPS); None: the module's
+# (SEQ_VAR_SUSPECT_FRACTION, SEQ_ARL_STEPS, SEQ_VAR_SUSPECT_MIN_STEPS); None: the module's
+Setting = tuple[float | None, float, int] | None
 
 
-def setting_of(text: str) -> tuple[float | None, float]:
-    """``off`` or a fraction, optionally ``@ARL``: (the fraction or None, the ARL)."""
-    fraction, _, arl = text.partition("@")
-    return (None if fraction == "off" else float(fraction)), (float(arl) if arl else sg.SEQ_ARL_STEPS)
+def setting_of(text: str) -> tuple[float | None, float, int]:
+    """``off`` or a fraction, optionally ``@ARL`` and then ``@MIN_STEPS``: (the fraction or None,
+    the ARL, the steps the variance estimate must span before suspects are left out)."""
+    fraction, _, rest = text.partition("@")
+    arl, _, min_steps = rest.partition("@")
+    return ((None if fraction == "off" else float(fraction)), (float(arl) if arl else sg.SEQ_ARL_STEPS),
+            (int(float(min_steps)) if min_steps else sg.SEQ_VAR_SUSPECT_MIN_STEPS))
 
 
-def label_of(setting: tuple[float | None, float]) -> str:
-    fraction, arl = setting
-    return f", var {'all' if fraction is None else f'-{fraction:g}h'} arl {arl:.0e}"
+def label_of(setting: tuple[float | None, float, int]) -> str:
+    fraction, arl, min_steps = setting
+    after = f" from {min_steps}" if fraction is not None and min_steps else ""
+    return f", var {'all' if fraction is None else f'-{fraction:g}h'}{after} arl {arl:.0e}"
 
 
 def _replay_with(job: tuple[bd.Noise, bd.Case, Setting]) -> dict:
@@ -54,7 +61,7 @@ def _replay_with(job: tuple[bd.Noise, bd.Case, Setting]) -> dict:
     setting)."""
     noise, case, setting = job
     if setting is not None:
-        sg.SEQ_VAR_SUSPECT_FRACTION, sg.SEQ_ARL_STEPS = setting
+        sg.SEQ_VAR_SUSPECT_FRACTION, sg.SEQ_ARL_STEPS, sg.SEQ_VAR_SUSPECT_MIN_STEPS = setting
     return bd.replay(noise, case)
 
 
@@ -75,7 +82,7 @@ def main() -> int:
     p.add_argument("--per-step", default="0", help="comma-separated 0/1: replay without / with per-step busy times")
     p.add_argument("--seq-var-suspect", default=None,
                    help="comma-separated: off, or a fraction of h above which a rank is left out of the variance, "
-                        "each optionally @SEQ_ARL_STEPS")
+                        "each optionally @SEQ_ARL_STEPS, then @SEQ_VAR_SUSPECT_MIN_STEPS (0.5@3e6@200)")
     p.add_argument("--seed-offset", type=int, default=0, help="added to every seed (tuning runs apart from reported)")
     p.add_argument("--json", help="write every run's result here")
     a = p.parse_args()

@@ -1065,6 +1065,58 @@ def test_sequential_leaving_suspects_out_keeps_a_healthy_jobs_threshold(seed: in
     assert len(now) == len(before) and max(abs(a / b - 1.0) for a, b in zip(now, before)) < 0.05
 
 
+def _h_and_span_after(busy: Busy, steps: int, n: int = 8) -> list[tuple[float, int]]:
+    """``h`` and the steps the variance estimate spans after every armed observation (as
+    :func:`_h_after`)."""
+    job = Job(n, busy, every=2, medians=True, per_step=True)
+    k, out = sg.seq_drift(POLICY), []
+    for _ in range(steps // 2):
+        job.advance(2)
+        if job.state.seq_var is not None and job.state.seq_var_steps >= sg.SEQ_WARMUP_STEPS:
+            out.append((sg.sequential_threshold(job.state.seq_var, k, n), job.state.seq_var_steps))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sequential_leaves_suspects_out_only_once_the_estimate_spans_min_steps(seed: int,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same slowed job as above (rank 3 10% slower from step 300). While the estimate spans
+    # fewer than SEQ_VAR_SUSPECT_MIN_STEPS steps, every rank counts: h is exactly that of the
+    # default (fraction None); once it spans them, suspects are left out as before
+    onset, until = 300, 340
+    slowed = wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=onset)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)
+    every = _h_and_span_after(slowed, until)
+    assert 200 <= every[len(every) - (until - onset) // 2][1] and every[-1][1] < sg.SEQ_VAR_STEPS
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", 0.5)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_MIN_STEPS", sg.SEQ_VAR_STEPS)   # not reached by step 340
+    assert _h_and_span_after(slowed, until) == every
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_MIN_STEPS", 200)                # reached before the onset
+    healthy = _h_after(wavy(seed=seed, noise=0.1), until)
+    mature = _h_after(slowed, until)
+    assert len(healthy) == len(mature) == len(every)
+    assert max(abs(a / b - 1.0) for a, b in zip(mature, healthy)) < 0.05
+    assert every[-1][0] / healthy[-1] > 1.2
+    # until the estimate spans the steps, the threshold is the default's, step for step
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_MIN_STEPS", 200)
+    early = wavy(seed=seed, noise=0.1, slow={3: 0.10}, onset=100)
+    young = _h_and_span_after(early, 240)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_FRACTION", None)
+    default = _h_and_span_after(early, 240)
+    assert len(young) == len(default)
+    assert [x for x in young if x[1] <= 200] == [x for x in default if x[1] <= 200]
+    assert young != default   # and past them, suspects are left out
+
+
+def test_suspect_min_steps_changes_nothing_while_every_rank_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the defaults: fraction None (every rank counts) and min steps 0; min steps alone is inert
+    assert sg.SEQ_VAR_SUSPECT_FRACTION is None and sg.SEQ_VAR_SUSPECT_MIN_STEPS == 0
+    slowed = wavy(seed=1, noise=0.1, slow={3: 0.10}, onset=300)
+    before = _h_and_span_after(slowed, 340)
+    monkeypatch.setattr(sg, "SEQ_VAR_SUSPECT_MIN_STEPS", 200)
+    assert _h_and_span_after(slowed, 340) == before
+
+
 def test_the_state_with_sequential_statistics_round_trips_through_json() -> None:
     job = Job(6, noisy(noise=0.02, slow={1: 0.2}, onset=100), every=2, per_step=True)
     job.advance(160)

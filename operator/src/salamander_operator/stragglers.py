@@ -241,6 +241,13 @@ SEQ_WARMUP_STEPS = 32
 #: (docs/straggler-cusum.md), 0.5 with ``SEQ_ARL_STEPS`` 3e6 found 10% slowdowns sooner but
 #: added healthy evictions at this machine's raw noise (4 -> 7 in 300 runs of 8 ranks).
 SEQ_VAR_SUSPECT_FRACTION: float | None = None
+#: With :data:`SEQ_VAR_SUSPECT_FRACTION` set, suspects are left out only once the running
+#: variance estimate spans at least this many steps (of :data:`SEQ_VAR_STEPS`): while it is
+#: young, a healthy rank's slow stretch left out of it would not raise its own threshold. 0
+#: (the default): as soon as the test is armed. No effect while the fraction is None. Measured
+#: (docs/straggler-cusum.md): 150 with 0.5 and 3e6 removed 2 of the 3 added healthy evictions,
+#: but early onsets were then found later than with every rank counted, so it stays unused.
+SEQ_VAR_SUSPECT_MIN_STEPS = 0
 #: A rank's statistic is capped at this multiple of the threshold: after a slowdown ends it
 #: drains in at most ``SEQ_CAP * h / k`` steps.
 SEQ_CAP = 2.0
@@ -804,7 +811,8 @@ def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
     running mean over its first :data:`SEQ_VAR_STEPS` steps, then an exponential average of that
     length) from :func:`long_run_variance` over ``persistSteps`` steps, once at least half the
     ranks hold that many (a shorter stretch would miss the noise's autocorrelation). Once armed,
-    with :data:`SEQ_VAR_SUSPECT_FRACTION` set, ranks whose statistic is above that fraction of
+    with :data:`SEQ_VAR_SUSPECT_FRACTION` set and once the estimate spans at least
+    :data:`SEQ_VAR_SUSPECT_MIN_STEPS` steps, ranks whose statistic is above that fraction of
     ``h`` are left out of it (when too few are left, the estimate is kept as it was)."""
     if not SEQUENTIAL or not uses_steps(fresh.values()):
         return {}, state.seq_step, state.seq_var, state.seq_var_steps, None
@@ -823,7 +831,8 @@ def _sequential(state: DetectorState, fresh: Mapping[int, RankTiming],
     seq, step = fold_steps(old, fresh, state.seq_step, policy, cap)
     advanced = 0 if step is None else step - (state.seq_step if state.seq_step is not None else step - 1)
     suspect_above = (SEQ_VAR_SUSPECT_FRACTION * cap / SEQ_CAP
-                     if SEQ_VAR_SUSPECT_FRACTION is not None and cap < math.inf else math.inf)
+                     if SEQ_VAR_SUSPECT_FRACTION is not None and cap < math.inf
+                     and var_steps >= SEQ_VAR_SUSPECT_MIN_STEPS else math.inf)
     estimate = (long_run_variance(seq.values(), max(1, policy.persist_steps), suspect_above)
                 if advanced > 0 else None)
     if estimate is not None and len([x for x in seq.values()
