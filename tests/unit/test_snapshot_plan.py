@@ -205,12 +205,12 @@ def test_more_lost_than_parity_falls_back_to_an_older_complete_step() -> None:
 def test_more_lost_than_parity_falls_back_to_persistent_then_none() -> None:
     holdings = world_of([0, 1, None, None])
     everyone = frozenset(range(4))
-    plan = plan_restore(holdings, {5: (4, everyone), 3: (4, everyone)})
+    plan = plan_restore(holdings, {5: PersistentStep(4, everyone), 3: PersistentStep(4, everyone)})
     assert plan == RestorePlan(step=5, tier="persistent", want={r: r for r in range(4)}, persistent_step=5)
     # A persistent step missing a rank is no use; an older complete one is.
-    plan = plan_restore(holdings, {5: (4, frozenset({0, 1, 2})), 3: (4, everyone)})
+    plan = plan_restore(holdings, {5: PersistentStep(4, frozenset({0, 1, 2})), 3: PersistentStep(4, everyone)})
     assert plan.tier == "persistent" and plan.step == 3
-    assert plan_restore(holdings, {5: (4, frozenset({0, 1, 2}))}).tier == "none"
+    assert plan_restore(holdings, {5: PersistentStep(4, frozenset({0, 1, 2}))}).tier == "none"
     assert plan_restore(holdings) == RestorePlan(step=None, tier="none", want={})
     assert plan_restore(holdings, {}).tier == "none"
 
@@ -218,18 +218,18 @@ def test_more_lost_than_parity_falls_back_to_persistent_then_none() -> None:
 def test_a_newer_persistent_step_wins_over_memory_and_an_equal_one_does_not() -> None:
     holdings = world_of([0, 1, 2, 3])
     everyone = frozenset(range(4))
-    plan = plan_restore(holdings, {30: (4, everyone)})
+    plan = plan_restore(holdings, {30: PersistentStep(4, everyone)})
     assert plan.tier == "persistent" and plan.step == 30 and plan.persistent_step == 30
-    assert plan_restore(holdings, {20: (4, everyone)}).tier == "memory"
-    assert plan_restore(holdings, {15: (4, everyone)}).step == 20
+    assert plan_restore(holdings, {20: PersistentStep(4, everyone)}).tier == "memory"
+    assert plan_restore(holdings, {15: PersistentStep(4, everyone)}).step == 20
     # Persistent between the memory steps: memory at 20 is newer.
     holdings = world_of([0, 1, None, None])   # step 20 and 10 both beyond parity
-    assert plan_restore(holdings, {15: (4, everyone)}).step == 15
+    assert plan_restore(holdings, {15: PersistentStep(4, everyone)}).step == 15
 
 
 def test_a_sharded_persistent_checkpoint_of_another_world_size_is_not_used() -> None:
     """Unmarked copies (written before copies said whether they are sharded) count as sharded."""
-    for copies in ((2, frozenset({0, 1})), PersistentStep(2, frozenset({0, 1}), sharded=True)):
+    for copies in (PersistentStep(2, frozenset({0, 1})), PersistentStep(2, frozenset({0, 1}), sharded=True)):
         assert plan_restore(world_of([0, 1, 2, 3]), {30: copies}).tier == "memory"
         assert plan_restore([Holdings()] * 4, {30: copies}).tier == "none"
 
@@ -249,7 +249,7 @@ def test_a_sharded_snapshot_of_another_world_size_is_not_used_in_memory() -> Non
     # Old world 4 (sharded), new world 2: no rank can take another world's shard.
     holdings = world_of([0, 1], sharded=True)
     assert plan_restore(holdings).tier == "none"
-    plan = plan_restore(holdings, {9: (2, frozenset({0, 1}))})
+    plan = plan_restore(holdings, {9: PersistentStep(2, frozenset({0, 1}))})
     assert plan.tier == "persistent" and plan.step == 9
     # One sharded snapshot among replicated ones taints the step.
     holdings = world_of([0, 1, 2, 3, None])
@@ -293,7 +293,7 @@ def test_a_lost_rank_two_new_ranks_want_is_not_planned_for_one_of_them() -> None
     plan = plan_restore(holdings)
     assert plan.tier == "none"
     check(plan, holdings)
-    assert plan_restore(holdings, {4: (4, frozenset(range(4)))}).tier == "persistent"
+    assert plan_restore(holdings, {4: PersistentStep(4, frozenset(range(4)))}).tier == "persistent"
     # The same loss with one wanting rank (the world kept its size) is rebuilt.
     plan = plan_restore(holdings[:2])
     assert plan.tier == "peers" and [r.dests for r in plan.rebuilds] == [{0: 0}]
@@ -365,7 +365,7 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         return
     assert set(plan.want) == set(range(world))
     if plan.tier == "persistent":
-        copies = PersistentStep(*(persistent or {})[plan.step])
+        copies = (persistent or {})[plan.step]
         assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
         assert plan.want == {r: r % copies.world for r in range(world)}
         assert copies.world == world or not copies.sharded
@@ -375,7 +375,7 @@ def check(plan: RestorePlan, holdings: list[Holdings],
     assert step in steps
     assert not any(_trivially_restorable(holdings, s) for s in steps if s > step)
     usable = [p for p, c in (persistent or {}).items()
-              if set(range(c[0])) <= c[1] and (c[0] == world or not PersistentStep(*c).sharded)]
+              if set(range(c.world)) <= c.ranks and (c.world == world or not c.sharded)]
     assert all(p <= step for p in usable)
     sources: Counter[int] = Counter()
     for r, slot in plan.local.items():

@@ -23,7 +23,7 @@ import io
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,13 +189,23 @@ def copy_tensors(pending: Pending, buffer: memoryview, length: int | None = None
     return _copy(ordered, target, length, landed)
 
 
-def _raw(tensor: torch.Tensor) -> np.ndarray:
-    source = tensor
-    if source.device.type != "cpu":
-        source = source.cpu()
-    if not source.is_contiguous():
-        source = source.contiguous()
-    return source.reshape(-1).view(torch.uint8).numpy()
+def _parts(ordered: Pending, target: np.ndarray, length: int | None) -> Iterator[tuple[np.ndarray, int | None]]:
+    """The payload's bytes in order, as ``(part, at)``: a ``CHUNK``-sized piece of a pending
+    tensor's source and the offset its copy goes to, or (with ``length``) bytes already in
+    place in ``target`` (the skeleton, gaps, the tail) with ``at`` None. Lazy: a device tensor
+    comes to the host only when its first piece is reached."""
+    done = 0
+    for tensor, ref in ordered:
+        if not (tensor.device.type == "cpu" and tensor.is_contiguous()):
+            tensor = tensor.cpu().contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        if length is not None and ref.offset > done:
+            yield target[done:ref.offset], None
+        for start in range(0, ref.nbytes, CHUNK):
+            yield raw[start:start + CHUNK], ref.offset + start
+        done = ref.offset + ref.nbytes
+    if length is not None and length > done:
+        yield target[done:length], None
 
 
 def _copy(ordered: Pending, target: np.ndarray, length: int | None,
@@ -203,50 +213,29 @@ def _copy(ordered: Pending, target: np.ndarray, length: int | None,
     """:func:`copy_tensors` on the calling thread alone."""
     from salamander_worker.snapshot.region import checksum_update  # region imports nothing of ours
 
-    crc, done = 0, 0
-    for tensor, ref in ordered:
-        raw = _raw(tensor)
-        if length is not None and ref.offset > done:
-            crc = checksum_update(target[done:ref.offset], crc)
-        for start in range(0, ref.nbytes, CHUNK):
-            piece = raw[start:start + CHUNK]
-            if length is not None:
-                crc = checksum_update(piece, crc)
-            np.copyto(target[ref.offset + start:ref.offset + start + len(piece)], piece)
+    crc = 0
+    for part, at in _parts(ordered, target, length):
+        if length is not None:
+            crc = checksum_update(part, crc)
+        if at is not None:
+            np.copyto(target[at:at + len(part)], part)
             if landed is not None:
-                landed(ref.offset + start + len(piece))
-        done = ref.offset + ref.nbytes
-    if length is None:
-        return None
-    if length > done:
-        crc = checksum_update(target[done:length], crc)
-    return crc
+                landed(at + len(part))
+    return crc if length is not None else None
 
 
 def _copy_with_crc_ahead(ordered: Pending, target: np.ndarray, length: int,
                          landed: Callable[[int], None] | None) -> int:
-    """:func:`copy_tensors` with the crc on a :class:`.running_crc.RunningChecksum`: the parts
-    it checksums are the payload's bytes in order (the bytes already in place from ``target``,
-    the tensors' from their source pieces), and the copy of each piece waits until the crc has
-    read it."""
+    """:func:`copy_tensors` with the crc on a :class:`.running_crc.RunningChecksum` over the
+    payload's parts (:func:`_parts`); the copy of each piece waits until the crc has read it."""
     from salamander_worker.snapshot.running_crc import RunningChecksum
 
-    parts: list[np.ndarray] = []
-    copies: list[tuple[int, np.ndarray, int]] = []    # (index in parts, source piece, where it goes)
-    done = 0
-    for tensor, ref in ordered:
-        raw = _raw(tensor)
-        if ref.offset > done:
-            parts.append(target[done:ref.offset])
-        for start in range(0, ref.nbytes, CHUNK):
-            copies.append((len(parts), raw[start:start + CHUNK], ref.offset + start))
-            parts.append(copies[-1][1])
-        done = ref.offset + ref.nbytes
-    if length > done:
-        parts.append(target[done:length])
-    crc = RunningChecksum(parts)
+    parts = list(_parts(ordered, target, length))
+    crc = RunningChecksum([part for part, _ in parts])
     try:
-        for index, piece, at in copies:
+        for index, (piece, at) in enumerate(parts):
+            if at is None:
+                continue
             crc.consumed(index)     # and the parts before it that are not copied (the gaps)
             crc.wait_for(index)
             np.copyto(target[at:at + len(piece)], piece)

@@ -205,8 +205,7 @@ class PersistentStep(NamedTuple):
 
 def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None) -> RestorePlan:
     """The plan for a world of ``len(holdings)`` ranks; ``holdings[q]`` is what new rank ``q``
-    holds. ``persistent`` maps each persistent step to its :class:`PersistentStep` (a plain
-    ``(world, ranks)`` or ``(world, ranks, sharded)`` tuple is taken as one)."""
+    holds. ``persistent`` maps each persistent step to its :class:`PersistentStep`."""
     world = len(holdings)
     steps = sorted({d.step for h in holdings for d in h.data}, reverse=True)
     best_persistent = _best_persistent(world, persistent or {})
@@ -224,7 +223,7 @@ def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep]
 
 def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> tuple[int, dict[int, int]] | None:
     for step in sorted(persistent, reverse=True):
-        copies = PersistentStep(*persistent[step])
+        copies = persistent[step]
         if set(range(copies.world)) - set(copies.ranks):
             continue
         want = _want(world, copies.world, sharded=copies.sharded)

@@ -523,7 +523,7 @@ class Snapshotter:
         mark("verify")
         if plan.tier == "none" and persistent and self.rank == 0:
             log.warning("no snapshot to restore into a world of %s ranks; persistent copies not usable: %s",
-                        self.world, "; ".join(_unusable(step, PersistentStep(*c), self.world)
+                        self.world, "; ".join(_unusable(step, c, self.world)
                                               for step, c in sorted(persistent.items())))
         step, data, buffer = 0, None, None
         if plan.step is not None:
