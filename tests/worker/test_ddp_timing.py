@@ -53,6 +53,10 @@ RANK = textwrap.dedent(f"""
             optimizer.step()
         sw.report(step, loss=loss.item())
     sw.flush()  # writes the timing file now, whatever the throttle
+    # Free DDP's reducer (and the gloo work it holds) while the interpreter is fully alive:
+    # gloo threads left holding tensors at finalization can abort the process (SIGABRT,
+    # "terminate called without an active exception"; pytorch/pytorch#179291), as seen once in CI.
+    del model, optimizer, loss
     dist.destroy_process_group()
 """)
 
