@@ -90,7 +90,7 @@ def test_a_captured_state_applied_to_fresh_objects_continues_training_bitwise() 
     at_capture = params(live)
     optim_at_capture = snapshot(live.optimizer.state_dict())
     sched_at_capture = dict(live.scheduler.state_dict())
-    assert saved["step"] == 3 and set(saved) == {"step", "model", "optimizer", "scheduler", "rng", "data"}
+    assert saved["step"] == 3 and set(saved) == {"step", "model", "optimizer", "scheduler", "rng", "data", "zero"}
     expected = train(live, 3)        # the run as it would have gone on
 
     seed_all(99)                     # a fresh process: other weights, other RNG streams

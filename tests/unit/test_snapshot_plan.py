@@ -206,7 +206,8 @@ def test_more_lost_than_parity_falls_back_to_persistent_then_none() -> None:
     holdings = world_of([0, 1, None, None])
     everyone = frozenset(range(4))
     plan = plan_restore(holdings, {5: PersistentStep(4, everyone), 3: PersistentStep(4, everyone)})
-    assert plan == RestorePlan(step=5, tier="persistent", want={r: r for r in range(4)}, persistent_step=5)
+    assert plan == RestorePlan(step=5, tier="persistent", want={r: r for r in range(4)}, persistent_step=5,
+                               old_world=4, sharded=True)
     # A persistent step missing a rank is no use; an older complete one is.
     plan = plan_restore(holdings, {5: PersistentStep(4, frozenset({0, 1, 2})), 3: PersistentStep(4, everyone)})
     assert plan.tier == "persistent" and plan.step == 3
@@ -237,12 +238,29 @@ def test_a_sharded_persistent_checkpoint_of_another_world_size_is_not_used() -> 
 def test_a_replicated_persistent_checkpoint_loads_into_a_world_of_another_size() -> None:
     """Every replicated copy holds the whole state: new rank r loads old rank r % old world's."""
     grown = plan_restore([Holdings()] * 4, {30: PersistentStep(2, frozenset({0, 1}), sharded=False)})
-    assert grown == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 0, 3: 1}, persistent_step=30)
+    assert grown == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 0, 3: 1}, persistent_step=30,
+                                old_world=2)
     shrunk = plan_restore([Holdings()] * 2, {30: PersistentStep(3, frozenset({0, 1, 2}), sharded=False)})
     assert shrunk.tier == "persistent" and shrunk.want == {0: 0, 1: 1}
     # Still only a complete step, and still only when no in-memory step is as new.
     assert plan_restore([Holdings()] * 2, {30: PersistentStep(3, frozenset({0, 1}), sharded=False)}).tier == "none"
     assert plan_restore(world_of([0, 1, 2, 3]), {10: PersistentStep(2, frozenset({0, 1}), False)}).tier == "memory"
+
+
+def test_zero_shards_with_their_layout_are_resharded_into_a_world_of_another_size() -> None:
+    """Persistent ZeRO copies that record their layout load into any world size: new rank r
+    takes old rank r % old world's model, RNG and data position, and every rank's optimizer
+    shard is put together from the old ranks' (the plan says ``reshard``); FSDP's do not."""
+    zero = PersistentStep(4, frozenset(range(4)), sharded=True, zero=True)
+    shrunk = plan_restore([Holdings()] * 3, {30: zero})
+    assert shrunk == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 2}, persistent_step=30,
+                                 old_world=4, sharded=True, reshard=True)
+    assert plan_restore([Holdings()] * 5, {30: zero}).want == {0: 0, 1: 1, 2: 2, 3: 3, 4: 0}
+    # The same world needs no resharding; an incomplete step is still not used.
+    assert not plan_restore([Holdings()] * 4, {30: zero}).reshard
+    assert plan_restore([Holdings()] * 3, {30: zero._replace(ranks=frozenset({0, 1, 2}))}).tier == "none"
+    # A newer in-memory step of the new world wins.
+    assert plan_restore(world_of([0, 1, 2], steps=(40,), world=3, k=3, sharded=True), {30: zero}).tier == "memory"
 
 
 def test_a_sharded_snapshot_of_another_world_size_is_not_used_in_memory() -> None:
@@ -368,7 +386,9 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         copies = (persistent or {})[plan.step]
         assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
         assert plan.want == {r: r % copies.world for r in range(world)}
-        assert copies.world == world or not copies.sharded
+        assert plan.old_world == copies.world and plan.sharded == copies.sharded
+        assert plan.reshard == (copies.world != world and copies.sharded and copies.zero)
+        assert copies.world == world or not copies.sharded or plan.reshard
         assert not any(_trivially_restorable(holdings, s) for s in steps if s >= plan.step)
         return
     step = plan.step
@@ -427,7 +447,8 @@ def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, PersistentStep]]:
                          for i, s in enumerate(steps) if s in kept_parity) if mine else ()))
     persistent = draw(st.dictionaries(st.sampled_from([5, 15, 25]), st.builds(
         PersistentStep, st.sampled_from([old_world, new_world]),
-        st.sampled_from([frozenset(range(old_world)), frozenset({0})]), st.booleans()), max_size=2))
+        st.sampled_from([frozenset(range(old_world)), frozenset({0})]), st.booleans(), st.booleans()),
+        max_size=2))
     return holdings, persistent
 
 

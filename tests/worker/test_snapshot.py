@@ -254,22 +254,49 @@ def test_sigterm_flushes_the_newest_snapshot_to_the_persistent_location(nodes: l
         assert (persist / "snapshots" / "step-0000000006" / f"rank-{rank:05d}" / ".metadata").is_file()
 
 
-@pytest.mark.parametrize("zero", [False, True])
-def test_a_persistent_copy_restores_into_a_world_of_another_size_only_when_replicated(
-        nodes: list[Path], tmp_path: Path, zero: bool) -> None:
+def test_a_replicated_persistent_copy_restores_into_a_world_of_another_size(nodes: list[Path],
+                                                                           tmp_path: Path) -> None:
     """Every node is lost (the job comes back on 3 new nodes instead of 2): replicated copies
-    load into the bigger world, new rank r taking old rank r % 2's; ZeRO shards cannot."""
+    load into the bigger world, new rank r taking old rank r % 2's."""
     persist = tmp_path / "persist"
-    sharding = ["--zero"] if zero else []
-    _launch("train", 2, nodes, tmp_path, *sharding, "--k", "2", "--steps", "6", "--persist", str(persist),
-            "--persist-every", "1")
+    _launch("train", 2, nodes, tmp_path, "--k", "2", "--steps", "6", "--persist", str(persist), "--persist-every", "1")
     for node in nodes:
         shutil.rmtree(node)
         node.mkdir()
-    _launch("restore", 3, nodes, tmp_path, *sharding, "--k", "2", "--persist", str(persist), "--persist-every", "1")
-    if zero:
-        for rank in range(3):
-            restored = torch.load(tmp_path / f"restored-{rank}.pt", weights_only=False)
-            assert (restored["tier"], restored["step"]) == ("none", 0)
-    else:
-        _check_restored(tmp_path, 3, "persistent", want={0: 0, 1: 1, 2: 0})
+    _launch("restore", 3, nodes, tmp_path, "--k", "2", "--persist", str(persist), "--persist-every", "1")
+    _check_restored(tmp_path, 3, "persistent", want={0: 0, 1: 1, 2: 0})
+
+
+@pytest.mark.parametrize(("old_world", "new_world"), [(2, 3), (3, 2)])
+def test_zero_shards_are_resharded_bitwise_into_a_world_of_another_size(nodes: list[Path], tmp_path: Path,
+                                                                        old_world: int, new_world: int) -> None:
+    """ZeRO gives each rank the optimizer state of a partition that depends on the world size.
+    The job comes back with another number of ranks (the old world's memory is of no use to
+    it: its shards are cut for the old size). Each new rank restores from the persistent copies:
+    old rank r % old world's model, RNG and data position, and for every parameter of its new
+    partition exactly the optimizer state that parameter had, from whichever old rank held it."""
+    persist = tmp_path / "persist"
+    _launch("train", old_world, nodes, tmp_path, "--zero", "--k", str(old_world), "--steps", "6",
+            "--persist", str(persist), "--persist-every", "1")
+    _launch("restore", new_world, nodes, tmp_path, "--zero", "--k", str(new_world), "--persist", str(persist),
+            "--persist-every", "1")
+    old = [torch.load(tmp_path / f"expected-{r}.pt", weights_only=False) for r in range(old_world)]
+    by_index = {index: tree["state"]["optimizer"]["state"][local]
+                for tree in old for local, index in enumerate(tree["state"]["zero"]["params"])}
+    covered = []
+    for rank in range(new_world):
+        restored = torch.load(tmp_path / f"restored-{rank}.pt", weights_only=False)
+        base = old[rank % old_world]
+        assert (restored["tier"], restored["step"], restored["data"]) == ("persistent", 6, base["data"])
+        state, expected = restored["state"], base["state"]
+        for key in ("model", "scheduler", "rng", "step"):
+            _assert_same(expected[key], state[key], key)
+        params = state["zero"]["params"]
+        covered += params
+        assert set(state["optimizer"]["state"]) == set(range(len(params)))
+        for local, index in enumerate(params):
+            _assert_same(by_index[index], state["optimizer"]["state"][local], f"parameter {index}")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer"]["param_groups"]]
+        assert groups == [{k: v for k, v in g.items() if k != "params"}
+                          for g in expected["optimizer"]["param_groups"]]
+    assert sorted(covered) == sorted(by_index)   # every parameter is on exactly one new rank

@@ -1,11 +1,13 @@
 """What a snapshot holds: a training run's whole state as one tree, and putting it back.
 
-The tree is ``{"step", "model", "optimizer", "scheduler", "rng", "data"}``:
+The tree is ``{"step", "model", "optimizer", "scheduler", "rng", "data", "zero"}``:
 
 * ``model`` and ``optimizer`` come from torch's ``get_state_dict`` (parameter names without
   DDP's ``module.`` prefix; FSDP parameters and their optimizer state as DTensors, of which the
   payload keeps this rank's local shard). A :class:`ZeroRedundancyOptimizer` contributes its
-  local partition (``optimizer.optim``), the unique shard this rank holds.
+  local partition (``optimizer.optim``), the unique shard this rank holds, and ``zero``
+  records which parameters that is (:func:`zero_groups`), so that :mod:`.reshard` can put the
+  shards of a world of another size together; ``zero`` is None for any other optimizer.
 * ``rng`` holds Python's, numpy's, torch's CPU and (when CUDA is initialised) every CUDA
   device's generator state.
 * ``data`` is whatever the caller passes as the data-loader position (plain values or a
@@ -85,10 +87,23 @@ def _model_and_optimizer(trainee: Trainee) -> tuple[dict[str, Any], Any]:
     return trainee.state_dicts(trainee.model, trainee.optimizer)
 
 
+def zero_groups(trainee: Trainee) -> list[list[int]] | None:
+    """For a ZeRO optimizer, the global index of each parameter in its local partition, group
+    by group, in the order of the local optimizer's ``state_dict``; None for any other. A
+    parameter's global index is its position in the ZeRO optimizer's ``param_groups``,
+    flattened: the same in a world of any size."""
+    zero = trainee.optimizer
+    if not isinstance(zero, ZeroRedundancyOptimizer):
+        return None
+    index = {id(p): i for i, p in enumerate(p for group in zero.param_groups for p in group["params"])}
+    return [[index[id(p)] for p in group["params"]] for group in zero.optim.param_groups]
+
+
 def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:
     """The state tree after ``step`` completed optimizer steps. Tensors are live (not copied):
     write the tree out before training changes them."""
     model_state, optim_state = _model_and_optimizer(trainee)
+    zero = zero_groups(trainee)
     return {
         "step": step,
         "model": model_state,
@@ -96,6 +111,7 @@ def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:
         "scheduler": trainee.scheduler.state_dict() if trainee.scheduler is not None else None,
         "rng": rng_state(),
         "data": data,
+        "zero": None if zero is None else {"params": [i for group in zero for i in group]},
     }
 
 
@@ -110,6 +126,11 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
         raise CaptureError("snapshot RNG state lacks one of python, numpy, torch")
     if trainee.scheduler is not None and tree.get("scheduler") is None:
         raise CaptureError("snapshot has no LR scheduler state but a scheduler was given")
+    zero = zero_groups(trainee)
+    saved = tree.get("zero")
+    if zero is not None and isinstance(saved, dict) and saved.get("params") != [i for g in zero for i in g]:
+        raise CaptureError("snapshot's ZeRO shard holds other parameters than this rank's partition "
+                           "(a world of another size took it: reshard it first)")
     # Check everything first, then change anything: a mismatch found halfway through must not
     # leave the live objects half overwritten.
     model_live, optim_live = _model_and_optimizer(trainee)

@@ -4,7 +4,8 @@ Every rank writes its own snapshot payload, independently (no collective, so a r
 being evicted can flush alone)::
 
     <directory>/snapshots/step-0000000040/rank-00003/   a DCP checkpoint: .metadata, *.distcp
-        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "sharded", "checksum", "algorithm"}}
+        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "sharded", "checksum", "algorithm"},
+         "zero": int64 tensor (only for ZeRO shards: the global parameter indices the shard holds)}
 
 A rank directory is complete once DCP has written its ``.metadata`` (DCP writes it last); a
 step is usable when every rank of its world has a complete directory. Each rank keeps its two
@@ -13,7 +14,8 @@ newest complete steps and deletes its older directories (and any step directory 
 (``"crc32"``, :data:`.region.ALGORITHM`); copies written before it was recorded carry a CRC-32C
 and are checked with the ``crc32c`` package, so they stay readable. ``sharded`` says whether each
 rank's payload holds only its shard of the state (ZeRO, FSDP); copies without it count as sharded,
-so the planner never loads them into a world of another size.
+so the planner never loads them into a world of another size, unless they are ZeRO shards
+that record their ``zero`` layout: those are put together for the new world (:mod:`.reshard`).
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ class Persister:
     def path(self, step: int, rank: int) -> Path:
         return self.root / f"step-{step:010d}" / f"rank-{rank:05d}"
 
-    def save(self, step: int, rank: int, world: int, view: memoryview, crc: int, *, sharded: bool) -> Path:
+    def save(self, step: int, rank: int, world: int, view: memoryview, crc: int, *, sharded: bool,
+             zero: list[int] | None = None) -> Path:
         """Write ``view`` (the payload of old rank ``rank`` at ``step``, of a world of ``world``
-        ranks; ``sharded`` when it holds only this rank's shard) and prune old copies."""
+        ranks; ``sharded`` when it holds only this rank's shard; ``zero`` the global indices of
+        the parameters a ZeRO shard holds) and prune old copies."""
         path = self.path(step, rank)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
@@ -71,6 +75,8 @@ class Persister:
                      torch.empty(0, dtype=torch.uint8),
                      "meta": {"step": step, "rank": rank, "world": world, "sharded": sharded, "checksum": crc,
                               "algorithm": ALGORITHM}}
+            if zero is not None:
+                state["zero"] = torch.tensor(zero, dtype=torch.int64)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dcp.save(state, checkpoint_id=path, no_dist=True)
@@ -130,8 +136,26 @@ class Persister:
                 meta = _read_meta(ranks[min(ranks)])
             except Exception:  # noqa: BLE001 - an unreadable copy is not offered
                 continue
-            result[step] = PersistentStep(int(meta["world"]), frozenset(ranks), bool(meta.get("sharded", True)))
+            result[step] = PersistentStep(int(meta["world"]), frozenset(ranks), bool(meta.get("sharded", True)),
+                                          zero=bool(meta["zero"]))
         return result
+
+    def zero_params(self, step: int, rank: int) -> list[int]:
+        """The global parameter indices old rank ``rank``'s ZeRO shard at ``step`` holds."""
+        path = self.path(step, rank)
+        try:
+            keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            if "zero" not in keys:
+                raise PersistError(f"persistent snapshot {path} records no ZeRO shard layout")
+            state = {"zero": torch.empty(keys["zero"].size, dtype=torch.int64)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, checkpoint_id=path, no_dist=True)
+        except PersistError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
+            raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
+        return [int(i) for i in state["zero"].tolist()]
 
     def load(self, step: int, rank: int) -> np.ndarray:
         """The payload old rank ``rank`` persisted at ``step``, checked against its checksum."""
@@ -156,8 +180,9 @@ _LATER = {"sharded": True, "algorithm": ""}
 
 
 def _read(path: Path, *, payload: bool) -> dict[str, Any]:
-    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, and with
-    ``payload`` its bytes as ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
+    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, plus ``zero``
+    (whether it records a ZeRO shard layout), and with ``payload`` its bytes as
+    ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {"meta": {**_META, **{k: v for k, v in _LATER.items() if f"meta.{k}" in keys}}}
     if payload:
@@ -165,6 +190,7 @@ def _read(path: Path, *, payload: bool) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=path, no_dist=True)
+    state["meta"]["zero"] = "zero" in keys   # whether the copy records a ZeRO shard layout
     return state
 
 

@@ -8,8 +8,10 @@ Restore invariants:
 * The plan names one step ``S`` for the whole world; every rank resumes from ``S`` or the
   plan's tier is ``"none"`` (start from scratch). ``S`` is the newest step every rank reaches.
 * New rank ``r`` restores the state old rank ``want(r)`` had: ``r`` itself when the world has
-  the same size; when it changed, only a replicated (not sharded) snapshot can be used, and
-  rank ``r`` takes old rank ``r % old_world``.
+  the same size; when it changed, rank ``r`` takes old rank ``r % old_world``, and only a
+  replicated (not sharded) snapshot can be used, or a persistent copy of ZeRO shards, which
+  the plan marks ``reshard``: each rank then also reads the old ranks that held its new shard
+  (:mod:`.reshard`).
 * Sources, nearest first: the rank's own memory; a copy from the process that holds it (after a
   re-rendezvous ranks may move between nodes); a rebuild from its erasure-coding group, which
   needs at most ``m`` members of the group lost at ``S``; a persistent checkpoint, only when
@@ -157,8 +159,9 @@ class RestorePlan:
     copies: tuple[Copy, ...] = ()
     rebuilds: tuple[Rebuild, ...] = ()
     persistent_step: int | None = None
-    old_world: int | None = None               # the world that took the in-memory snapshot
+    old_world: int | None = None               # the world that took the snapshot
     sharded: bool = False                      # whether that snapshot is sharded (ZeRO, FSDP)
+    reshard: bool = False                      # ZeRO shards from a world of another size
 
     def reads(self, rank: int) -> list[tuple[str, int]]:
         """The slots new rank ``rank`` reads from its own files when it executes this plan,
@@ -196,11 +199,13 @@ def _want(new_world: int, old_world: int, sharded: bool) -> dict[int, int] | Non
 
 class PersistentStep(NamedTuple):
     """A step's persistent copies: the world that wrote them, the old ranks whose copy is
-    complete, and whether each holds only its rank's shard (unknown counts as sharded)."""
+    complete, whether each holds only its rank's shard (unknown counts as sharded), and
+    whether the shards are ZeRO's with their layout recorded (so they can be resharded)."""
 
     world: int
     ranks: frozenset[int]
     sharded: bool = True
+    zero: bool = False
 
 
 def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None) -> RestorePlan:
@@ -210,25 +215,26 @@ def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep]
     steps = sorted({d.step for h in holdings for d in h.data}, reverse=True)
     best_persistent = _best_persistent(world, persistent or {})
     for step in steps:
-        if best_persistent is not None and best_persistent[0] > step:
+        if best_persistent is not None and best_persistent.step is not None and best_persistent.step > step:
             break
         plan = _plan_step(holdings, step)
         if plan is not None:
             return plan
     if best_persistent is not None:
-        return RestorePlan(step=best_persistent[0], tier="persistent", want=best_persistent[1],
-                           persistent_step=best_persistent[0])
+        return best_persistent
     return RestorePlan(step=None, tier="none", want={})
 
 
-def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> tuple[int, dict[int, int]] | None:
+def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> RestorePlan | None:
     for step in sorted(persistent, reverse=True):
         copies = persistent[step]
         if set(range(copies.world)) - set(copies.ranks):
             continue
-        want = _want(world, copies.world, sharded=copies.sharded)
+        reshard = copies.sharded and copies.zero and copies.world != world
+        want = _want(world, copies.world, sharded=copies.sharded and not reshard)
         if want is not None:
-            return step, want
+            return RestorePlan(step=step, tier="persistent", want=want, persistent_step=step,
+                               old_world=copies.world, sharded=copies.sharded, reshard=reshard)
     return None
 
 

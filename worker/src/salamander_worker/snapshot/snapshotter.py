@@ -63,8 +63,8 @@ import torch.distributed as dist
 
 from salamander import wire
 from salamander_worker import progress, telemetry
-from salamander_worker.snapshot import erasure, exchange, payload, persist, pool
-from salamander_worker.snapshot.capture import Trainee, apply, capture
+from salamander_worker.snapshot import erasure, exchange, payload, persist, pool, reshard
+from salamander_worker.snapshot.capture import Trainee, apply, capture, zero_groups
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, PersistentStep, Rebuild,
                                              RestorePlan, ec_groups, plan_restore)
@@ -466,8 +466,10 @@ class Snapshotter:
         assert self._persister is not None and self._data is not None
         record = committed.record
         view = self._data.payload(committed.slot)[:record["length"]]
+        zero = zero_groups(self.trainee) if record.get("world") == self.world else None
         self._persister.save(record["step"], self.rank, self.world, view, record["checksum"],
-                             sharded=bool(record.get("sharded", True)))
+                             sharded=bool(record.get("sharded", True)),
+                             zero=None if zero is None else [i for group in zero for i in group])
         self.stats.persisted_step = record["step"]
 
     def _flush_for_termination(self) -> None:
@@ -525,10 +527,11 @@ class Snapshotter:
             log.warning("no snapshot to restore into a world of %s ranks; persistent copies not usable: %s",
                         self.world, "; ".join(_unusable(step, c, self.world)
                                               for step, c in sorted(persistent.items())))
-        step, data, buffer = 0, None, None
+        step, data = 0, None
         if plan.step is not None:
+            tree = None
             try:
-                buffer = self._execute(plan) if plan.tier != "persistent" else self._load_persistent(plan)
+                tree = self._fetch(plan)
                 ok = True
             except (SnapshotError, payload.PayloadError, RuntimeError, erasure.ErasureError) as exc:
                 log.warning("restoring step %s from %s failed on rank %s: %s", plan.step, plan.tier, self.rank, exc)
@@ -537,11 +540,9 @@ class Snapshotter:
                 if plan.tier == "persistent":
                     raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
                 plan = plan_restore([Holdings() for _ in everyone], persistent)  # the next tier
-                buffer = self._load_persistent(plan) if plan.step is not None else None
+                tree = self._fetch(plan) if plan.step is not None else None
             mark("transfer")
-            if buffer is not None:
-                tree = payload.read(buffer, copy=False)   # views: apply copies into live tensors
-                mark("decode")
+            if tree is not None:
                 step, data = apply(self.trainee, tree)
                 mark("apply")
                 if step != plan.step:
@@ -828,9 +829,39 @@ class Snapshotter:
             mine = rebuilt
         return mine
 
-    def _load_persistent(self, plan: RestorePlan) -> np.ndarray | None:
+    def _fetch(self, plan: RestorePlan) -> Any:
+        """This rank's state tree under ``plan`` (its tensors may be views of snapshot memory,
+        which :func:`.capture.apply` copies from), or None when the plan gives it no payload."""
+        if plan.tier == "persistent":
+            return self._load_persistent(plan)
+        buffer = self._execute(plan)
+        if buffer is None:
+            return None
+        with self._timed("transfer.decode"):
+            return payload.read(buffer, copy=False)
+
+    def _load_persistent(self, plan: RestorePlan) -> Any:
+        """The tree of old rank ``want[rank]``'s persistent copy; for a ``reshard`` plan, put
+        together with the optimizer shards of every old rank that held one of this rank's
+        parameters (each copy checked against its checksum as it is read)."""
         assert self._persister is not None and plan.step is not None
-        return self._persister.load(plan.step, plan.want[self.rank])
+        base_rank = plan.want[self.rank]
+        with self._timed("transfer.load"):
+            base = payload.read(self._persister.load(plan.step, base_rank), copy=False)
+        if not plan.reshard:
+            return base
+        live = zero_groups(self.trainee)
+        if live is None or plan.old_world is None:
+            raise SnapshotError(f"the persistent snapshot of step {plan.step} holds ZeRO shards; "
+                                "this trainee's optimizer is not a ZeroRedundancyOptimizer")
+        with self._timed("transfer.layout"):
+            layouts = {old: self._persister.zero_params(plan.step, old) for old in range(plan.old_world)}
+        trees = {base_rank: base}
+        with self._timed("transfer.load"):
+            for old in reshard.sources_needed(live, layouts):
+                if old not in trees:
+                    trees[old] = payload.read(self._persister.load(plan.step, old), copy=False)
+        return reshard.merge(base, trees, live)
 
 
 def _unusable(step: int, copies: PersistentStep, world: int) -> str:
@@ -838,6 +869,7 @@ def _unusable(step: int, copies: PersistentStep, world: int) -> str:
     missing = sorted(set(range(copies.world)) - copies.ranks)
     if missing:
         return f"step {step}: ranks {missing} of its {copies.world} have no complete copy"
-    if copies.world != world and copies.sharded:
-        return f"step {step}: sharded over {copies.world} ranks (or written before copies said whether they are)"
+    if copies.world != world and copies.sharded and not copies.zero:
+        return (f"step {step}: sharded over {copies.world} ranks by FSDP, or by ZeRO before copies recorded "
+                "the shard layout (only ZeRO shards with it are resharded)")
     return f"step {step}: failed its checks"

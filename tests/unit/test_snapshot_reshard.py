@@ -1,0 +1,112 @@
+"""Putting ZeRO optimizer shards saved by a world of one size together for another (pure)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from salamander_worker.snapshot.capture import CaptureError
+from salamander_worker.snapshot.reshard import ReshardError, merge, shard_indices, sources_needed
+
+GROUP = {"lr": 0.01, "betas": (0.9, 0.999), "weight_decay": 0.01}
+
+
+def state_of(index: int) -> dict:
+    """The Adam state global parameter ``index`` would have: distinct values per parameter."""
+    return {"step": torch.tensor(float(index)), "exp_avg": torch.full((2,), float(index)),
+            "exp_avg_sq": torch.full((2,), float(index) / 10)}
+
+
+def tree_of(rank: int, groups: list[list[int]], *, stepped: bool = True) -> dict:
+    """The snapshot tree old rank ``rank`` takes when its local optimizer holds ``groups``."""
+    flat = [i for g in groups for i in g]
+    local_groups, start = [], 0
+    for g in groups:
+        local_groups.append({**GROUP, "params": list(range(start, start + len(g)))})
+        start += len(g)
+    return {"step": 7, "model": {"w": torch.ones(3)}, "scheduler": {"last_epoch": 7}, "rng": {"rank": rank},
+            "data": {"index": 70 + rank},
+            "optimizer": {"state": {local: state_of(i) for local, i in enumerate(flat)} if stepped else {},
+                          "param_groups": local_groups},
+            "zero": {"params": flat}}
+
+
+OLD = {0: [[0, 3], [5]], 1: [[1], [4, 6]], 2: [[2], []]}   # 7 parameters, 2 groups, world 3
+OLD_LOCAL = {i: [j for g in OLD[r] for j in g].index(i) for r in OLD for g in OLD[r] for i in g}
+
+
+def test_a_new_rank_gets_the_state_of_its_own_parameters_from_whichever_old_rank_held_them() -> None:
+    trees = {rank: tree_of(rank, groups) for rank, groups in OLD.items()}
+    merged = merge(trees[1], trees, [[0, 2], [6]])
+    assert merged["zero"] == {"params": [0, 2, 6]}
+    assert [g["params"] for g in merged["optimizer"]["param_groups"]] == [[0, 1], [2]]
+    assert all(g["lr"] == 0.01 for g in merged["optimizer"]["param_groups"])
+    for local, index in enumerate([0, 2, 6]):
+        assert merged["optimizer"]["state"][local] is trees[{0: 0, 2: 2, 6: 1}[index]]["optimizer"]["state"][
+            OLD_LOCAL[index]]
+    # Everything else is the base tree's: model, RNG, data position, scheduler, step.
+    assert merged["rng"] == {"rank": 1} and merged["data"] == {"index": 71} and merged["step"] == 7
+    assert merged["model"] is trees[1]["model"]
+
+
+
+def test_only_the_old_ranks_holding_a_new_ranks_parameters_are_read() -> None:
+    layouts = {rank: [i for g in groups for i in g] for rank, groups in OLD.items()}
+    assert sources_needed([[0, 3], [5]], layouts) == [0]
+    assert sources_needed([[0, 2], [6]], layouts) == [0, 1, 2]
+    assert sources_needed([[], []], layouts) == []
+    with pytest.raises(ReshardError, match=r"parameters \[9\]"):
+        sources_needed([[9], []], layouts)
+
+
+def test_an_optimizer_that_never_stepped_merges_into_empty_state() -> None:
+    trees = {rank: tree_of(rank, groups, stepped=False) for rank, groups in OLD.items()}
+    merged = merge(trees[0], trees, [[0, 1, 2, 3], [4, 5, 6]])
+    assert merged["optimizer"]["state"] == {}
+    assert [g["params"] for g in merged["optimizer"]["param_groups"]] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def test_bad_inputs_are_refused_by_name_and_are_capture_errors() -> None:
+    trees = {rank: tree_of(rank, groups) for rank, groups in OLD.items()}
+    with pytest.raises(ReshardError, match=r"parameters \[2\]"):
+        merge(trees[0], {0: trees[0], 1: trees[1]}, [[0, 2], [6]])   # old rank 2 not given
+    with pytest.raises(ReshardError, match="2 parameter groups; the live one has 1"):
+        merge(trees[0], trees, [[0, 1, 2, 3, 4, 5, 6]])
+    legacy = {k: v for k, v in trees[2].items() if k != "zero"}
+    with pytest.raises(ReshardError, match="old rank 2's snapshot has no ZeRO shard layout"):
+        merge(trees[0], {**trees, 2: legacy}, [[0, 2], [6]])
+    with pytest.raises(ReshardError, match="names a parameter twice"):
+        shard_indices({"zero": {"params": [1, 1]}}, "old rank 5's snapshot")
+    with pytest.raises(ReshardError, match="no ZeRO shard layout"):
+        shard_indices({"zero": {"params": [1, "x"]}}, "old rank 5's snapshot")
+    with pytest.raises(ReshardError, match="base snapshot has no optimizer"):
+        merge({"model": {}}, trees, [[0], [1]])
+    assert issubclass(ReshardError, CaptureError)
+
+
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 5), st.randoms(use_true_random=False))
+def test_any_old_and_new_partition_gives_every_parameter_its_own_state(params: int, old_world: int,
+                                                                        new_world: int, rnd: random.Random) -> None:
+    """Shards of any old world put together for any new world: every new rank's state for its
+    parameters is the state those parameters had, and nothing else."""
+    def partition(world: int) -> list[list[list[int]]]:
+        ranks: list[list[list[int]]] = [[[], []] for _ in range(world)]
+        for i in range(params):
+            ranks[rnd.randrange(world)][i % 2].append(i)
+        return ranks
+    old = partition(old_world)
+    trees = {rank: tree_of(rank, groups) for rank, groups in enumerate(old)}
+    layouts = {rank: tree["zero"]["params"] for rank, tree in trees.items()}
+    for rank, live in enumerate(partition(new_world)):
+        base = rank % old_world
+        needed = sources_needed(live, layouts)
+        merged = merge(trees[base], {r: trees[r] for r in {base, *needed}}, live)
+        flat = [i for g in live for i in g]
+        assert merged["zero"]["params"] == flat
+        assert set(merged["optimizer"]["state"]) == set(range(len(flat)))
+        for local, index in enumerate(flat):
+            assert torch.equal(merged["optimizer"]["state"][local]["exp_avg"], state_of(index)["exp_avg"])
