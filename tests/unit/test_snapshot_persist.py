@@ -91,18 +91,23 @@ def test_copies_left_by_a_larger_world_are_deleted_once_they_are_old(tmp_path: P
     assert sorted(p.name for p in persister.root.iterdir()) == ["step-0000000030", "step-0000000040"]
 
 
-def test_a_zero_shard_records_its_layout_and_the_listing_says_so(tmp_path: Path) -> None:
+def test_a_sharded_copy_records_its_layout_and_the_listing_says_so(tmp_path: Path) -> None:
     """ZeRO copies record which global parameters their shard holds (so they can be resharded
     into a world of another size); other copies record none, and asking for one names the path."""
     persister = Persister(tmp_path)
-    persister.save(40, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=True, zero=[0, 3, 4])
-    persister.save(40, 1, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=True, zero=[1, 2])
-    persister.save(50, 0, 2, memoryview(PAYLOAD), region.checksum(PAYLOAD), sharded=True)
-    assert persister.listing() == {40: PersistentStep(2, frozenset({0, 1}), True, zero=True),
-                                   50: PersistentStep(2, frozenset({0}), True, zero=False)}
+    crc = region.checksum(PAYLOAD)
+    persister.save(40, 0, 2, memoryview(PAYLOAD), crc, sharded=True, layout="zero", zero=[0, 3, 4])
+    persister.save(40, 1, 2, memoryview(PAYLOAD), crc, sharded=True, layout="zero", zero=[1, 2])
+    persister.save(50, 0, 2, memoryview(PAYLOAD), crc, sharded=True)
+    persister.save(60, 1, 2, memoryview(PAYLOAD), crc, sharded=True, layout="fsdp")
+    assert persister.listing() == {40: PersistentStep(2, frozenset({0, 1}), True, layout="zero"),
+                                   50: PersistentStep(2, frozenset({0}), True, layout=None),
+                                   60: PersistentStep(2, frozenset({1}), True, layout="fsdp")}
     assert persister.zero_params(40, 0) == [0, 3, 4] and persister.zero_params(40, 1) == [1, 2]
     assert np.array_equal(persister.load(40, 1), PAYLOAD)
     with pytest.raises(PersistError, match="records no ZeRO shard layout"):
         persister.zero_params(50, 0)
     with pytest.raises(PersistError, match="rank-00001"):
         persister.zero_params(50, 1)   # no copy at all
+    with pytest.raises(PersistError, match="ZeRO layout needs its parameter indices"):
+        persister.save(70, 0, 2, memoryview(PAYLOAD), crc, sharded=True, layout="zero")

@@ -247,18 +247,21 @@ def test_a_replicated_persistent_checkpoint_loads_into_a_world_of_another_size()
     assert plan_restore(world_of([0, 1, 2, 3]), {10: PersistentStep(2, frozenset({0, 1}), False)}).tier == "memory"
 
 
-def test_zero_shards_with_their_layout_are_resharded_into_a_world_of_another_size() -> None:
-    """Persistent ZeRO copies that record their layout load into any world size: new rank r
-    takes old rank r % old world's model, RNG and data position, and every rank's optimizer
-    shard is put together from the old ranks' (the plan says ``reshard``); FSDP's do not."""
-    zero = PersistentStep(4, frozenset(range(4)), sharded=True, zero=True)
+def test_shards_that_name_their_layout_are_resharded_into_a_world_of_another_size() -> None:
+    """Persistent ZeRO or FSDP copies that name their layout load into any world size: new rank
+    r takes old rank r % old world's model, RNG and data position, and every rank's shards are
+    put together from the old ranks' (the plan says ``reshard`` and how)."""
+    zero = PersistentStep(4, frozenset(range(4)), sharded=True, layout="zero")
     shrunk = plan_restore([Holdings()] * 3, {30: zero})
     assert shrunk == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 2}, persistent_step=30,
-                                 old_world=4, sharded=True, reshard=True)
+                                 old_world=4, sharded=True, reshard="zero")
     assert plan_restore([Holdings()] * 5, {30: zero}).want == {0: 0, 1: 1, 2: 2, 3: 3, 4: 0}
     # The same world needs no resharding; an incomplete step is still not used.
-    assert not plan_restore([Holdings()] * 4, {30: zero}).reshard
+    assert plan_restore([Holdings()] * 4, {30: zero}).reshard is None
     assert plan_restore([Holdings()] * 3, {30: zero._replace(ranks=frozenset({0, 1, 2}))}).tier == "none"
+    fsdp = plan_restore([Holdings()] * 3, {30: zero._replace(layout="fsdp")})
+    assert (fsdp.tier, fsdp.reshard, fsdp.old_world) == ("persistent", "fsdp", 4)
+    assert plan_restore([Holdings()] * 3, {30: zero._replace(layout=None)}).tier == "none"
     # A newer in-memory step of the new world wins.
     assert plan_restore(world_of([0, 1, 2], steps=(40,), world=3, k=3, sharded=True), {30: zero}).tier == "memory"
 
@@ -387,8 +390,8 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
         assert plan.want == {r: r % copies.world for r in range(world)}
         assert plan.old_world == copies.world and plan.sharded == copies.sharded
-        assert plan.reshard == (copies.world != world and copies.sharded and copies.zero)
-        assert copies.world == world or not copies.sharded or plan.reshard
+        assert plan.reshard == (copies.layout if copies.world != world and copies.sharded else None)
+        assert copies.world == world or not copies.sharded or plan.reshard is not None
         assert not any(_trivially_restorable(holdings, s) for s in steps if s >= plan.step)
         return
     step = plan.step
@@ -447,7 +450,8 @@ def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, PersistentStep]]:
                          for i, s in enumerate(steps) if s in kept_parity) if mine else ()))
     persistent = draw(st.dictionaries(st.sampled_from([5, 15, 25]), st.builds(
         PersistentStep, st.sampled_from([old_world, new_world]),
-        st.sampled_from([frozenset(range(old_world)), frozenset({0})]), st.booleans(), st.booleans()),
+        st.sampled_from([frozenset(range(old_world)), frozenset({0})]), st.booleans(),
+        st.sampled_from([None, "zero", "fsdp"])),
         max_size=2))
     return holdings, persistent
 

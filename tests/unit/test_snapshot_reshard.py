@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from salamander_worker.snapshot.capture import CaptureError
-from salamander_worker.snapshot.reshard import ReshardError, merge, shard_indices, sources_needed
+from salamander_worker.snapshot.capture import CaptureError, Rows, chunk_rows
+from salamander_worker.snapshot.reshard import ReshardError, merge, rows, shard_indices, sources_needed
 
 GROUP = {"lr": 0.01, "betas": (0.9, 0.999), "weight_decay": 0.01}
 
@@ -110,3 +110,59 @@ def test_any_old_and_new_partition_gives_every_parameter_its_own_state(params: i
         assert set(merged["optimizer"]["state"]) == set(range(len(flat)))
         for local, index in enumerate(flat):
             assert torch.equal(merged["optimizer"]["state"][local]["exp_avg"], state_of(index)["exp_avg"])
+
+
+# -- FSDP: rows of every old rank's chunk, laid end to end -----------------------------------------
+
+
+def test_chunk_rows_is_torch_chunks_layout() -> None:
+    for n in range(0, 12):
+        for world in range(1, 6):
+            chunks = torch.arange(n).chunk(world) if n else ()
+            got = [chunk_rows(n, world, rank) for rank in range(world)]
+            expected = [(int(c[0]), int(c[-1]) + 1) for c in chunks if len(c)]
+            assert [(a, b) for a, b in got if b > a] == expected
+            assert all(b >= a for a, b in got) and sum(b - a for a, b in got) == n
+
+
+def fsdp_tree(rank: int, world: int, full: dict[str, torch.Tensor]) -> dict:
+    """Old rank ``rank``'s tree: its chunk of every parameter, Adam moments cut the same way."""
+    model = {name: t.chunk(world)[rank] if rank < len(t.chunk(world)) else t[0:0] for name, t in full.items()}
+    model["buffer"] = torch.tensor([rank])   # not sharded: the base's is kept
+    return {"step": 9, "model": model, "rng": {"rank": rank}, "data": rank, "zero": None,
+            "optimizer": {"state": {name: {"step": torch.tensor(9.0), "exp_avg": 2 * model[name]}
+                                    for name in full},
+                          "param_groups": [{"lr": 0.1, "params": list(full)}]}}
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 9))
+def test_any_old_fsdp_world_reshards_into_any_new_one(old_world: int, new_world: int, rows_: int) -> None:
+    full = {"w": torch.arange(rows_ * 3, dtype=torch.float32).view(rows_, 3),
+            "b": torch.arange(rows_, dtype=torch.float32) + 100}
+    old = [fsdp_tree(r, old_world, full) for r in range(old_world)]
+    for rank in range(new_world):
+        live = {name: Rows(tuple(t.shape), *chunk_rows(t.shape[0], new_world, rank)) for name, t in full.items()}
+        merged = rows(old[rank % old_world], old, live)
+        for name, t in full.items():
+            start, stop = live[name].start, live[name].stop
+            assert torch.equal(merged["model"][name], t[start:stop])
+            assert torch.equal(merged["optimizer"]["state"][name]["exp_avg"], 2 * t[start:stop])
+            assert merged["optimizer"]["state"][name]["step"] is old[rank % old_world]["optimizer"]["state"][name][
+                "step"]
+        assert merged["model"]["buffer"].item() == rank % old_world and merged["rng"] == {"rank": rank % old_world}
+
+
+def test_fsdp_shards_that_do_not_add_up_are_refused_by_name() -> None:
+    full = {"w": torch.zeros(6, 2)}
+    old = [fsdp_tree(r, 2, full) for r in range(2)]
+    with pytest.raises(ReshardError, match=r"parameter w: the old ranks' shards make \(6, 2\); the live parameter "
+                                           r"is \(7, 2\)"):
+        rows(old[0], old, {"w": Rows((7, 2), 0, 4)})
+    with pytest.raises(ReshardError, match="parameter w: the old ranks' shards make"):
+        rows(old[0], old, {"w": Rows((6, 3), 0, 3)})
+    with pytest.raises(ReshardError, match="parameter v is not a sharded tensor in every old rank's snapshot"):
+        rows(old[0], old, {"v": Rows((6, 2), 0, 3)})
+    with pytest.raises(ReshardError, match="outside its 6 rows"):
+        rows(old[0], old, {"w": Rows((6, 2), 4, 8)})
+    with pytest.raises(ReshardError, match="no old rank's snapshot given"):
+        rows(old[0], [], {"w": Rows((6, 2), 0, 3)})

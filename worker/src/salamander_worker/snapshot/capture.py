@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import set_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import Shard
 
 from salamander_worker.snapshot import pool
 from salamander_worker.snapshot.device import upload
@@ -97,6 +98,57 @@ def zero_groups(trainee: Trainee) -> list[list[int]] | None:
         return None
     index = {id(p): i for i, p in enumerate(p for group in zero.param_groups for p in group["params"])}
     return [[index[id(p)] for p in group["params"]] for group in zero.optim.param_groups]
+
+
+def shard_layout(trainee: Trainee) -> str | None:
+    """How the trainee's state is sharded, when :mod:`.reshard` can put it together for a world
+    of another size: ``"zero"`` (a ZeroRedundancyOptimizer) or ``"fsdp"`` (every DTensor
+    parameter cut in rows over one mesh dimension spanning the world in rank order, as FSDP2's
+    ``fully_shard`` does); None for replicated state and for layouts it cannot (HSDP's 2-D
+    meshes, other placements)."""
+    if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
+        return "zero"
+    dtensors = [p for p in trainee.model.parameters() if hasattr(p, "_local_tensor")]
+    return "fsdp" if dtensors and all(_rows_over_the_world(p) for p in dtensors) else None
+
+
+def _rows_over_the_world(param: Any) -> bool:
+    mesh, placements = param.device_mesh, param.placements
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return (mesh.ndim == 1 and len(placements) == 1 and isinstance(placements[0], Shard)
+            and placements[0].dim == 0 and mesh.mesh.tolist() == list(range(world)))
+
+
+class Rows(NamedTuple):
+    """A live FSDP parameter: its global shape and the rows ``[start, stop)`` this rank holds."""
+
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of ``rows`` that ``torch.chunk(..., world)`` gives ``rank``
+    (FSDP2's ``Shard(0)``): chunks of ``ceil(rows / world)``, the last ones short or empty."""
+    size = -(-rows // world)
+    start = min(rows, rank * size)
+    return start, min(rows, start + size)
+
+
+def fsdp_rows(trainee: Trainee) -> dict[str, Rows]:
+    """Fully qualified name -> :class:`Rows` of every FSDP parameter (``shard_layout`` "fsdp")."""
+    model_state, _ = _model_and_optimizer(trainee)
+    found = {}
+    for name, value in model_state.items():
+        if not hasattr(value, "_local_tensor"):
+            continue
+        mesh = value.device_mesh
+        start, stop = chunk_rows(value.shape[0], mesh.size(), mesh.get_local_rank())
+        if value.to_local().shape[0] != stop - start:
+            raise CaptureError(f"FSDP parameter {name} holds {value.to_local().shape[0]} rows on this rank, "
+                               f"not the {stop - start} of torch.chunk's layout")
+        found[name] = Rows(tuple(value.shape), start, stop)
+    return found
 
 
 def capture(trainee: Trainee, step: int, data: Any = None) -> dict[str, Any]:

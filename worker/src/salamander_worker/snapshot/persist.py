@@ -4,7 +4,8 @@ Every rank writes its own snapshot payload, independently (no collective, so a r
 being evicted can flush alone)::
 
     <directory>/snapshots/step-0000000040/rank-00003/   a DCP checkpoint: .metadata, *.distcp
-        {"payload": uint8 tensor, "meta": {"step", "rank", "world", "sharded", "checksum", "algorithm"},
+        {"payload": uint8 tensor,
+         "meta": {"step", "rank", "world", "sharded", "checksum", "algorithm", "layout"},
          "zero": int64 tensor (only for ZeRO shards: the global parameter indices the shard holds)}
 
 A rank directory is complete once DCP has written its ``.metadata`` (DCP writes it last); a
@@ -14,8 +15,9 @@ newest complete steps and deletes its older directories (and any step directory 
 (``"crc32"``, :data:`.region.ALGORITHM`); copies written before it was recorded carry a CRC-32C
 and are checked with the ``crc32c`` package, so they stay readable. ``sharded`` says whether each
 rank's payload holds only its shard of the state (ZeRO, FSDP); copies without it count as sharded,
-so the planner never loads them into a world of another size, unless they are ZeRO shards
-that record their ``zero`` layout: those are put together for the new world (:mod:`.reshard`).
+so the planner never loads them into a world of another size, unless they name their shard
+``layout`` (``"zero"`` or ``"fsdp"``, :func:`.capture.shard_layout`): those are put together for
+the new world (:mod:`.reshard`).
 """
 
 from __future__ import annotations
@@ -62,10 +64,13 @@ class Persister:
         return self.root / f"step-{step:010d}" / f"rank-{rank:05d}"
 
     def save(self, step: int, rank: int, world: int, view: memoryview, crc: int, *, sharded: bool,
-             zero: list[int] | None = None) -> Path:
+             layout: str | None = None, zero: list[int] | None = None) -> Path:
         """Write ``view`` (the payload of old rank ``rank`` at ``step``, of a world of ``world``
-        ranks; ``sharded`` when it holds only this rank's shard; ``zero`` the global indices of
-        the parameters a ZeRO shard holds) and prune old copies."""
+        ranks; ``sharded`` when it holds only this rank's shard, ``layout`` how, when it can be
+        resharded; ``zero`` the global indices of the parameters a ZeRO shard holds) and prune
+        old copies."""
+        if (layout == "zero") != (zero is not None):
+            raise PersistError("a ZeRO layout needs its parameter indices, and only it has them")
         path = self.path(step, rank)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
@@ -74,7 +79,7 @@ class Persister:
             state = {"payload": torch.frombuffer(view, dtype=torch.uint8) if len(view) else
                      torch.empty(0, dtype=torch.uint8),
                      "meta": {"step": step, "rank": rank, "world": world, "sharded": sharded, "checksum": crc,
-                              "algorithm": ALGORITHM}}
+                              "algorithm": ALGORITHM, "layout": layout or ""}}
             if zero is not None:
                 state["zero"] = torch.tensor(zero, dtype=torch.int64)
             with warnings.catch_warnings():
@@ -137,7 +142,7 @@ class Persister:
             except Exception:  # noqa: BLE001 - an unreadable copy is not offered
                 continue
             result[step] = PersistentStep(int(meta["world"]), frozenset(ranks), bool(meta.get("sharded", True)),
-                                          zero=bool(meta["zero"]))
+                                          layout=meta.get("layout") or None)
         return result
 
     def zero_params(self, step: int, rank: int) -> list[int]:
@@ -174,15 +179,14 @@ class Persister:
 #: What copies written before the checksum's name was recorded were checked with.
 _LEGACY = "crc32c"
 
-#: The meta fields every copy has; others (``sharded``, ``algorithm``) came later.
+#: The meta fields every copy has; others (``sharded``, ``algorithm``, ``layout``) came later.
 _META = {"step": 0, "rank": 0, "world": 0, "checksum": 0}
-_LATER = {"sharded": True, "algorithm": ""}
+_LATER = {"sharded": True, "algorithm": "", "layout": ""}
 
 
 def _read(path: Path, *, payload: bool) -> dict[str, Any]:
-    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, plus ``zero``
-    (whether it records a ZeRO shard layout), and with ``payload`` its bytes as
-    ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
+    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, and with
+    ``payload`` its bytes as ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {"meta": {**_META, **{k: v for k, v in _LATER.items() if f"meta.{k}" in keys}}}
     if payload:
@@ -190,7 +194,6 @@ def _read(path: Path, *, payload: bool) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=path, no_dist=True)
-    state["meta"]["zero"] = "zero" in keys   # whether the copy records a ZeRO shard layout
     return state
 
 

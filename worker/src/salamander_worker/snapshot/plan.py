@@ -9,9 +9,9 @@ Restore invariants:
   plan's tier is ``"none"`` (start from scratch). ``S`` is the newest step every rank reaches.
 * New rank ``r`` restores the state old rank ``want(r)`` had: ``r`` itself when the world has
   the same size; when it changed, rank ``r`` takes old rank ``r % old_world``, and only a
-  replicated (not sharded) snapshot can be used, or a persistent copy of ZeRO shards, which
-  the plan marks ``reshard``: each rank then also reads the old ranks that held its new shard
-  (:mod:`.reshard`).
+  replicated (not sharded) snapshot can be used, or a persistent copy of shards that name their
+  layout (ZeRO, FSDP), which the plan marks ``reshard``: each rank then also reads the old ranks
+  that hold parts of its new shard (:mod:`.reshard`).
 * Sources, nearest first: the rank's own memory; a copy from the process that holds it (after a
   re-rendezvous ranks may move between nodes); a rebuild from its erasure-coding group, which
   needs at most ``m`` members of the group lost at ``S``; a persistent checkpoint, only when
@@ -161,7 +161,7 @@ class RestorePlan:
     persistent_step: int | None = None
     old_world: int | None = None               # the world that took the snapshot
     sharded: bool = False                      # whether that snapshot is sharded (ZeRO, FSDP)
-    reshard: bool = False                      # ZeRO shards from a world of another size
+    reshard: str | None = None                 # the layout of shards from a world of another size
 
     def reads(self, rank: int) -> list[tuple[str, int]]:
         """The slots new rank ``rank`` reads from its own files when it executes this plan,
@@ -199,13 +199,14 @@ def _want(new_world: int, old_world: int, sharded: bool) -> dict[int, int] | Non
 
 class PersistentStep(NamedTuple):
     """A step's persistent copies: the world that wrote them, the old ranks whose copy is
-    complete, whether each holds only its rank's shard (unknown counts as sharded), and
-    whether the shards are ZeRO's with their layout recorded (so they can be resharded)."""
+    complete, whether each holds only its rank's shard (unknown counts as sharded), and the
+    shards' layout when they can be resharded into a world of another size (``"zero"``,
+    ``"fsdp"``; None: they cannot)."""
 
     world: int
     ranks: frozenset[int]
     sharded: bool = True
-    zero: bool = False
+    layout: str | None = None
 
 
 def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None) -> RestorePlan:
@@ -230,8 +231,8 @@ def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> Resto
         copies = persistent[step]
         if set(range(copies.world)) - set(copies.ranks):
             continue
-        reshard = copies.sharded and copies.zero and copies.world != world
-        want = _want(world, copies.world, sharded=copies.sharded and not reshard)
+        reshard = copies.layout if copies.sharded and copies.world != world else None
+        want = _want(world, copies.world, sharded=copies.sharded and reshard is None)
         if want is not None:
             return RestorePlan(step=step, tier="persistent", want=want, persistent_step=step,
                                old_world=copies.world, sharded=copies.sharded, reshard=reshard)

@@ -1,6 +1,6 @@
-"""ZeroRedundancyOptimizer state saved by a world of one size, put together for another.
+"""Sharded state saved by a world of one size, put together for another: ZeRO and FSDP.
 
-ZeRO gives each rank the optimizer state of a partition of the parameters, and the partition
+**ZeRO** gives each rank the optimizer state of a partition of the parameters, and the partition
 depends on the world size, so a rank's snapshot only fits the same rank of a world of the same
 size. To let a job that shrank or grew keep its optimizer state, a ZeRO trainee's snapshot tree
 records under ``"zero"`` the *global index* of each parameter its local optimizer holds, in the
@@ -10,13 +10,20 @@ in every world size, independent of module wrappers.
 
 :func:`merge` builds, from the trees of the old ranks that held the new rank's parameters, the
 tree the new rank would have captured itself: its optimizer state keyed by its own local
-indices. Pure: no I/O, nothing live is touched.
+indices. Every live local parameter's state is the saved state of the same global parameter,
+taken as it is (the source trees' own tensors; :func:`.capture.apply` copies them).
 
-Invariants: every live local parameter's state is the saved state of the same global
-parameter, taken as it is (the source trees' own tensors; :func:`.capture.apply` copies them);
-everything but the optimizer state (model, scheduler, RNG, data position, group
-hyperparameters) comes from the base tree; anything missing or inconsistent raises
-:class:`ReshardError`, naming it, before anything live changes.
+**FSDP** (FSDP2, ``fully_shard`` on a 1-D mesh) cuts every parameter into row chunks, rank
+``i`` holding chunk ``i`` of ``torch.chunk(param, world)``, and the optimizer state of a
+parameter is cut like the parameter. :func:`rows` builds the new rank's tree from *every* old
+rank's tree (in rank order): each sharded leaf is the new rank's rows of the old chunks laid end
+to end. An optimizer state leaf counts as sharded when it has its parameter's local shape on
+every old rank (Adam's moments); any other (Adam's step count) is the base tree's.
+
+Both are pure: no I/O, nothing live is touched. Everything not sharded (model buffers,
+scheduler, RNG, data position, group hyperparameters) comes from the base tree, the old rank
+whose place the new rank takes; anything missing or inconsistent raises :class:`ReshardError`,
+naming it, before anything live changes.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from salamander_worker.snapshot.capture import CaptureError
+import torch
+
+from salamander_worker.snapshot.capture import CaptureError, Rows
 
 
 class ReshardError(CaptureError):
@@ -88,3 +97,60 @@ def sources_needed(live: Sequence[Sequence[int]], holdings: Mapping[int, Sequenc
     if wanted - held:
         raise ReshardError(f"no old rank's shard holds parameters {sorted(wanted - held)[:8]}")
     return [rank for rank, indices in sorted(holdings.items()) if wanted & set(indices)]
+
+
+def rows(base: Mapping[str, Any], old: Sequence[Mapping[str, Any]], live: Mapping[str, Rows]) -> dict[str, Any]:
+    """The tree for a rank whose FSDP parameters are ``live`` (fully qualified name -> rows),
+    from ``old``, every old rank's tree in rank order; ``base`` gives everything not sharded."""
+    if not old:
+        raise ReshardError("no old rank's snapshot given")
+    model = dict(_mapping(base, "model", "the base snapshot"))
+    optim = _mapping(base, "optimizer", "the base snapshot")
+    state = {name: dict(leaves) if isinstance(leaves, Mapping) else leaves
+             for name, leaves in _mapping(optim, "state", "the base snapshot's optimizer").items()}
+    olds = [(_mapping(t, "model", f"old rank {r}'s snapshot"),
+             _mapping(_mapping(t, "optimizer", f"old rank {r}'s snapshot"), "state", f"old rank {r}'s optimizer"))
+            for r, t in enumerate(old)]
+    for name, want in live.items():
+        pieces = [m.get(name) for m, _ in olds]
+        _check_pieces(pieces, want, f"parameter {name}")
+        model[name] = _take(pieces, want)
+        if not isinstance(state.get(name), dict):
+            continue
+        for leaf, value in state[name].items():   # sharded like its parameter on every old rank
+            saved = [s[name].get(leaf) if isinstance(s.get(name), Mapping) else None for _, s in olds]
+            if isinstance(value, torch.Tensor) and value.dim() and all(
+                    isinstance(t, torch.Tensor) and t.shape == p.shape for t, p in zip(saved, pieces)):
+                state[name][leaf] = _take(saved, want)
+    return {**base, "model": model, "optimizer": {**optim, "state": state}}
+
+
+def _mapping(tree: Any, key: str, what: str) -> Mapping[str, Any]:
+    value = tree.get(key) if isinstance(tree, Mapping) else None
+    if not isinstance(value, Mapping):
+        raise ReshardError(f"{what} has no {key} mapping")
+    return value
+
+
+def _check_pieces(pieces: Sequence[Any], want: Rows, what: str) -> None:
+    if not all(isinstance(p, torch.Tensor) and p.dim() >= 1 for p in pieces):
+        raise ReshardError(f"{what} is not a sharded tensor in every old rank's snapshot")
+    total = sum(p.shape[0] for p in pieces)
+    if total != want.shape[0] or any(tuple(p.shape[1:]) != tuple(want.shape[1:]) for p in pieces):
+        raise ReshardError(f"{what}: the old ranks' shards make {(total, *pieces[0].shape[1:])}; "
+                           f"the live parameter is {want.shape}")
+    if not 0 <= want.start <= want.stop <= total:
+        raise ReshardError(f"{what}: rows [{want.start}, {want.stop}) are outside its {total} rows")
+
+
+def _take(pieces: Sequence[torch.Tensor], want: Rows) -> torch.Tensor:
+    """Rows ``[want.start, want.stop)`` of ``pieces`` laid end to end (a view when they fall in one)."""
+    parts, offset = [], 0
+    for piece in pieces:
+        lo, hi = max(want.start, offset), min(want.stop, offset + piece.shape[0])
+        if lo < hi:
+            parts.append(piece[lo - offset:hi - offset])
+        offset += piece.shape[0]
+    if not parts:
+        return pieces[0][0:0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -64,7 +64,7 @@ import torch.distributed as dist
 from salamander import wire
 from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, exchange, payload, persist, pool, reshard
-from salamander_worker.snapshot.capture import Trainee, apply, capture, zero_groups
+from salamander_worker.snapshot.capture import Trainee, apply, capture, fsdp_rows, shard_layout, zero_groups
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, PersistentStep, Rebuild,
                                              RestorePlan, ec_groups, plan_restore)
@@ -466,9 +466,10 @@ class Snapshotter:
         assert self._persister is not None and self._data is not None
         record = committed.record
         view = self._data.payload(committed.slot)[:record["length"]]
-        zero = zero_groups(self.trainee) if record.get("world") == self.world else None
+        layout = shard_layout(self.trainee) if record.get("world") == self.world else None
+        zero = zero_groups(self.trainee) if layout == "zero" else None
         self._persister.save(record["step"], self.rank, self.world, view, record["checksum"],
-                             sharded=bool(record.get("sharded", True)),
+                             sharded=bool(record.get("sharded", True)), layout=layout,
                              zero=None if zero is None else [i for group in zero for i in group])
         self.stats.persisted_step = record["step"]
 
@@ -842,26 +843,35 @@ class Snapshotter:
 
     def _load_persistent(self, plan: RestorePlan) -> Any:
         """The tree of old rank ``want[rank]``'s persistent copy; for a ``reshard`` plan, put
-        together with the optimizer shards of every old rank that held one of this rank's
-        parameters (each copy checked against its checksum as it is read)."""
+        together with the shards of the old ranks that hold parts of this rank's (ZeRO: those
+        holding its parameters; FSDP: every one). Each copy is checked against its checksum as
+        it is read."""
         assert self._persister is not None and plan.step is not None
         base_rank = plan.want[self.rank]
         with self._timed("transfer.load"):
             base = payload.read(self._persister.load(plan.step, base_rank), copy=False)
-        if not plan.reshard:
+        if plan.reshard is None:
             return base
-        live = zero_groups(self.trainee)
-        if live is None or plan.old_world is None:
-            raise SnapshotError(f"the persistent snapshot of step {plan.step} holds ZeRO shards; "
-                                "this trainee's optimizer is not a ZeroRedundancyOptimizer")
-        with self._timed("transfer.layout"):
-            layouts = {old: self._persister.zero_params(plan.step, old) for old in range(plan.old_world)}
+        live_layout = shard_layout(self.trainee)
+        if live_layout != plan.reshard or plan.old_world is None:
+            raise SnapshotError(f"the persistent snapshot of step {plan.step} holds {plan.reshard} shards; "
+                                f"this trainee's state is {live_layout or 'not sharded in a layout that reshards'}")
         trees = {base_rank: base}
+        if plan.reshard == "zero":
+            live = zero_groups(self.trainee)
+            assert live is not None
+            with self._timed("transfer.layout"):
+                layouts = {old: self._persister.zero_params(plan.step, old) for old in range(plan.old_world)}
+            needed = reshard.sources_needed(live, layouts)
+        else:
+            needed = list(range(plan.old_world))
         with self._timed("transfer.load"):
-            for old in reshard.sources_needed(live, layouts):
+            for old in needed:
                 if old not in trees:
                     trees[old] = payload.read(self._persister.load(plan.step, old), copy=False)
-        return reshard.merge(base, trees, live)
+        if plan.reshard == "zero":
+            return reshard.merge(base, trees, live)
+        return reshard.rows(base, [trees[old] for old in range(plan.old_world)], fsdp_rows(self.trainee))
 
 
 def _unusable(step: int, copies: PersistentStep, world: int) -> str:
@@ -869,7 +879,7 @@ def _unusable(step: int, copies: PersistentStep, world: int) -> str:
     missing = sorted(set(range(copies.world)) - copies.ranks)
     if missing:
         return f"step {step}: ranks {missing} of its {copies.world} have no complete copy"
-    if copies.world != world and copies.sharded and not copies.zero:
-        return (f"step {step}: sharded over {copies.world} ranks by FSDP, or by ZeRO before copies recorded "
-                "the shard layout (only ZeRO shards with it are resharded)")
+    if copies.world != world and copies.sharded and copies.layout is None:
+        return (f"step {step}: sharded over {copies.world} ranks in a layout that does not reshard "
+                "(or written before copies recorded their layout)")
     return f"step {step}: failed its checks"
