@@ -252,18 +252,24 @@ def test_shards_that_name_their_layout_are_resharded_into_a_world_of_another_siz
     r takes old rank r % old world's model, RNG and data position, and every rank's shards are
     put together from the old ranks' (the plan says ``reshard`` and how)."""
     zero = PersistentStep(4, frozenset(range(4)), sharded=True, layout="zero")
-    shrunk = plan_restore([Holdings()] * 3, {30: zero})
+    shrunk = plan_restore([Holdings()] * 3, {30: zero}, layout="zero")
     assert shrunk == RestorePlan(step=30, tier="persistent", want={0: 0, 1: 1, 2: 2}, persistent_step=30,
                                  old_world=4, sharded=True, reshard="zero")
-    assert plan_restore([Holdings()] * 5, {30: zero}).want == {0: 0, 1: 1, 2: 2, 3: 3, 4: 0}
+    assert plan_restore([Holdings()] * 5, {30: zero}, layout="zero").want == {0: 0, 1: 1, 2: 2, 3: 3, 4: 0}
     # The same world needs no resharding; an incomplete step is still not used.
-    assert plan_restore([Holdings()] * 4, {30: zero}).reshard is None
-    assert plan_restore([Holdings()] * 3, {30: zero._replace(ranks=frozenset({0, 1, 2}))}).tier == "none"
-    fsdp = plan_restore([Holdings()] * 3, {30: zero._replace(layout="fsdp")})
+    assert plan_restore([Holdings()] * 4, {30: zero}, layout="zero").reshard is None
+    assert plan_restore([Holdings()] * 3, {30: zero._replace(ranks=frozenset({0, 1, 2}))}, layout="zero").tier == "none"
+    fsdp = plan_restore([Holdings()] * 3, {30: zero._replace(layout="fsdp")}, layout="fsdp")
     assert (fsdp.tier, fsdp.reshard, fsdp.old_world) == ("persistent", "fsdp", 4)
-    assert plan_restore([Holdings()] * 3, {30: zero._replace(layout=None)}).tier == "none"
+    assert plan_restore([Holdings()] * 3, {30: zero._replace(layout=None)}, layout="zero").tier == "none"
+    # Only into a world sharded the same way: ZeRO copies are no use to FSDP or to DDP, which
+    # then fall back to an older copy they can use.
+    older = PersistentStep(3, frozenset(range(3)), sharded=True, layout="fsdp")
+    assert plan_restore([Holdings()] * 3, {30: zero}, layout="fsdp").tier == "none"
+    assert plan_restore([Holdings()] * 3, {30: zero}).tier == "none"
+    assert plan_restore([Holdings()] * 3, {30: zero, 20: older}, layout="fsdp").step == 20
     # A newer in-memory step of the new world wins.
-    assert plan_restore(world_of([0, 1, 2], steps=(40,), world=3, k=3, sharded=True), {30: zero}).tier == "memory"
+    assert plan_restore(world_of([0, 1, 2], steps=(40,), world=3, k=3, sharded=True), {30: zero}, layout="zero").tier == "memory"
 
 
 def test_a_sharded_snapshot_of_another_world_size_is_not_used_in_memory() -> None:
@@ -375,7 +381,7 @@ def _trivially_restorable(holdings: list[Holdings], step: int) -> bool:
 
 
 def check(plan: RestorePlan, holdings: list[Holdings],
-          persistent: dict[int, PersistentStep] | None = None) -> None:
+          persistent: dict[int, PersistentStep] | None = None, layout: str | None = None) -> None:
     """What every plan must satisfy, whatever the holdings."""
     world = len(holdings)
     steps = {d.step for h in holdings for d in h.data}
@@ -390,7 +396,8 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
         assert plan.want == {r: r % copies.world for r in range(world)}
         assert plan.old_world == copies.world and plan.sharded == copies.sharded
-        assert plan.reshard == (copies.layout if copies.world != world and copies.sharded else None)
+        resharded = copies.world != world and copies.sharded and copies.layout == layout
+        assert plan.reshard == (copies.layout if resharded else None)
         assert copies.world == world or not copies.sharded or plan.reshard is not None
         assert not any(_trivially_restorable(holdings, s) for s in steps if s >= plan.step)
         return
@@ -460,7 +467,8 @@ def worlds(draw: st.DrawFn) -> tuple[list[Holdings], dict[int, PersistentStep]]:
 @given(worlds())
 def test_every_plan_gives_every_rank_exactly_one_correct_source(scenario: Any) -> None:
     holdings, persistent = scenario
-    check(plan_restore(holdings, persistent), holdings, persistent)
+    for layout in (None, "zero", "fsdp"):
+        check(plan_restore(holdings, persistent, layout=layout), holdings, persistent, layout)
     check(plan_restore(holdings), holdings)
 
 

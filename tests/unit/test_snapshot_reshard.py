@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from salamander_worker.snapshot.capture import CaptureError, Rows, chunk_rows
-from salamander_worker.snapshot.reshard import ReshardError, merge, rows, shard_indices, sources_needed
+from salamander_worker.snapshot.reshard import (ReshardError, fsdp_sources, keep_only, merge, rows, shard_indices,
+                                                sources_needed)
 
 GROUP = {"lr": 0.01, "betas": (0.9, 0.999), "weight_decay": 0.01}
 
@@ -85,7 +86,31 @@ def test_bad_inputs_are_refused_by_name_and_are_capture_errors() -> None:
         shard_indices({"zero": {"params": [1, "x"]}}, "old rank 5's snapshot")
     with pytest.raises(ReshardError, match="base snapshot has no optimizer"):
         merge({"model": {}}, trees, [[0], [1]])
+    with pytest.raises(ReshardError, match="base snapshot has no optimizer"):
+        merge([1], trees, [[0], [1]])   # type: ignore[arg-type]
+    with pytest.raises(ReshardError, match="old rank 1's snapshot has no optimizer"):
+        merge(trees[0], {0: trees[0], 1: [1]}, [[0], [5]])   # type: ignore[dict-item]
+    with pytest.raises(ReshardError, match="parameter 3 is in the ZeRO shards of old ranks 0 and 1"):
+        merge(trees[0], {0: trees[0], 1: tree_of(1, [[1, 3], [4, 6]])}, [[0, 3], [5]])
+    short = {**trees[1], "zero": {"params": [1, 4]}}
+    with pytest.raises(ReshardError, match="lists 2 parameters in its ZeRO layout; its optimizer holds 3"):
+        merge(trees[0], {0: trees[0], 1: short}, [[0], [5]])
+    with pytest.raises(ReshardError, match="no well-formed optimizer param_groups"):
+        merge(trees[0], {0: {**trees[0], "optimizer": {"state": {}, "param_groups": [{"lr": 1}]}}}, [[0], [5]])
     assert issubclass(ReshardError, CaptureError)
+
+
+def test_keep_only_clones_the_wanted_state_and_merges_the_same() -> None:
+    """A source cut down to what a rank needs (so its payload can be let go) merges to the same
+    tree, and shares no memory with the source."""
+    trees = {rank: tree_of(rank, groups) for rank, groups in OLD.items()}
+    live = [[0, 2], [6]]
+    kept = {rank: keep_only(tree, {0, 2, 6}, f"old rank {rank}") for rank, tree in trees.items()}
+    assert set(kept[1]["optimizer"]["state"]) == {OLD_LOCAL[6]} and kept[0]["optimizer"]["state"].keys() == {0}
+    merged, full = merge(trees[1], kept, live), merge(trees[1], trees, live)
+    for local in range(3):
+        a, b = merged["optimizer"]["state"][local]["exp_avg"], full["optimizer"]["state"][local]["exp_avg"]
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
 @given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 5), st.randoms(use_true_random=False))
@@ -142,7 +167,8 @@ def test_any_old_fsdp_world_reshards_into_any_new_one(old_world: int, new_world:
     old = [fsdp_tree(r, old_world, full) for r in range(old_world)]
     for rank in range(new_world):
         live = {name: Rows(tuple(t.shape), *chunk_rows(t.shape[0], new_world, rank)) for name, t in full.items()}
-        merged = rows(old[rank % old_world], old, live)
+        sources = fsdp_sources(live, old_world)
+        merged = rows(old[rank % old_world], {q: old[q] for q in sources}, old_world, live)
         for name, t in full.items():
             start, stop = live[name].start, live[name].stop
             assert torch.equal(merged["model"][name], t[start:stop])
@@ -154,15 +180,29 @@ def test_any_old_fsdp_world_reshards_into_any_new_one(old_world: int, new_world:
 
 def test_fsdp_shards_that_do_not_add_up_are_refused_by_name() -> None:
     full = {"w": torch.zeros(6, 2)}
-    old = [fsdp_tree(r, 2, full) for r in range(2)]
-    with pytest.raises(ReshardError, match=r"parameter w: the old ranks' shards make \(6, 2\); the live parameter "
-                                           r"is \(7, 2\)"):
-        rows(old[0], old, {"w": Rows((7, 2), 0, 4)})
-    with pytest.raises(ReshardError, match="parameter w: the old ranks' shards make"):
-        rows(old[0], old, {"w": Rows((6, 3), 0, 3)})
-    with pytest.raises(ReshardError, match="parameter v is not a sharded tensor in every old rank's snapshot"):
-        rows(old[0], old, {"v": Rows((6, 2), 0, 3)})
-    with pytest.raises(ReshardError, match="outside its 6 rows"):
-        rows(old[0], old, {"w": Rows((6, 2), 4, 8)})
-    with pytest.raises(ReshardError, match="no old rank's snapshot given"):
-        rows(old[0], [], {"w": Rows((6, 2), 0, 3)})
+    old = dict(enumerate(fsdp_tree(r, 2, full) for r in range(2)))
+    with pytest.raises(ReshardError, match=r"parameter w: old rank 0's shard is \(3, 2\), not rows \[0, 4\) of \(7, 2\)"):
+        rows(old[0], old, 2, {"w": Rows((7, 2), 0, 4)})
+    with pytest.raises(ReshardError, match="parameter w: old rank 0's shard is"):
+        rows(old[0], old, 2, {"w": Rows((6, 3), 0, 3)})
+    with pytest.raises(ReshardError, match="parameter v: old rank 0's shard is NoneType"):
+        rows(old[0], old, 2, {"v": Rows((6, 2), 0, 3)})
+    with pytest.raises(ReshardError, match="are not a row range"):
+        rows(old[0], old, 2, {"w": Rows((6, 2), 4, 8)})
+    with pytest.raises(ReshardError, match="are not a row range"):
+        rows(old[0], old, 2, {"w": Rows((), 0, 0)})
+    with pytest.raises(ReshardError, match=r"the snapshots of old ranks \[1\] are needed and not given"):
+        rows(old[0], {0: old[0]}, 2, {"w": Rows((6, 2), 2, 6)})
+    # An Adam moment cut like its parameter in the base tree must be so in every tree used.
+    broken = fsdp_tree(1, 2, full)
+    del broken["optimizer"]["state"]["w"]["exp_avg"]
+    with pytest.raises(ReshardError, match="optimizer state exp_avg of parameter w: old rank 1's shard is NoneType"):
+        rows(old[0], {0: old[0], 1: broken}, 2, {"w": Rows((6, 2), 2, 4)})
+    with pytest.raises(ReshardError, match="base snapshot has no model"):
+        rows([], old, 2, {"w": Rows((6, 2), 0, 3)})   # type: ignore[arg-type]
+
+
+def test_fsdp_sources_are_the_old_ranks_whose_chunks_overlap() -> None:
+    live = {"w": Rows((8, 2), *chunk_rows(8, 3, 1)), "b": Rows((8,), *chunk_rows(8, 3, 1))}   # rows [3, 6)
+    assert fsdp_sources(live, 2) == [0, 1] and fsdp_sources(live, 4) == [1, 2] and fsdp_sources(live, 8) == [3, 4, 5]
+    assert fsdp_sources({"w": Rows((1, 2), 1, 1)}, 4) == []

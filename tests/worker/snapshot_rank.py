@@ -45,7 +45,7 @@ def build(zero: bool, fsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer if not zero else optimizer.optim, 5, gamma=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5, gamma=0.9)   # on ZeRO itself, as users do
     return model, optimizer, scheduler
 
 

@@ -299,6 +299,7 @@ def test_zero_shards_are_resharded_bitwise_into_a_world_of_another_size(nodes: l
         groups = [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer"]["param_groups"]]
         assert groups == [{k: v for k, v in g.items() if k != "params"}
                           for g in expected["optimizer"]["param_groups"]]
+        assert groups[0]["lr"] == pytest.approx(0.01 * 0.9)   # StepLR on ZeRO: x0.9 at step 5, not stale
     assert sorted(covered) == sorted(by_index)   # every parameter is on exactly one new rank
 
 

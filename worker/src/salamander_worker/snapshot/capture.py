@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -83,8 +84,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _model_and_optimizer(trainee: Trainee) -> tuple[dict[str, Any], Any]:
     """``get_state_dict``'s answer (through :class:`.state_dicts.StateDicts`)."""
     if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
+        zero = trainee.optimizer
+        # ZeRO's own groups are the truth (an LR scheduler on it changes them); ZeRO copies them
+        # to the local optimizer only inside step(), so without this the captured learning rate
+        # would be one scheduler step old.
+        sync = getattr(zero, "_sync_param_groups", None)
+        if sync is not None:
+            sync(zero.param_groups, zero.optim.param_groups)
         model_state, _ = trainee.state_dicts(trainee.model, None)
-        return model_state, trainee.optimizer.optim.state_dict()
+        return model_state, zero.optim.state_dict()
     return trainee.state_dicts(trainee.model, trainee.optimizer)
 
 
@@ -94,8 +102,8 @@ def zero_groups(trainee: Trainee) -> list[list[int]] | None:
     parameter's global index is its position in the ZeRO optimizer's ``param_groups``,
     flattened: the same in a world of any size."""
     zero = trainee.optimizer
-    if not isinstance(zero, ZeroRedundancyOptimizer):
-        return None
+    if not isinstance(zero, ZeroRedundancyOptimizer) or not hasattr(zero, "optim"):
+        return None   # (with overlap_with_ddp, ZeRO builds its local optimizer only at the first steps)
     index = {id(p): i for i, p in enumerate(p for group in zero.param_groups for p in group["params"])}
     return [[index[id(p)] for p in group["params"]] for group in zero.optim.param_groups]
 
@@ -107,7 +115,7 @@ def shard_layout(trainee: Trainee) -> str | None:
     ``fully_shard`` does); None for replicated state and for layouts it cannot (HSDP's 2-D
     meshes, other placements)."""
     if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
-        return "zero"
+        return "zero" if zero_groups(trainee) is not None else None
     dtensors = [p for p in trainee.model.parameters() if hasattr(p, "_local_tensor")]
     return "fsdp" if dtensors and all(_rows_over_the_world(p) for p in dtensors) else None
 
@@ -172,6 +180,13 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
     views of snapshot memory: they are copied into the live tensors, and whatever is kept as
     it is (a fresh optimizer's state, the scheduler's and the data position's tensors) is
     cloned, so nothing live ever aliases a snapshot."""
+    return prepare(trainee, tree)()
+
+
+def prepare(trainee: Trainee, tree: dict[str, Any]) -> Callable[[], tuple[int, Any]]:
+    """Check that ``tree`` fits ``trainee`` and return what puts it back (:func:`apply`'s
+    second half). Raises :class:`CaptureError` on a mismatch, having changed nothing, so a
+    collective restore can agree that every rank's tree fits before any rank changes anything."""
     if not isinstance(tree, dict) or not {"step", "model", "optimizer", "rng"} <= set(tree):
         raise CaptureError("snapshot state lacks one of step, model, optimizer, rng")
     if not isinstance(tree["rng"], dict) or not {"python", "numpy", "torch"} <= set(tree["rng"]):
@@ -183,31 +198,33 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
     if zero is not None and isinstance(saved, dict) and saved.get("params") != [i for g in zero for i in g]:
         raise CaptureError("snapshot's ZeRO shard holds other parameters than this rank's partition "
                            "(a world of another size took it: reshard it first)")
-    # Check everything first, then change anything: a mismatch found halfway through must not
-    # leave the live objects half overwritten.
     model_live, optim_live = _model_and_optimizer(trainee)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     model_state = _fill(model_live, tree["model"], "model", copies)
     optim_state = None if trainee.optimizer is None else _fill(optim_live, tree["optimizer"], "optimizer", copies)
-    copy_all(copies)
-    # The state dicts below hold the live tensors themselves, now filled: torch's copy_ of a
-    # tensor onto itself returns at once, so loading them costs no second copy.
-    if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
-        set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
-        zero = trainee.optimizer
-        zero.optim.load_state_dict(optim_state)
-        sync = getattr(zero, "_sync_param_groups", None)
-        if sync is not None:
-            sync(zero.optim.param_groups, zero.param_groups)
-    elif trainee.optimizer is None:
-        set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
-    else:
-        set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
-                       optim_state_dict=optim_state)
-    if trainee.scheduler is not None:
-        trainee.scheduler.load_state_dict(_cloned(tree["scheduler"]))
-    set_rng_state(tree["rng"])
-    return int(tree["step"]), _cloned(tree.get("data"))
+
+    def put_back() -> tuple[int, Any]:
+        copy_all(copies)
+        # The state dicts below hold the live tensors themselves, now filled: torch's copy_ of
+        # a tensor onto itself returns at once, so loading them costs no second copy.
+        if isinstance(trainee.optimizer, ZeroRedundancyOptimizer):
+            set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
+            zero = trainee.optimizer
+            zero.optim.load_state_dict(optim_state)
+            sync = getattr(zero, "_sync_param_groups", None)
+            if sync is not None:
+                sync(zero.optim.param_groups, zero.param_groups)
+        elif trainee.optimizer is None:
+            set_state_dict(trainee.model, [], model_state_dict=model_state, optim_state_dict={})
+        else:
+            set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
+                           optim_state_dict=optim_state)
+        if trainee.scheduler is not None:
+            trainee.scheduler.load_state_dict(_cloned(tree["scheduler"]))
+        set_rng_state(tree["rng"])
+        return int(tree["step"]), _cloned(tree.get("data"))
+
+    return put_back
 
 
 #: Contiguous CPU copies larger than this are cut into pieces of this size, so one large

@@ -209,12 +209,15 @@ class PersistentStep(NamedTuple):
     layout: str | None = None
 
 
-def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None) -> RestorePlan:
+def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep] | None = None, *,
+                 layout: str | None = None) -> RestorePlan:
     """The plan for a world of ``len(holdings)`` ranks; ``holdings[q]`` is what new rank ``q``
-    holds. ``persistent`` maps each persistent step to its :class:`PersistentStep`."""
+    holds. ``persistent`` maps each persistent step to its :class:`PersistentStep`; ``layout``
+    is how the new world's state is sharded (``"zero"``, ``"fsdp"``, None): only copies of that
+    layout are resharded."""
     world = len(holdings)
     steps = sorted({d.step for h in holdings for d in h.data}, reverse=True)
-    best_persistent = _best_persistent(world, persistent or {})
+    best_persistent = _best_persistent(world, persistent or {}, layout)
     for step in steps:
         if best_persistent is not None and best_persistent.step is not None and best_persistent.step > step:
             break
@@ -226,12 +229,12 @@ def plan_restore(holdings: list[Holdings], persistent: dict[int, PersistentStep]
     return RestorePlan(step=None, tier="none", want={})
 
 
-def _best_persistent(world: int, persistent: dict[int, PersistentStep]) -> RestorePlan | None:
+def _best_persistent(world: int, persistent: dict[int, PersistentStep], layout: str | None) -> RestorePlan | None:
     for step in sorted(persistent, reverse=True):
         copies = persistent[step]
         if set(range(copies.world)) - set(copies.ranks):
             continue
-        reshard = copies.layout if copies.sharded and copies.world != world else None
+        reshard = copies.layout if copies.sharded and copies.world != world and copies.layout == layout else None
         want = _want(world, copies.world, sharded=copies.sharded and reshard is None)
         if want is not None:
             return RestorePlan(step=step, tier="persistent", want=want, persistent_step=step,

@@ -51,7 +51,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +64,7 @@ import torch.distributed as dist
 from salamander import wire
 from salamander_worker import progress, telemetry
 from salamander_worker.snapshot import erasure, exchange, payload, persist, pool, reshard
-from salamander_worker.snapshot.capture import Trainee, apply, capture, fsdp_rows, shard_layout, zero_groups
+from salamander_worker.snapshot.capture import Trainee, capture, fsdp_rows, prepare, shard_layout, zero_groups
 from salamander_worker.snapshot.device import PINNED, DeviceCopier, stable_pointers
 from salamander_worker.snapshot.plan import (DataHolding, Holdings, ParityHolding, PersistentStep, Rebuild,
                                              RestorePlan, ec_groups, plan_restore)
@@ -520,34 +520,44 @@ class Snapshotter:
         else:
             everyone = [holdings]
             persistent = self._persister.listing() if self._persister else None
-        plan = plan_restore(everyone, persistent)
+        layout = shard_layout(self.trainee)
+        plan = plan_restore(everyone, persistent, layout=layout)
         mark("plan")
-        plan = self._verify_plan(plan, everyone, persistent)
+        plan = self._verify_plan(plan, everyone, persistent, layout)
         mark("verify")
         if plan.tier == "none" and persistent and self.rank == 0:
             log.warning("no snapshot to restore into a world of %s ranks; persistent copies not usable: %s",
-                        self.world, "; ".join(_unusable(step, c, self.world)
+                        self.world, "; ".join(_unusable(step, c, self.world, layout)
                                               for step, c in sorted(persistent.items())))
         step, data = 0, None
-        if plan.step is not None:
-            tree = None
+
+        def attempt(plan: RestorePlan) -> Callable[[], tuple[int, Any]] | None:
+            """Fetch this rank's tree and check it fits (changing nothing); None on any failure,
+            logged: every rank must learn of it through :meth:`_agree`, or the others wait forever."""
             try:
                 tree = self._fetch(plan)
-                ok = True
-            except (SnapshotError, payload.PayloadError, RuntimeError, erasure.ErasureError) as exc:
+                mark("transfer")
+                if tree is None:
+                    raise SnapshotError(f"the plan gives rank {self.rank} no payload")
+                if tree.get("step") != plan.step:
+                    raise SnapshotError(f"the snapshot of step {plan.step} holds step {tree.get('step')}")
+                return prepare(self.trainee, tree)
+            except Exception as exc:  # noqa: BLE001 - any failure: all ranks fall to the next tier together
                 log.warning("restoring step %s from %s failed on rank %s: %s", plan.step, plan.tier, self.rank, exc)
-                ok = False
-            if not self._agree(ok):
+                return None
+
+        if plan.step is not None:
+            put_back = attempt(plan)
+            if not self._agree(put_back is not None):
                 if plan.tier == "persistent":
                     raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
-                plan = plan_restore([Holdings() for _ in everyone], persistent)  # the next tier
-                tree = self._fetch(plan) if plan.step is not None else None
-            mark("transfer")
-            if tree is not None:
-                step, data = apply(self.trainee, tree)
+                plan = plan_restore([Holdings() for _ in everyone], persistent, layout=layout)  # the next tier
+                put_back = attempt(plan) if plan.step is not None else None
+                if plan.step is not None and not self._agree(put_back is not None):
+                    raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
+            if put_back is not None:
+                step, data = put_back()   # every rank's tree fits: now change the live objects
                 mark("apply")
-                if step != plan.step:
-                    raise SnapshotError(f"the snapshot of step {plan.step} holds step {step}")
         self.stats.restore_tier, self.stats.restore_step = plan.tier, plan.step
         self.stats.restore_s = time.perf_counter() - started
         progress.note_restore(plan.tier, plan.step)
@@ -606,7 +616,7 @@ class Snapshotter:
                 if all(key in entry.record for key in fields)]
 
     def _verify_plan(self, plan: RestorePlan, everyone: list[Holdings],
-                     persistent: dict[int, PersistentStep] | None) -> RestorePlan:
+                     persistent: dict[int, PersistentStep] | None, layout: str | None) -> RestorePlan:
         """Check the slots ``plan`` reads on every rank against their crc32; while any rank
         finds a corrupt one, every rank drops the corrupt slots from the holdings and plans
         again (collective; every rank gets the same plan). Returns a plan whose in-memory
@@ -623,7 +633,7 @@ class Snapshotter:
                     log.warning("rank %s: %s at step %s fail their checksum; planning again without them",
                                 q, ", ".join(f"{kind} slot {slot}" for kind, slot in slots), plan.step)
             everyone = [h.without(set(slots)) for h, slots in zip(everyone, everyone_bad)]
-            plan = plan_restore(everyone, persistent)
+            plan = plan_restore(everyone, persistent, layout=layout)
         return plan
 
     def _check(self, kind: str, slot: int) -> bool:
@@ -844,8 +854,8 @@ class Snapshotter:
     def _load_persistent(self, plan: RestorePlan) -> Any:
         """The tree of old rank ``want[rank]``'s persistent copy; for a ``reshard`` plan, put
         together with the shards of the old ranks that hold parts of this rank's (ZeRO: those
-        holding its parameters; FSDP: every one). Each copy is checked against its checksum as
-        it is read."""
+        holding its parameters; FSDP: those whose chunks overlap its rows). Each copy is checked
+        against its checksum as it is read."""
         assert self._persister is not None and plan.step is not None
         base_rank = plan.want[self.rank]
         with self._timed("transfer.load"):
@@ -856,30 +866,39 @@ class Snapshotter:
         if live_layout != plan.reshard or plan.old_world is None:
             raise SnapshotError(f"the persistent snapshot of step {plan.step} holds {plan.reshard} shards; "
                                 f"this trainee's state is {live_layout or 'not sharded in a layout that reshards'}")
-        trees = {base_rank: base}
         if plan.reshard == "zero":
             live = zero_groups(self.trainee)
             assert live is not None
             with self._timed("transfer.layout"):
                 layouts = {old: self._persister.zero_params(plan.step, old) for old in range(plan.old_world)}
-            needed = reshard.sources_needed(live, layouts)
-        else:
-            needed = list(range(plan.old_world))
+            wanted = {index for group in live for index in group}
+            sources: dict[int, Any] = {base_rank: base}
+            with self._timed("transfer.load"):
+                for old in reshard.sources_needed(live, layouts):
+                    if old not in sources:   # one copy in memory at a time: keep only what this rank needs
+                        tree = payload.read(self._persister.load(plan.step, old), copy=False)
+                        sources[old] = reshard.keep_only(tree, wanted, f"old rank {old}'s snapshot")
+                        del tree
+            return reshard.merge(base, sources, live)
+        rows = fsdp_rows(self.trainee)
+        trees = {base_rank: base}
         with self._timed("transfer.load"):
-            for old in needed:
+            for old in reshard.fsdp_sources(rows, plan.old_world):
                 if old not in trees:
                     trees[old] = payload.read(self._persister.load(plan.step, old), copy=False)
-        if plan.reshard == "zero":
-            return reshard.merge(base, trees, live)
-        return reshard.rows(base, [trees[old] for old in range(plan.old_world)], fsdp_rows(self.trainee))
+        return reshard.rows(base, trees, plan.old_world, rows)
 
 
-def _unusable(step: int, copies: PersistentStep, world: int) -> str:
-    """Why the persistent copies of ``step`` cannot be loaded into a world of ``world`` ranks."""
+def _unusable(step: int, copies: PersistentStep, world: int, layout: str | None) -> str:
+    """Why the persistent copies of ``step`` cannot be loaded into a world of ``world`` ranks
+    whose state is sharded in ``layout``."""
     missing = sorted(set(range(copies.world)) - copies.ranks)
     if missing:
         return f"step {step}: ranks {missing} of its {copies.world} have no complete copy"
     if copies.world != world and copies.sharded and copies.layout is None:
         return (f"step {step}: sharded over {copies.world} ranks in a layout that does not reshard "
                 "(or written before copies recorded their layout)")
+    if copies.world != world and copies.sharded and copies.layout != layout:
+        return f"step {step}: {copies.layout} shards over {copies.world} ranks; this trainee's state is " + (
+            f"{layout} shards" if layout else "not sharded so")
     return f"step {step}: failed its checks"
