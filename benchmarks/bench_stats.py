@@ -22,3 +22,12 @@ def machine() -> str:
     except Exception:  # noqa: BLE001 - a description only
         gpu = "GPU unknown"
     return f"{os.cpu_count()} cores, {platform.machine()}, {gpu}"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (``VmHWM``: unlike ``ru_maxrss``, which Linux
+    carries over from the parent through fork and exec, it starts afresh in every process)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
+from salamander_worker.snapshot import dcp_bytes
 from salamander_worker.snapshot.plan import PersistentStep
 from salamander_worker.snapshot.region import ALGORITHM, checksum
 
@@ -166,12 +167,14 @@ class Persister:
         """The payload old rank ``rank`` persisted at ``step``, checked against its checksum."""
         path = self.path(step, rank)
         try:
-            state = _read(path, payload=True)
+            meta = _read_meta(path)
+            data = dcp_bytes.read_uint8(path, "payload")   # one read, not dcp.load's three copies
+            if data is None:
+                data = _read(path, payload=True)["payload"].numpy()
         except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
             raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
-        data = state["payload"].numpy()
-        algorithm = state["meta"].get("algorithm", _LEGACY)
-        if _checksum(algorithm, path)(data) != state["meta"]["checksum"] or state["meta"]["step"] != step:
+        algorithm = meta.get("algorithm", _LEGACY)
+        if _checksum(algorithm, path)(data) != meta["checksum"] or meta["step"] != step:
             raise PersistError(f"persistent snapshot {path} fails its {algorithm} checksum or names another step")
         return data
 
