@@ -267,6 +267,7 @@ def test_shards_that_name_their_layout_are_resharded_into_a_world_of_another_siz
     older = PersistentStep(3, frozenset(range(3)), sharded=True, layout="fsdp")
     assert plan_restore([Holdings()] * 3, {30: zero}, layout="fsdp").tier == "none"
     assert plan_restore([Holdings()] * 3, {30: zero}).tier == "none"
+    assert plan_restore([Holdings()] * 4, {30: zero}).tier == "none"   # same size, but a DDP job now
     assert plan_restore([Holdings()] * 3, {30: zero, 20: older}, layout="fsdp").step == 20
     # A newer in-memory step of the new world wins.
     assert plan_restore(world_of([0, 1, 2], steps=(40,), world=3, k=3, sharded=True), {30: zero}, layout="zero").tier == "memory"
@@ -396,7 +397,8 @@ def check(plan: RestorePlan, holdings: list[Holdings],
         assert plan.persistent_step == plan.step and set(range(copies.world)) <= set(copies.ranks)
         assert plan.want == {r: r % copies.world for r in range(world)}
         assert plan.old_world == copies.world and plan.sharded == copies.sharded
-        resharded = copies.world != world and copies.sharded and copies.layout == layout
+        assert copies.layout is None or copies.layout == layout
+        resharded = copies.world != world and copies.sharded
         assert plan.reshard == (copies.layout if resharded else None)
         assert copies.world == world or not copies.sharded or plan.reshard is not None
         assert not any(_trivially_restorable(holdings, s) for s in steps if s >= plan.step)
@@ -405,7 +407,8 @@ def check(plan: RestorePlan, holdings: list[Holdings],
     assert step in steps
     assert not any(_trivially_restorable(holdings, s) for s in steps if s > step)
     usable = [p for p, c in (persistent or {}).items()
-              if set(range(c.world)) <= c.ranks and (c.world == world or not c.sharded)]
+              if set(range(c.world)) <= c.ranks and c.layout in (None, layout)
+              and (c.world == world or not c.sharded or c.layout is not None)]
     assert all(p <= step for p in usable)
     sources: Counter[int] = Counter()
     for r, slot in plan.local.items():

@@ -31,9 +31,9 @@ from salamander_worker.snapshot.capture import capture
 from salamander_worker.snapshot.snapshotter import Snapshotter
 
 
-def build(zero: bool, fsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+def build(zero: bool, fsdp: bool = False, width: int = 96) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     torch.manual_seed(1234)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Tanh(), torch.nn.Linear(96, 48),
+    model = torch.nn.Sequential(torch.nn.Linear(48, width), torch.nn.Tanh(), torch.nn.Linear(width, 48),
                                 torch.nn.Tanh(), torch.nn.Linear(48, 8))
     if fsdp:  # FSDP2: every rank holds a unique shard of every parameter and of its Adam state
         from torch.distributed.fsdp import fully_shard
@@ -77,11 +77,13 @@ def main() -> int:
     parser.add_argument("--persist-every", type=int, default=0)
     parser.add_argument("--tear-at", type=int, default=None)
     parser.add_argument("--hang-after", action="store_true", help="after training, wait to be killed")
+    parser.add_argument("--mismatch-rank", type=int, default=None,
+                        help="in restore mode, this rank builds a wider model than the snapshot's")
     args = parser.parse_args()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
-    model, optimizer, scheduler = build(args.zero, args.fsdp)
+    model, optimizer, scheduler = build(args.zero, args.fsdp, width=100 if args.mismatch_rank == args.rank else 96)
     config = wire.SnapshotConfig(interval=args.interval, group_size=args.k, parity=args.m,
                                  persist_every=args.persist_every, persist_directory=args.persist)
     snap = Snapshotter(model, optimizer, scheduler=scheduler, config=config, memory_dir=args.memory)
@@ -92,7 +94,10 @@ def main() -> int:
 
     if args.mode == "restore":
         step, data = snap.restore()
-        torch.save({"step": step, "data": data, "state": flat_state(snap, step, data),
+        untouched = {"optimizer_state": len(optimizer.state), "params_as_built": all(
+            torch.equal(a, b) for a, b in zip(model.parameters(), build(args.zero, args.fsdp, width=100 if
+                                                                          args.mismatch_rank == args.rank else 96)[0].parameters()))}
+        torch.save({"step": step, "data": data, "state": flat_state(snap, step, data), "untouched": untouched,
                     "tier": snap.stats.restore_tier}, out / f"restored-{args.rank}.pt")
         snap.close()
         dist.destroy_process_group()

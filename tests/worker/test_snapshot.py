@@ -335,3 +335,16 @@ def test_fsdp_shards_are_resharded_bitwise_into_a_world_of_another_size(nodes: l
                    for r in new)
     # The chunks really were cut differently: the 8-row layer's shards have other sizes.
     assert [t["model"]["4.weight"].shape[0] for t in old] != [r["state"]["model"]["4.weight"].shape[0] for r in new]
+
+
+def test_a_snapshot_that_does_not_fit_one_rank_changes_no_rank(nodes: list[Path], tmp_path: Path) -> None:
+    """Rank 2 comes back with a wider model than its snapshot's: its tree does not fit. Every
+    rank learns it before any rank changes anything, so all start from scratch together (no
+    persistent copy here), with their parameters as built and no optimizer state, instead of
+    three ranks restored and one not, or the others waiting for it."""
+    _launch("train", 4, nodes, tmp_path)
+    _launch("restore", 4, nodes, tmp_path, "--mismatch-rank", "2")
+    for rank in range(4):
+        restored = torch.load(tmp_path / f"restored-{rank}.pt", weights_only=False)
+        assert (restored["tier"], restored["step"]) == ("none", 0)
+        assert restored["untouched"] == {"optimizer_state": 0, "params_as_built": True}

@@ -78,7 +78,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A process may see fewer devices than the one that took the snapshot (another node):
+        # each device it has takes the state of the device of the same index.
+        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
 
 
 def _model_and_optimizer(trainee: Trainee) -> tuple[dict[str, Any], Any]:
@@ -185,8 +188,10 @@ def apply(trainee: Trainee, tree: dict[str, Any]) -> tuple[int, Any]:
 
 def prepare(trainee: Trainee, tree: dict[str, Any]) -> Callable[[], tuple[int, Any]]:
     """Check that ``tree`` fits ``trainee`` and return what puts it back (:func:`apply`'s
-    second half). Raises :class:`CaptureError` on a mismatch, having changed nothing, so a
-    collective restore can agree that every rank's tree fits before any rank changes anything."""
+    second half). Raises :class:`CaptureError` on a mismatch, so a collective restore can agree
+    that every rank's tree fits before any rank changes anything. It changes no parameter,
+    buffer, scheduler or RNG; a fresh optimizer (no state yet) may be given torch's zero-step
+    state (``get_state_dict`` creates it), which a caller that then applies nothing clears."""
     if not isinstance(tree, dict) or not {"step", "model", "optimizer", "rng"} <= set(tree):
         raise CaptureError("snapshot state lacks one of step, model, optimizer, rng")
     if not isinstance(tree["rng"], dict) or not {"python", "numpy", "torch"} <= set(tree["rng"]):

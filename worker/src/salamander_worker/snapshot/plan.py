@@ -234,7 +234,9 @@ def _best_persistent(world: int, persistent: dict[int, PersistentStep], layout: 
         copies = persistent[step]
         if set(range(copies.world)) - set(copies.ranks):
             continue
-        reshard = copies.layout if copies.sharded and copies.world != world and copies.layout == layout else None
+        if copies.layout is not None and copies.layout != layout:
+            continue   # shards of another layout (a ZeRO job's copies for a DDP job) fit no rank
+        reshard = copies.layout if copies.sharded and copies.world != world else None
         want = _want(world, copies.world, sharded=copies.sharded and reshard is None)
         if want is not None:
             return RestorePlan(step=step, tier="persistent", want=want, persistent_step=step,

@@ -532,8 +532,9 @@ class Snapshotter:
         step, data = 0, None
 
         def attempt(plan: RestorePlan) -> Callable[[], tuple[int, Any]] | None:
-            """Fetch this rank's tree and check it fits (changing nothing); None on any failure,
-            logged: every rank must learn of it through :meth:`_agree`, or the others wait forever."""
+            """Fetch this rank's tree and check it fits (:func:`.capture.prepare`: no live state
+            changes); None on any failure, logged: every rank must learn of it through
+            :meth:`_agree`, or the others wait forever."""
             try:
                 tree = self._fetch(plan)
                 mark("transfer")
@@ -546,6 +547,9 @@ class Snapshotter:
                 log.warning("restoring step %s from %s failed on rank %s: %s", plan.step, plan.tier, self.rank, exc)
                 return None
 
+        optimizer = self.trainee.optimizer
+        fresh = optimizer is not None and not optimizer.state   # (torch may create state to check against)
+        put_back = None
         if plan.step is not None:
             put_back = attempt(plan)
             if not self._agree(put_back is not None):
@@ -555,9 +559,11 @@ class Snapshotter:
                 put_back = attempt(plan) if plan.step is not None else None
                 if plan.step is not None and not self._agree(put_back is not None):
                     raise SnapshotError(f"loading the persistent snapshot of step {plan.step} failed on a rank")
-            if put_back is not None:
-                step, data = put_back()   # every rank's tree fits: now change the live objects
-                mark("apply")
+        if put_back is not None:
+            step, data = put_back()   # every rank's tree fits: now change the live objects
+            mark("apply")
+        elif fresh and optimizer is not None:
+            optimizer.state.clear()   # get_state_dict's zero-step state, made while checking: not training's
         self.stats.restore_tier, self.stats.restore_step = plan.tier, plan.step
         self.stats.restore_s = time.perf_counter() - started
         progress.note_restore(plan.tier, plan.step)
@@ -716,7 +722,12 @@ class Snapshotter:
                                              "world": plan.old_world, "sharded": plan.sharded}, crc=crc)
 
     def _execute(self, plan: RestorePlan) -> np.ndarray | memoryview | None:
-        """Run the plan's transfers (every rank, same order); returns this rank's payload."""
+        """Run the plan's transfers (every rank, same order); returns this rank's payload.
+
+        A payload that arrives corrupt does not stop this rank from taking part in the
+        transfers and group creations that follow (the others would wait for it); the failure
+        is raised once they are all done, for the ranks to agree on the next tier."""
+        failures: list[str] = []
         mine: Any = None
         if self.rank in plan.local:
             assert self._data is not None
@@ -733,17 +744,24 @@ class Snapshotter:
                 with self._timed("transfer.checksum"):
                     crc = checksum(buffer)
                 if crc != copy.checksum:
-                    raise SnapshotError(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
+                    failures.append(f"copy of rank {copy.rank}'s snapshot from rank {copy.src} fails its checksum")
+                    continue
                 self._keep(plan, slot, copy.length, crc)
                 mine = buffer
         for rebuild in plan.rebuilds:
             with self._timed("transfer.new_group"):
                 pg = dist.new_group(ranks=rebuild.participants, backend="gloo")  # every rank, same order
             if self.rank in rebuild.participants:
-                with self._timed("transfer.rebuild"):
-                    rebuilt = self._rebuild(plan, rebuild, pg)
+                try:
+                    with self._timed("transfer.rebuild"):
+                        rebuilt = self._rebuild(plan, rebuild, pg)
+                except SnapshotError as exc:   # its checksum, checked after every transfer
+                    failures.append(str(exc))
+                    continue
                 if rebuilt is not None:
                     mine = rebuilt
+        if failures:
+            raise SnapshotError("; ".join(failures))
         return mine
 
     @contextlib.contextmanager
