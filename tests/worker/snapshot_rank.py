@@ -94,9 +94,12 @@ def main() -> int:
 
     if args.mode == "restore":
         step, data = snap.restore()
-        untouched = {"optimizer_state": len(optimizer.state), "params_as_built": all(
-            torch.equal(a, b) for a, b in zip(model.parameters(), build(args.zero, args.fsdp, width=100 if
-                                                                          args.mismatch_rank == args.rank else 96)[0].parameters()))}
+        untouched = None
+        if args.mismatch_rank is not None:   # (build seeds torch: keep the restored RNG out of it)
+            with torch.random.fork_rng():
+                built = build(args.zero, args.fsdp, width=100 if args.mismatch_rank == args.rank else 96)[0]
+            untouched = {"optimizer_state": len(optimizer.state), "params_as_built": all(
+                torch.equal(a, b) for a, b in zip(model.parameters(), built.parameters()))}
         torch.save({"step": step, "data": data, "state": flat_state(snap, step, data), "untouched": untouched,
                     "tier": snap.stats.restore_tier}, out / f"restored-{args.rank}.pt")
         snap.close()
