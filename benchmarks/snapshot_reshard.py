@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,16 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker/src"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_stats import machine, peak_rss_mb  # noqa: E402
+from bench_stats import free_port, machine, peak_rss_mb  # noqa: E402
 from snapshot_restore import drop_cache  # noqa: E402
 
 OLD_WORLD, NEW_WORLD = 4, 3
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(args: argparse.Namespace) -> int:
@@ -116,7 +109,7 @@ def rank_main(args: argparse.Namespace) -> int:
 
 
 def launch(phase: str, world: int, memory: Path, disk: Path, args: argparse.Namespace) -> str:
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--phase", phase,
                                "--port", str(port), "--memory", str(memory), "--disk", str(disk),
                                "--width", str(args.width), "--layers", str(args.layers)],

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,15 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker/src"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_stats import machine  # noqa: E402
+from bench_stats import free_port, machine  # noqa: E402
 
 WORLD = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(args: argparse.Namespace) -> int:
@@ -111,7 +104,7 @@ def rank_main(args: argparse.Namespace) -> int:
 
 
 def launch(phase: str, memory: Path, args: argparse.Namespace, order: int = 0) -> str:
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--phase", phase, "--port", str(port),
                                "--memory", str(memory), "--order", str(order), "--width", str(args.width),
                                "--layers", str(args.layers)],

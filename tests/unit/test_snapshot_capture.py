@@ -239,16 +239,6 @@ def test_copy_all_fills_every_destination_exactly(monkeypatch: pytest.MonkeyPatc
         assert torch.equal(target.detach(), source)
 
 
-@pytest.fixture
-def one_process_group(tmp_path):  # type: ignore[no-untyped-def]
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_zero_captures_the_learning_rate_its_scheduler_set_and_its_layout(one_process_group) -> None:  # type: ignore[no-untyped-def]
     """An LR scheduler on a ZeroRedundancyOptimizer changes ZeRO's groups; ZeRO passes them to
     its local optimizer only inside step(). The snapshot holds the rate the next step will use,
@@ -261,7 +251,7 @@ def test_zero_captures_the_learning_rate_its_scheduler_set_and_its_layout(one_pr
     zero.step()
     scheduler.step()
     assert zero.param_groups[0]["lr"] == 0.25
-    tree = payload_round_trip(capture(Trainee(model, zero, scheduler), 1))
+    tree = snapshot(capture(Trainee(model, zero, scheduler), 1))
     assert tree["optimizer"]["param_groups"][0]["lr"] == 0.25
     assert sorted(tree["zero"]["params"]) == [0, 1, 2, 3] and capture_mod.shard_layout(Trainee(model, zero)) == "zero"
     fresh_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -269,9 +259,3 @@ def test_zero_captures_the_learning_rate_its_scheduler_set_and_its_layout(one_pr
     apply(Trainee(fresh_model, fresh, torch.optim.lr_scheduler.LambdaLR(fresh, lambda epoch: 0.5 ** epoch)), tree)
     assert fresh.param_groups[0]["lr"] == 0.25 and fresh.optim.param_groups[0]["lr"] == 0.25
 
-
-def payload_round_trip(tree: Any) -> Any:
-    layout = payload.plan(tree)
-    buffer = bytearray(layout.length)
-    payload.write(tree, layout, memoryview(buffer))
-    return payload.read(memoryview(buffer))

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from salamander_worker.snapshot.state_dicts import StateDicts, _same
@@ -50,15 +48,6 @@ def test_every_shape_of_a_run_gets_torchs_answer_and_torch_is_called_once_per_sh
         expected = None
     if expected is not None:
         assert _same(cache(m, opt), expected)
-
-
-@pytest.fixture
-def one_process_group(tmp_path):  # type: ignore[no-untyped-def]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_prefixes_are_stripped_as_torch_does_and_a_model_alone(one_process_group) -> None:  # type: ignore[no-untyped-def]

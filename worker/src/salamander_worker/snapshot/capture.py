@@ -225,9 +225,9 @@ def prepare(trainee: Trainee, tree: dict[str, Any]) -> Callable[[], tuple[int, A
             set_state_dict(trainee.model, trainee.optimizer, model_state_dict=model_state,
                            optim_state_dict=optim_state)
         if trainee.scheduler is not None:
-            trainee.scheduler.load_state_dict(_cloned(tree["scheduler"]))
+            trainee.scheduler.load_state_dict(cloned(tree["scheduler"]))
         set_rng_state(tree["rng"])
-        return int(tree["step"]), _cloned(tree.get("data"))
+        return int(tree["step"]), cloned(tree.get("data"))
 
     return put_back
 
@@ -284,14 +284,14 @@ def _fresh(tree: Any, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     return tree
 
 
-def _cloned(tree: Any) -> Any:
+def cloned(tree: Any) -> Any:
     """``tree`` with every tensor replaced by a copy."""
     if isinstance(tree, torch.Tensor):
         return tree.clone()
     if isinstance(tree, dict):
-        return {key: _cloned(value) for key, value in tree.items()}
+        return {key: cloned(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return type(tree)(_cloned(value) for value in tree)
+        return type(tree)(cloned(value) for value in tree)
     return tree
 
 

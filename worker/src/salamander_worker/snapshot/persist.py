@@ -150,18 +150,14 @@ class Persister:
         """The global parameter indices old rank ``rank``'s ZeRO shard at ``step`` holds."""
         path = self.path(step, rank)
         try:
-            keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-            if "zero" not in keys:
+            if "zero" not in _keys(path):
                 raise PersistError(f"persistent snapshot {path} records no ZeRO shard layout")
-            state = {"zero": torch.empty(keys["zero"].size, dtype=torch.int64)}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load(state, checkpoint_id=path, no_dist=True)
+            zero = _read(path, tensors=("zero",))["zero"]
         except PersistError:
             raise
         except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
             raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
-        return [int(i) for i in state["zero"].tolist()]
+        return [int(i) for i in zero.tolist()]
 
     def load(self, step: int, rank: int) -> np.ndarray:
         """The payload old rank ``rank`` persisted at ``step``, checked against its checksum."""
@@ -171,13 +167,13 @@ class Persister:
             data = dcp_bytes.read_uint8(path, "payload")   # one read, not dcp.load's three copies
             fast = data is not None
             if data is None:
-                data = _read(path, payload=True)["payload"].numpy()
+                data = _read(path, tensors=("payload",))["payload"].numpy()
         except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files
             raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
         algorithm = meta.get("algorithm", _LEGACY)
         if fast and _checksum(algorithm, path)(data) != meta["checksum"]:
             try:   # the one-read path misread a layout it thought it knew: DCP's own reader decides
-                data = _read(path, payload=True)["payload"].numpy()
+                data = _read(path, tensors=("payload",))["payload"].numpy()
             except Exception as exc:  # noqa: BLE001
                 raise PersistError(f"cannot read persistent snapshot {path}: {exc}") from exc
         if _checksum(algorithm, path)(data) != meta["checksum"] or meta["step"] != step:
@@ -193,13 +189,18 @@ _META = {"step": 0, "rank": 0, "world": 0, "checksum": 0}
 _LATER = {"sharded": True, "algorithm": "", "layout": ""}
 
 
-def _read(path: Path, *, payload: bool) -> dict[str, Any]:
-    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, and with
-    ``payload`` its bytes as ``{"payload": uint8 tensor}`` too. Raises whatever DCP raises."""
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+def _keys(path: Path) -> dict[str, Any]:
+    """The items of the copy at ``path``, by name, with their metadata (DCP's)."""
+    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def _read(path: Path, *, tensors: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The copy at ``path``: ``{"meta": ...}`` with whichever fields it has, and each of
+    ``tensors`` (``"payload"``, ``"zero"``) by name. Raises whatever DCP raises."""
+    keys = _keys(path)
     state: dict[str, Any] = {"meta": {**_META, **{k: v for k, v in _LATER.items() if f"meta.{k}" in keys}}}
-    if payload:
-        state["payload"] = torch.empty(keys["payload"].size, dtype=torch.uint8)
+    for name in tensors:
+        state[name] = torch.empty(keys[name].size, dtype=keys[name].properties.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=path, no_dist=True)
@@ -207,7 +208,7 @@ def _read(path: Path, *, payload: bool) -> dict[str, Any]:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    return _read(path, payload=False)["meta"]
+    return _read(path)["meta"]
 
 
 def _checksum(algorithm: object, path: Path) -> Callable[[np.ndarray], int]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from salamander_worker.snapshot.capture import CaptureError, Rows, chunk_rows
+from salamander_worker.snapshot.capture import CaptureError, Rows, chunk_rows, cloned
 
 
 class ReshardError(CaptureError):
@@ -73,16 +73,8 @@ def keep_only(tree: Mapping[str, Any], wanted: set[int], source: str) -> dict[st
     indices = shard_indices(tree, source)
     optim = _mapping(tree, "optimizer", source)
     state = _mapping(optim, "state", source)
-    kept = {local: _cloned(state[local]) for local, index in enumerate(indices) if index in wanted and local in state}
+    kept = {local: cloned(state[local]) for local, index in enumerate(indices) if index in wanted and local in state}
     return {"optimizer": {"state": kept, "param_groups": optim["param_groups"]}, "zero": {"params": indices}}
-
-
-def _cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, Mapping):
-        return {key: _cloned(item) for key, item in value.items()}
-    return value
 
 
 def merge(base: Mapping[str, Any], sources: Mapping[int, Mapping[str, Any]], live: Sequence[Sequence[int]]
